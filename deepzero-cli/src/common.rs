@@ -1,0 +1,288 @@
+//! Flags and set-up shared by the subcommands: data, model, estimator.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use deepzero_core::data::{self, Augment, Dataset, DatasetKind, Normalization};
+use deepzero_core::estimator::{
+    Backprop, Cge, CgeEngine, Difference, Direction, GradientEstimator, Rge,
+};
+use deepzero_core::model::{DeviceKind, Model, ModelSpec, Precision};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Data sets the CLI knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataArg {
+    /// scikit-learn's 8×8 digits (shipped; 80/20 stratified split).
+    Digits,
+    /// Fashion-MNIST (full set from /usr/share/datasets/fashion-mnist or --data-dir; else the shipped 10k/2k subset).
+    FashionMnist,
+    /// MNIST IDX files in --data-dir.
+    Mnist,
+    /// CIFAR-10 binary batches in --data-dir.
+    Cifar10,
+    /// Random Gaussian 3×32×32 images with random labels (for checks and benchmarks only).
+    Synthetic,
+}
+
+/// Architectures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelArg {
+    /// Fully connected ReLU network: --depth hidden layers of --width units.
+    Mlp,
+    /// DeepZero's simple CNN: --depth blocks of conv3×3(--width)-BN-ReLU-maxpool.
+    Cnn,
+    /// ResNet-20 (269,722 parameters on CIFAR-10).
+    Resnet20,
+}
+
+/// Gradient estimators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EstimatorArg {
+    /// First-order baseline (backprop).
+    Fo,
+    /// Randomized gradient estimate with --q directions.
+    Rge,
+    /// Coordinate-wise gradient estimate.
+    Cge,
+}
+
+/// Where the data comes from and how much of it.
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct DataOpts {
+    /// Data set.
+    #[arg(long, value_enum, default_value_t = DataArg::Digits)]
+    pub dataset: DataArg,
+    /// Directory with the data set's files (overrides the shipped / system copies).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Use only the first N training samples.
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// Use only the first N test samples.
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+}
+
+/// The network.
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct ModelOpts {
+    /// Architecture.
+    #[arg(long, value_enum, default_value_t = ModelArg::Mlp)]
+    pub model: ModelArg,
+    /// CNN blocks or MLP hidden layers [default: cnn 2, mlp 1].
+    #[arg(long)]
+    pub depth: Option<usize>,
+    /// CNN channels or MLP hidden units [default: cnn 18, mlp 32].
+    #[arg(long)]
+    pub width: Option<usize>,
+}
+
+impl ModelOpts {
+    /// Replace unset depth/width by the architecture's defaults.
+    pub fn resolve(&mut self) {
+        let (d, w) = match self.model {
+            ModelArg::Mlp => (1, 32),
+            ModelArg::Cnn => (2, 18),
+            ModelArg::Resnet20 => return,
+        };
+        self.depth.get_or_insert(d);
+        self.width.get_or_insert(w);
+    }
+    pub fn spec(&self) -> ModelSpec {
+        match self.model {
+            ModelArg::Mlp => ModelSpec::Mlp {
+                hidden: vec![self.width.unwrap_or(32); self.depth.unwrap_or(1)],
+            },
+            ModelArg::Cnn => ModelSpec::SimpleCnn {
+                depth: self.depth.unwrap_or(2),
+                width: self.width.unwrap_or(18),
+            },
+            ModelArg::Resnet20 => ModelSpec::Resnet20,
+        }
+    }
+}
+
+/// How gradients are made.
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct EstimatorOpts {
+    /// Gradient estimator.
+    #[arg(long, value_enum, default_value_t = EstimatorArg::Cge)]
+    pub estimator: EstimatorArg,
+    /// RGE directions per step.
+    #[arg(long, default_value_t = 10)]
+    pub q: usize,
+    /// Finite-difference step μ.
+    #[arg(long, default_value_t = 5e-3)]
+    pub mu: f64,
+    /// Finite-difference scheme.
+    #[arg(long, value_enum, default_value_t = DifferenceArg::Forward)]
+    pub difference: DifferenceArg,
+    /// RGE direction distribution.
+    #[arg(long, value_enum, default_value_t = DirectionArg::Gaussian)]
+    pub direction: DirectionArg,
+    /// CGE query engine (all give the same numbers).
+    #[arg(long, value_enum, default_value_t = EngineArg::Reuse)]
+    pub cge_engine: EngineArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DifferenceArg {
+    Forward,
+    Central,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirectionArg {
+    Gaussian,
+    Sphere,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineArg {
+    /// One full forward per coordinate.
+    Naive,
+    /// Resume the forward at the perturbed layer (feature reuse).
+    Reuse,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DtypeArg {
+    F32,
+    F64,
+}
+impl DtypeArg {
+    pub fn precision(self) -> Precision {
+        match self {
+            DtypeArg::F32 => Precision::F32,
+            DtypeArg::F64 => Precision::F64,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+impl DeviceArg {
+    pub fn kind(self) -> DeviceKind {
+        match self {
+            DeviceArg::Cpu => DeviceKind::Cpu,
+            DeviceArg::Cuda => DeviceKind::Cuda,
+        }
+    }
+}
+
+impl EstimatorOpts {
+    pub fn difference(&self) -> Difference {
+        match self.difference {
+            DifferenceArg::Forward => Difference::Forward,
+            DifferenceArg::Central => Difference::Central,
+        }
+    }
+    pub fn build(&self) -> Result<Box<dyn GradientEstimator>> {
+        Ok(match self.estimator {
+            EstimatorArg::Fo => Box::new(Backprop),
+            EstimatorArg::Rge => {
+                let dir = match self.direction {
+                    DirectionArg::Gaussian => Direction::Gaussian,
+                    DirectionArg::Sphere => Direction::Sphere,
+                };
+                Box::new(Rge::new(self.q, self.mu, self.difference(), dir)?)
+            }
+            EstimatorArg::Cge => Box::new(self.cge()?),
+        })
+    }
+    pub fn cge(&self) -> Result<Cge> {
+        let engine = match self.cge_engine {
+            EngineArg::Naive => CgeEngine::Naive,
+            EngineArg::Reuse => CgeEngine::Reuse,
+        };
+        Ok(Cge::new(self.mu, self.difference(), engine)?)
+    }
+}
+
+/// Train and test sets, normalised, limited, plus the augmentation to use.
+pub fn load_data(
+    opts: &DataOpts,
+    seed: u64,
+    augment: bool,
+) -> Result<(Dataset, Dataset, Option<Augment>)> {
+    let (mut train, mut test) = match opts.dataset {
+        DataArg::Synthetic => (synthetic(1024, seed), synthetic(256, seed ^ 1)),
+        other => {
+            let kind = match other {
+                DataArg::Digits => DatasetKind::Digits,
+                DataArg::FashionMnist => DatasetKind::FashionMnist,
+                DataArg::Mnist => DatasetKind::Mnist,
+                DataArg::Cifar10 => DatasetKind::Cifar10,
+                DataArg::Synthetic => unreachable!("handled above"),
+            };
+            data::load(kind, opts.data_dir.as_deref(), seed)
+                .with_context(|| format!("loading --dataset {}", kind_name(other)))?
+        }
+    };
+    if let Some(n) = opts.train_limit {
+        if n == 0 {
+            bail!("--train-limit must be at least 1");
+        }
+        train = train.take(n);
+    }
+    if let Some(n) = opts.test_limit {
+        if n == 0 {
+            bail!("--test-limit must be at least 1");
+        }
+        test = test.take(n);
+    }
+    let (norm, aug) = match opts.dataset {
+        DataArg::Cifar10 => (Normalization::cifar10(), augment.then(Augment::cifar10)),
+        DataArg::Synthetic => (Normalization::identity(train.channels), None),
+        _ => (Normalization::fit(&train), None),
+    };
+    norm.apply(&mut train)?;
+    norm.apply(&mut test)?;
+    Ok((train, test, aug))
+}
+
+fn kind_name(d: DataArg) -> String {
+    d.to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
+fn synthetic(n: usize, seed: u64) -> Dataset {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let sl = 3 * 32 * 32;
+    let images = (0..n * sl).map(|_| rng.random::<f32>()).collect();
+    let labels = (0..n).map(|_| rng.random_range(0..10u8)).collect();
+    Dataset {
+        images,
+        labels,
+        channels: 3,
+        height: 32,
+        width: 32,
+        num_classes: 10,
+    }
+}
+
+/// Build the model for a data set's image shape.
+pub fn build_model(opts: &ModelOpts, ds: &Dataset) -> Result<Model> {
+    Ok(Model::build(
+        &opts.spec(),
+        [ds.channels, ds.height, ds.width],
+        ds.num_classes,
+    )?)
+}
+
+/// Use `n` threads for tensor kernels (0 = all cores).
+pub fn set_threads(n: usize) {
+    if n > 0 {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}

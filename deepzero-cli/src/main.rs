@@ -1,0 +1,39 @@
+//! The `deepzero` command: zeroth-order training from the command line.
+//!
+//! The library crates hold every algorithm; this binary parses flags, builds configs, shows
+//! progress and writes run directories (config, metrics, summary, plots, checkpoints).
+
+mod common;
+mod gradcheck;
+mod report;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+/// Zeroth-order (gradient-free) deep network training — DeepZero in Rust.
+#[derive(Parser, Debug)]
+#[command(name = "deepzero", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model with a ZO estimator (CGE, RGE) or backprop; writes a run directory.
+    Train(Box<train::TrainArgs>),
+    /// Compare an estimator's gradient on one batch with backprop's (cosine, relative error).
+    Gradcheck(gradcheck::GradcheckArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train::run(*args),
+        Command::Gradcheck(args) => gradcheck::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,337 @@
+//! `deepzero train`: one run, one directory.
+
+use crate::common::{
+    build_model, load_data, set_threads, DataOpts, DeviceArg, DtypeArg, EstimatorOpts, ModelOpts,
+};
+use crate::report::{self, LineChart, Series};
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use deepzero_core::checkpoint;
+use deepzero_core::model::{params_tensor, Model};
+use deepzero_core::optim::{OptimizerConfig, OptimizerKind};
+use deepzero_core::trainer::{
+    derive_seed, EpochMetrics, Observer, StepInfo, TrainConfig, TrainState, Trainer,
+};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerArg {
+    Sgd,
+    Adam,
+}
+
+/// Flags of `deepzero train`.
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataOpts,
+    #[command(flatten)]
+    pub model: ModelOpts,
+    #[command(flatten)]
+    pub estimator: EstimatorOpts,
+    /// Training epochs.
+    #[arg(long, default_value_t = 20)]
+    pub epochs: usize,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f64,
+    /// SGD momentum (Adam β1).
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// L2 weight decay.
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f64,
+    /// Linear warm-up epochs before the cosine decay [default: epochs / 10].
+    #[arg(long)]
+    pub warmup_epochs: Option<usize>,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value_t = OptimizerArg::Sgd)]
+    pub optimizer: OptimizerArg,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Numeric precision.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// Device.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Threads for tensor kernels (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Disable CIFAR-10 augmentation (random crop, horizontal flip).
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Run directory [default: runs/train-<UTC time>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Allow writing into a non-empty --out directory.
+    #[arg(long)]
+    #[serde(skip)]
+    pub overwrite: bool,
+    /// Continue the run in this directory from its last checkpoint (other flags are read from its config.json).
+    #[arg(long)]
+    #[serde(skip)]
+    pub resume: Option<PathBuf>,
+}
+
+/// `summary.json`.
+#[derive(Serialize)]
+struct Summary<'a> {
+    test_accuracy: f64,
+    best_test_accuracy: f64,
+    final_train_loss: f64,
+    queries: u64,
+    queries_per_step: f64,
+    wall_seconds: f64,
+    seconds_per_epoch: f64,
+    params: usize,
+    model: &'a str,
+    dataset: String,
+    estimator: String,
+    epochs: usize,
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let (args, dir, resumed) = match &args.resume {
+        Some(dir) => {
+            let path = dir.join("config.json");
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!("--resume {}: cannot read {}", dir.display(), path.display())
+            })?;
+            let mut saved: TrainArgs = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a deepzero train config", path.display()))?;
+            saved.resume = None;
+            (saved, dir.clone(), true)
+        }
+        None => {
+            let mut args = args;
+            // Save the resolved values, not the "use the default" markers.
+            args.warmup_epochs = Some(args.warmup_epochs.unwrap_or(args.epochs / 10));
+            args.model.resolve();
+            let dir = args
+                .out
+                .clone()
+                .unwrap_or_else(|| report::default_run_dir("train"));
+            report::prepare_run_dir(&dir, args.overwrite)?;
+            (args, dir, false)
+        }
+    };
+    set_threads(args.threads);
+    let device = args.device.kind().device()?;
+    let (train, test, augment) = load_data(&args.data, args.seed, !args.no_augment)?;
+    let model = build_model(&args.model, &train)?;
+    let config = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        eval_batch_size: 500,
+        lr: args.lr,
+        warmup_epochs: args.warmup_epochs.unwrap_or(args.epochs / 10),
+        optimizer: OptimizerConfig {
+            kind: match args.optimizer {
+                OptimizerArg::Sgd => OptimizerKind::Sgd,
+                OptimizerArg::Adam => OptimizerKind::Adam,
+            },
+            momentum: args.momentum,
+            weight_decay: args.weight_decay,
+        },
+        augment,
+        precision: args.dtype.precision(),
+        seed: args.seed,
+    };
+    config.validate()?;
+    let mut estimator = args.estimator.build()?;
+    let mut optimizer = config.optimizer.build()?;
+    let mut state = if resumed {
+        let mut s = checkpoint::load(&dir, &device)?;
+        s.params = s.params.to_dtype(config.precision.dtype())?;
+        optimizer.load_state(&s.optimizer)?;
+        if s.epoch >= config.epochs {
+            bail!(
+                "--resume {}: the run already finished its {} epochs",
+                dir.display(),
+                config.epochs
+            );
+        }
+        eprintln!("resuming {} at epoch {}", dir.display(), s.epoch + 1);
+        s
+    } else {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(derive_seed(args.seed, &[0]));
+        let init = model.init_params(&mut rng);
+        report::write_json_atomic(&dir.join("config.json"), &args)?;
+        TrainState {
+            epoch: 0,
+            params: params_tensor(&init, config.precision, &device)?,
+            bn: model.new_bn_state(),
+            optimizer: Default::default(),
+            queries: 0,
+            seconds: 0.0,
+            history: Vec::new(),
+        }
+    };
+    eprintln!(
+        "deepzero train: {} ({} params) on {:?} ({} train / {} test), estimator {}, {} epochs → {}",
+        model.name,
+        model.num_params(),
+        args.data.dataset,
+        train.len(),
+        test.len(),
+        estimator.name(),
+        config.epochs,
+        dir.display()
+    );
+    let trainer = Trainer {
+        model: &model,
+        train: &train,
+        test: &test,
+        config: &config,
+    };
+    let mut obs = RunObserver::new(&dir, trainer.steps_per_epoch(), &model, &args)?;
+    let started = Instant::now();
+    trainer.run(&mut state, estimator.as_mut(), optimizer.as_mut(), &mut obs)?;
+    obs.bar.finish_and_clear();
+    let last = state.history.last().context("no epoch finished")?;
+    let steps = (trainer.steps_per_epoch() * state.epoch) as f64;
+    let summary = Summary {
+        test_accuracy: last.test_accuracy,
+        best_test_accuracy: state
+            .history
+            .iter()
+            .map(|m| m.test_accuracy)
+            .fold(0.0, f64::max),
+        final_train_loss: last.train_loss,
+        queries: state.queries,
+        queries_per_step: state.queries as f64 / steps.max(1.0),
+        wall_seconds: state.seconds,
+        seconds_per_epoch: state.seconds / state.epoch.max(1) as f64,
+        params: model.num_params(),
+        model: &model.name,
+        dataset: format!("{:?}", args.data.dataset).to_lowercase(),
+        estimator: estimator.name(),
+        epochs: state.epoch,
+    };
+    report::write_json_atomic(&dir.join("summary.json"), &summary)?;
+    eprintln!(
+        "done in {:.1}s (this process {:.1}s): test accuracy {:.4} (best {:.4}), {} queries → {}",
+        state.seconds,
+        started.elapsed().as_secs_f64(),
+        summary.test_accuracy,
+        summary.best_test_accuracy,
+        summary.queries,
+        dir.join("summary.json").display()
+    );
+    Ok(())
+}
+
+struct RunObserver {
+    dir: PathBuf,
+    bar: ProgressBar,
+    label: String,
+}
+
+impl RunObserver {
+    fn new(dir: &Path, steps: usize, model: &Model, args: &TrainArgs) -> Result<Self> {
+        let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        let est = format!("{:?}", args.estimator.estimator).to_lowercase();
+        Ok(RunObserver {
+            dir: dir.to_path_buf(),
+            bar,
+            label: format!("{} {}", model.name, est),
+        })
+    }
+}
+
+impl Observer for RunObserver {
+    fn on_step(&mut self, info: &StepInfo) {
+        if info.step == 1 {
+            self.bar.reset();
+            self.bar.set_length(info.steps as u64);
+            self.bar.set_prefix(info.epoch.to_string());
+        }
+        self.bar.set_position(info.step as u64);
+        self.bar.set_message(format!(
+            "loss {:.4} | {:.0} queries/s",
+            info.loss, info.queries_per_second
+        ));
+    }
+
+    fn on_epoch_end(&mut self, m: &EpochMetrics, state: &TrainState) -> deepzero_core::Result<()> {
+        let io = |e: anyhow::Error| {
+            deepzero_core::Error::Config(format!("writing the run directory: {e:#}"))
+        };
+        self.bar.suspend(|| {
+            eprintln!(
+                "epoch {:>3}: train loss {:.4}  test loss {:.4}  test acc {:.4}  queries {}  {:.1}s",
+                m.epoch, m.train_loss, m.test_loss, m.test_accuracy, m.queries, m.seconds
+            )
+        });
+        // Checkpoint first, then rewrite metrics.jsonl from the checkpointed history, so that a
+        // run killed at any point resumes with metrics and parameters that agree.
+        checkpoint::save(&self.dir, state)?;
+        let mut lines = String::new();
+        for h in &state.history {
+            lines.push_str(&serde_json::to_string(h).map_err(|e| io(e.into()))?);
+            lines.push('\n');
+        }
+        report::write_atomic(&self.dir.join("metrics.jsonl"), lines.as_bytes()).map_err(io)?;
+        plot_history(&self.dir, &state.history, &self.label).map_err(io)?;
+        Ok(())
+    }
+}
+
+fn plot_history(dir: &Path, h: &[EpochMetrics], label: &str) -> Result<()> {
+    let acc = [Series {
+        label: format!("test accuracy ({label})"),
+        points: h
+            .iter()
+            .map(|m| (m.epoch as f64, m.test_accuracy))
+            .collect(),
+    }];
+    report::write_line_chart(
+        dir,
+        "accuracy",
+        &LineChart {
+            title: "Test accuracy",
+            x_label: "epoch",
+            y_label: "accuracy",
+            series: &acc,
+            y_range: None,
+            log_y: false,
+        },
+    )?;
+    let loss = [
+        Series {
+            label: "train loss".into(),
+            points: h.iter().map(|m| (m.epoch as f64, m.train_loss)).collect(),
+        },
+        Series {
+            label: "test loss".into(),
+            points: h.iter().map(|m| (m.epoch as f64, m.test_loss)).collect(),
+        },
+    ];
+    report::write_line_chart(
+        dir,
+        "loss",
+        &LineChart {
+            title: "Loss",
+            x_label: "epoch",
+            y_label: "cross-entropy",
+            series: &loss,
+            y_range: None,
+            log_y: false,
+        },
+    )
+}
