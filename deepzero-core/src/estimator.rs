@@ -31,6 +31,13 @@ pub trait GradientEstimator {
         params: &Tensor,
         rng: &mut StdRng,
     ) -> Result<Estimate>;
+    /// Called by the trainer before every epoch (0-based `epoch`, the run's `seed`), also when a
+    /// run resumes. Estimators with per-epoch state (sparse coordinate sets resampled every few
+    /// epochs) derive it from `(seed, epoch)` here, so a resumed run continues identically; they
+    /// may also project the parameters (pruned weights held at zero).
+    fn on_epoch_start(&mut self, _epoch: usize, _seed: u64, _params: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Finite-difference scheme.

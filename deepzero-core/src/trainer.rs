@@ -255,6 +255,7 @@ impl Trainer<'_> {
         let device = state.params.device().clone();
         let dtype = state.params.dtype();
         for epoch in state.epoch..cfg.epochs {
+            estimator.on_epoch_start(epoch, cfg.seed, &mut state.params)?;
             let started = Instant::now();
             let base_seconds = state.seconds;
             let batches = epoch_batches(
