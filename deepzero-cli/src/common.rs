@@ -126,7 +126,7 @@ pub struct EstimatorOpts {
     #[arg(long, value_enum, default_value_t = DirectionArg::Gaussian)]
     pub direction: DirectionArg,
     /// CGE query engine (all give the same numbers).
-    #[arg(long, value_enum, default_value_t = EngineArg::Reuse)]
+    #[arg(long, value_enum, default_value_t = EngineArg::Fast)]
     pub cge_engine: EngineArg,
 }
 
@@ -149,6 +149,8 @@ pub enum EngineArg {
     Naive,
     /// Resume the forward at the perturbed layer (feature reuse).
     Reuse,
+    /// Delta propagation on deepzero's own kernels, threads over queries (f32).
+    Fast,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -203,6 +205,7 @@ impl EstimatorOpts {
         let engine = match self.cge_engine {
             EngineArg::Naive => CgeEngine::Naive,
             EngineArg::Reuse => CgeEngine::Reuse,
+            EngineArg::Fast => CgeEngine::Fast,
         };
         Ok(Cge::new(self.mu, self.difference(), engine)?)
     }

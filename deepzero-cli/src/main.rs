@@ -3,6 +3,7 @@
 //! The library crates hold every algorithm; this binary parses flags, builds configs, shows
 //! progress and writes run directories (config, metrics, summary, plots, checkpoints).
 
+mod bench;
 mod common;
 mod gradcheck;
 mod report;
@@ -22,6 +23,9 @@ struct Cli {
 enum Command {
     /// Train a model with a ZO estimator (CGE, RGE) or backprop; writes a run directory.
     Train(Box<train::TrainArgs>),
+    /// Benchmarks: CGE engines (`bench cge`) and kernels (`bench kernels`).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Compare an estimator's gradient on one batch with backprop's (cosine, relative error).
     Gradcheck(gradcheck::GradcheckArgs),
 }
@@ -31,6 +35,7 @@ fn main() {
     let result = match cli.command {
         Command::Train(args) => train::run(*args),
         Command::Gradcheck(args) => gradcheck::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

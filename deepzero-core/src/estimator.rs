@@ -197,8 +197,11 @@ pub enum CgeEngine {
     /// One full forward per coordinate.
     Naive,
     /// Feature reuse: resume the forward at the layer that reads the perturbed weight.
-    #[default]
     Reuse,
+    /// Delta propagation on our own kernels ([`crate::fast`]), f32, threads over queries.
+    /// Falls back to `Reuse` for objectives without a layer graph and for f64 parameters.
+    #[default]
+    Fast,
 }
 
 /// Coordinate-wise gradient estimator over all coordinates or a subset.
@@ -282,8 +285,23 @@ impl GradientEstimator for Cge {
         };
         let mut g = vec![0.0f64; d];
         let mut queries = 1u64;
+        if let (CgeEngine::Fast, Some(f), DType::F32) = (self.engine, obj.fast(), params.dtype()) {
+            let (x, y) = f.batch_host()?;
+            let p32 = params.to_vec1::<f32>()?;
+            let engine = crate::fast::Engine::new(f.model(), &p32, &x, &y)?;
+            f.record_bn_stats(engine.bn_batch_stats());
+            let (gs, q) = engine.cge(coords, self.mu, self.difference, crate::fast::QueryMode::Fast)?;
+            for (&i, v) in coords.iter().zip(gs) {
+                g[i] = v;
+            }
+            return Ok(Estimate {
+                loss: engine.base_mean_loss(),
+                grad: to_tensor(&g, params)?,
+                queries: q + 1,
+            });
+        }
         let resumable = match self.engine {
-            CgeEngine::Reuse => obj.resumable(),
+            CgeEngine::Reuse | CgeEngine::Fast => obj.resumable(),
             CgeEngine::Naive => None,
         };
         let f0;

@@ -12,10 +12,12 @@ pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod estimator;
+pub mod fast;
 pub mod layout;
 pub mod model;
 pub mod objective;
 pub mod optim;
+pub mod sparsity;
 pub mod trainer;
 
 pub use error::{Error, Result};

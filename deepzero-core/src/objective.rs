@@ -31,6 +31,20 @@ pub trait Objective {
     fn resumable(&self) -> Option<&dyn Resumable> {
         None
     }
+    /// The fast CGE engine's capability: a [`Model`] graph and a host batch.
+    fn fast(&self) -> Option<&dyn FastCapable> {
+        None
+    }
+}
+
+/// What the fast CGE engine ([`crate::fast`]) needs: the layer graph and the batch on the host.
+pub trait FastCapable {
+    /// The network.
+    fn model(&self) -> &Model;
+    /// Inputs `[N, C, H, W]` as f32 and labels.
+    fn batch_host(&self) -> Result<(Vec<f32>, Vec<u32>)>;
+    /// Record the batch-norm statistics of the base forward (running statistics follow them).
+    fn record_bn_stats(&self, stats: BnBatchStats);
 }
 
 /// Capability for feature reuse: evaluate the loss with one parameter tensor replaced, resuming
@@ -157,6 +171,22 @@ impl Objective for ClassifierObjective<'_> {
     }
     fn resumable(&self) -> Option<&dyn Resumable> {
         Some(self)
+    }
+    fn fast(&self) -> Option<&dyn FastCapable> {
+        Some(self)
+    }
+}
+
+impl FastCapable for ClassifierObjective<'_> {
+    fn model(&self) -> &Model {
+        self.model
+    }
+    fn batch_host(&self) -> Result<(Vec<f32>, Vec<u32>)> {
+        let x = self.x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok((x, self.y.to_vec1::<u32>()?))
+    }
+    fn record_bn_stats(&self, stats: BnBatchStats) {
+        *self.stats.borrow_mut() = Some(stats);
     }
 }
 

@@ -39,7 +39,9 @@ fn gaussian_batch(n: usize, shape: [usize; 3], seed: u64) -> Result<Tensor> {
 
 fn labels(n: usize, classes: usize, seed: u64) -> Result<Tensor> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let y: Vec<u32> = (0..n).map(|_| rng.random_range(0..classes as u32)).collect();
+    let y: Vec<u32> = (0..n)
+        .map(|_| rng.random_range(0..classes as u32))
+        .collect();
     Ok(Tensor::from_vec(y, n, &Device::Cpu)?)
 }
 
@@ -127,7 +129,11 @@ fn resnet20_param_count() -> Result<()> {
         .count();
     assert_eq!(convs, 19);
     assert_eq!(m.bn_channels.len(), 19);
-    assert_eq!(m.layout.count_kind(ParamKind::Bias), 10, "only fc has a bias");
+    assert_eq!(
+        m.layout.count_kind(ParamKind::Bias),
+        10,
+        "only fc has a bias"
+    );
     // BN scale and shift: 2 · (16 + 6·16 + 6·32 + 6·64) = 2 · 688.
     assert_eq!(m.layout.count_kind(ParamKind::BnScale), 688);
     assert_eq!(m.layout.count_kind(ParamKind::BnShift), 688);
@@ -171,7 +177,12 @@ fn layout_offsets_contiguous_and_entry_of_boundaries() -> Result<()> {
         for (i, e) in l.entries.iter().enumerate() {
             assert!(!e.is_empty());
             assert_eq!(l.entry_of(e.offset), Some(i), "first of {}", e.name);
-            assert_eq!(l.entry_of(e.offset + e.len() - 1), Some(i), "last of {}", e.name);
+            assert_eq!(
+                l.entry_of(e.offset + e.len() - 1),
+                Some(i),
+                "last of {}",
+                e.name
+            );
             if e.len() > 2 {
                 assert_eq!(l.entry_of(e.offset + e.len() / 2), Some(i));
             }
@@ -429,7 +440,11 @@ fn batch_norm_eval_mode_with_fresh_state_is_affine() -> Result<()> {
     for i in 0..n * c * h * w {
         let ch = (i / (h * w)) % c;
         let want = xin[i] * gamma[ch] / s + beta[ch];
-        assert!((out[i] - want).abs() < 1e-12, "element {i}: {} vs {want}", out[i]);
+        assert!(
+            (out[i] - want).abs() < 1e-12,
+            "element {i}: {} vs {want}",
+            out[i]
+        );
     }
     Ok(())
 }
@@ -470,7 +485,8 @@ fn max_pool_gradient_with_ties_matches_central_differences() -> Result<()> {
         .filter(|e| e.kind != ParamKind::Bias || !e.name.starts_with("conv"))
         .flat_map(|e| e.range())
         .collect();
-    let mut cge = Cge::new(1e-6, Difference::Central, CgeEngine::Naive)?.with_coords(coords.clone());
+    let mut cge =
+        Cge::new(1e-6, Difference::Central, CgeEngine::Naive)?.with_coords(coords.clone());
     let est = cge.estimate(&obj, &p, &mut StdRng::seed_from_u64(0))?;
     let est = tensor_to_vec(&est.grad)?;
     let a: Vec<f64> = coords.iter().map(|&i| est[i]).collect();
@@ -531,7 +547,11 @@ fn max_pool_forward_and_gradient_on_ties() -> Result<()> {
     let got = tensor_to_vec(&logits)?;
     for k in 0..10 {
         let want = w[2 * k] * gap[0] + w[2 * k + 1] * gap[1] + b[k];
-        assert!((got[k] - want).abs() < 1e-12, "logit {k}: {} vs {want}", got[k]);
+        assert!(
+            (got[k] - want).abs() < 1e-12,
+            "logit {k}: {} vs {want}",
+            got[k]
+        );
     }
     // d(Σ logits)/d(window max of channel c) = Σ_k W[k, c] / 4.
     let grads = logits.sum_all()?.backward()?;
@@ -551,7 +571,10 @@ fn max_pool_forward_and_gradient_on_ties() -> Result<()> {
                 "channel {ch} window ({wr},{wc}): {total} vs {per_window}"
             );
             let max = idx.iter().map(|&i| input[i]).fold(f64::MIN, f64::max);
-            assert_eq!(input[hits[0]], max, "gradient went to a non-maximal element");
+            assert_eq!(
+                input[hits[0]], max,
+                "gradient went to a non-maximal element"
+            );
         }
     }
     Ok(())
@@ -573,7 +596,13 @@ fn check_resume(spec: ModelSpec, shape: [usize; 3], n: usize) -> Result<()> {
     for (e, entry) in m.layout.entries.iter().enumerate() {
         // Same tensor: bit-identical logits.
         let r = m.resume(&views, &cache, entry.node, e, &views[e])?;
-        assert_eq!(tensor_to_vec(&r)?, logits, "{}: resume at {}", m.name, entry.name);
+        assert_eq!(
+            tensor_to_vec(&r)?,
+            logits,
+            "{}: resume at {}",
+            m.name,
+            entry.name
+        );
         // Changed tensor: the same logits as a full forward with the changed parameters.
         let mut changed = pv.clone();
         changed[entry.range()].iter_mut().for_each(|v| *v += 0.01);

@@ -1,0 +1,313 @@
+//! `deepzero bench`: speed of the CGE engines and of the kernels, as ratios from one run.
+
+use crate::common::{build_model, load_data, set_threads, DataArg, DataOpts, ModelArg, ModelOpts};
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use deepzero_core::estimator::{Cge, CgeEngine, Difference, GradientEstimator};
+use deepzero_core::fast::kernels::{self, Act};
+use deepzero_core::fast::{query_costs, Engine, QueryMode};
+use deepzero_core::model::{params_tensor, tensor_to_vec, Model, Precision};
+use deepzero_core::objective::ClassifierObjective;
+use deepzero_core::trainer::{batch_tensors, derive_seed};
+use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Seconds per CGE query of the naive, reuse and fast engines on the same coordinates.
+    Cge(CgeBenchArgs),
+    /// Throughput of the convolution and linear kernels per layer shape vs the matmul rate.
+    Kernels(KernelBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CgeBenchArgs {
+    /// Architecture.
+    #[arg(long, value_enum, default_value_t = ModelArg::Resnet20)]
+    pub model: ModelArg,
+    /// CNN blocks or MLP hidden layers.
+    #[arg(long)]
+    pub depth: Option<usize>,
+    /// CNN channels or MLP hidden units.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Data set whose image shape to use [default: synthetic 3×32×32 for resnet20, fashion-mnist otherwise].
+    #[arg(long, value_enum)]
+    pub dataset: Option<DataArg>,
+    /// Batch size.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Coordinates, sampled uniformly over all parameters (so each layer in proportion to its size).
+    #[arg(long, default_value_t = 2000)]
+    pub coords: usize,
+    /// Of those, how many the naive engine and the float64 reference also evaluate (uniform
+    /// subset; both are slow). 0 = all.
+    #[arg(long, default_value_t = 200)]
+    pub check_coords: usize,
+    /// Finite-difference step.
+    #[arg(long, default_value_t = 5e-3)]
+    pub mu: f64,
+    /// Threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KernelBenchArgs {
+    /// Architecture whose layer shapes to time.
+    #[arg(long, value_enum, default_value_t = ModelArg::Resnet20)]
+    pub model: ModelArg,
+    /// Batch size.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Output of `bench cge` (keys as the issue specifies).
+#[derive(Serialize, Debug)]
+pub struct CgeBench {
+    pub model: String,
+    pub params: usize,
+    pub batch: usize,
+    pub coords: usize,
+    pub check_coords: usize,
+    pub threads: usize,
+    pub naive_seconds_per_query: f64,
+    pub reuse_seconds_per_query: f64,
+    pub fast_seconds_per_query: f64,
+    pub speedup_vs_naive: f64,
+    pub speedup_vs_reuse: f64,
+    pub max_rel_diff: f64,
+    pub fast_rel_diff: f64,
+    pub model_speedup_vs_naive: f64,
+    pub model_speedup_reuse_vs_naive: f64,
+    pub effective_gflops: f64,
+    pub sgemm_gflops: f64,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Cge(a) => {
+            let r = bench_cge(&a)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("{r:#?}");
+            }
+        }
+        BenchCommand::Kernels(a) => bench_kernels(&a)?,
+    }
+    Ok(())
+}
+
+fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+fn model_for(model: ModelArg, depth: Option<usize>, width: Option<usize>, dataset: Option<DataArg>, seed: u64) -> Result<(Model, deepzero_core::data::Dataset)> {
+    let ds = dataset.unwrap_or(if model == ModelArg::Resnet20 { DataArg::Synthetic } else { DataArg::FashionMnist });
+    let opts = DataOpts {
+        dataset: ds,
+        data_dir: None,
+        train_limit: None,
+        test_limit: None,
+    };
+    let (train, _, _) = load_data(&opts, seed, false)?;
+    let m = build_model(&ModelOpts { model, depth, width }, &train)?;
+    Ok((m, train))
+}
+
+pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
+    if a.batch == 0 || a.coords == 0 {
+        bail!("--batch and --coords must be at least 1");
+    }
+    set_threads(a.threads);
+    let threads = rayon::current_num_threads();
+    let (model, train) = model_for(a.model, a.depth, a.width, a.dataset, a.seed)?;
+    let d = model.num_params();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(derive_seed(a.seed, &[0]));
+    let init = model.init_params(&mut rng);
+    let idx = sample(&mut rng, train.len(), a.batch.min(train.len())).into_vec();
+    let device = candle_core::Device::Cpu;
+    let (x, y) = batch_tensors(&train, &idx, None, candle_core::DType::F32, &device)?;
+    let xh = x.flatten_all()?.to_vec1::<f32>()?;
+    let yh = y.to_vec1::<u32>()?;
+    let p32: Vec<f32> = init.iter().map(|&v| v as f32).collect();
+    let mut coords = sample(&mut rng, d, a.coords.min(d)).into_vec();
+    coords.sort_unstable();
+    let mut check: Vec<usize> = if a.check_coords == 0 || a.check_coords >= coords.len() {
+        coords.clone()
+    } else {
+        sample(&mut rng, coords.len(), a.check_coords).into_iter().map(|i| coords[i]).collect()
+    };
+    check.sort_unstable();
+
+    let engine = Engine::new(&model, &p32, &xh, &yh)?;
+    let time = |cs: &[usize], mode: QueryMode| -> Result<(Vec<f64>, f64)> {
+        let t = Instant::now();
+        let (g, q) = engine.cge(cs, a.mu, Difference::Forward, mode)?;
+        Ok((g, t.elapsed().as_secs_f64() / q as f64))
+    };
+    let (fast_all, fast_s) = time(&coords, QueryMode::Fast)?;
+    let (_, reuse_s) = time(&coords, QueryMode::Reuse)?;
+    let (naive_g, naive_s) = time(&check, QueryMode::Naive)?;
+    let (reuse_g, _) = engine.cge(&check, a.mu, Difference::Forward, QueryMode::Reuse)?;
+    let (fast_g, _) = engine.cge(&check, a.mu, Difference::Forward, QueryMode::Fast)?;
+
+    // float64 reference: the candle model in f64 (reuse gives the naive numbers exactly).
+    let p64 = params_tensor(&init, Precision::F64, &device)?;
+    let obj = ClassifierObjective::new(&model, x.to_dtype(candle_core::DType::F64)?, y)?;
+    let mut reference = Cge::new(a.mu, Difference::Forward, CgeEngine::Reuse)?.with_coords(check.clone());
+    let g64 = tensor_to_vec(&reference.estimate(&obj, &p64, &mut rng)?.grad)?;
+    let truth: Vec<f64> = check.iter().map(|&i| g64[i]).collect();
+    let fast_rel = rel_l2(&fast_g, &truth);
+    let max_rel = [rel_l2(&naive_g, &truth), rel_l2(&reuse_g, &truth), fast_rel].into_iter().fold(0.0, f64::max);
+
+    // Cost model over the same coordinates.
+    let (mut cn, mut cr, mut cf) = (0.0, 0.0, 0.0);
+    for &i in &coords {
+        let e = model.layout.entry_of(i).expect("coordinate in range");
+        let (n, r, f) = query_costs(&model, e);
+        cn += n;
+        cr += r;
+        cf += f;
+    }
+    let flops_fast = 2.0 * cf * a.batch as f64;
+    let _ = fast_all;
+    Ok(CgeBench {
+        model: model.name.clone(),
+        params: d,
+        batch: a.batch,
+        coords: coords.len(),
+        check_coords: check.len(),
+        threads,
+        naive_seconds_per_query: naive_s,
+        reuse_seconds_per_query: reuse_s,
+        fast_seconds_per_query: fast_s,
+        speedup_vs_naive: naive_s / fast_s,
+        speedup_vs_reuse: reuse_s / fast_s,
+        max_rel_diff: max_rel,
+        fast_rel_diff: fast_rel,
+        model_speedup_vs_naive: cn / cf,
+        model_speedup_reuse_vs_naive: cn / cr,
+        effective_gflops: flops_fast / (fast_s * coords.len() as f64) / 1e9,
+        sgemm_gflops: sgemm_gflops(threads),
+    })
+}
+
+/// Matrix-multiply rate of the machine as the engines use it: one single-threaded 512³ f32
+/// product per thread, all threads at once.
+pub fn sgemm_gflops(threads: usize) -> f64 {
+    let n = 512;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let a: Vec<f32> = (0..n * n).map(|_| rng.random::<f32>()).collect();
+    let b: Vec<f32> = (0..n * n).map(|_| rng.random::<f32>()).collect();
+    let reps = 8;
+    let run = || {
+        (0..threads).into_par_iter().for_each(|_| {
+            let mut c = vec![0.0f32; n * n];
+            for _ in 0..reps {
+                kernels::sgemm(n, n, n, &a, n, &b, n, &mut c, n, false);
+            }
+            std::hint::black_box(&c);
+        })
+    };
+    run();
+    let t = Instant::now();
+    run();
+    (2.0 * (n * n * n) as f64 * reps as f64 * threads as f64) / t.elapsed().as_secs_f64() / 1e9
+}
+
+#[derive(Serialize, Debug)]
+struct KernelRow {
+    layer: String,
+    shape: String,
+    ours_gflops: f64,
+    candle_gflops: f64,
+}
+
+fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
+    set_threads(a.threads);
+    let threads = rayon::current_num_threads();
+    let (model, _) = model_for(a.model, None, None, None, 0)?;
+    let costs = model.node_costs();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut shapes = vec![model.input_shape.to_vec()];
+    let mut rows = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (k, node) in model.nodes.iter().enumerate() {
+        let s = shapes[node.inputs[0]].clone();
+        let out_shape = match &node.op {
+            deepzero_core::model::Op::Conv2d { weight, stride, padding, .. } => {
+                let sh = &model.layout.entries[*weight].shape;
+                let (co, ci, kk) = (sh[0], sh[1], sh[2]);
+                let oh = (s[1] + 2 * padding - kk) / stride + 1;
+                let key = format!("{ci}->{co} k{kk} s{stride} {}x{}", s[1], s[2]);
+                if seen.insert(key.clone()) {
+                    let x: Vec<f32> = (0..a.batch * ci * s[1] * s[2]).map(|_| rng.random::<f32>()).collect();
+                    let w: Vec<f32> = (0..co * ci * kk * kk).map(|_| rng.random::<f32>()).collect();
+                    let act = Act::from_nchw(&x, a.batch, ci, s[1], s[2]);
+                    let flops = 2.0 * costs[k] as f64 * a.batch as f64;
+                    // ours: one conv per thread at once (as queries run).
+                    let reps = 3;
+                    let t = Instant::now();
+                    (0..threads).into_par_iter().for_each(|_| {
+                        for _ in 0..reps {
+                            std::hint::black_box(kernels::conv(&act, &w, co, None, kk, *stride, *padding));
+                        }
+                    });
+                    let ours = flops * (reps * threads) as f64 / t.elapsed().as_secs_f64() / 1e9;
+                    let dev = candle_core::Device::Cpu;
+                    let xt = candle_core::Tensor::from_vec(x.clone(), (a.batch, ci, s[1], s[2]), &dev)?;
+                    let wt = candle_core::Tensor::from_vec(w.clone(), (co, ci, kk, kk), &dev)?;
+                    let _ = xt.conv2d(&wt, *padding, *stride, 1, 1)?;
+                    let t = Instant::now();
+                    for _ in 0..reps {
+                        std::hint::black_box(xt.conv2d(&wt, *padding, *stride, 1, 1)?);
+                    }
+                    let candle = flops * reps as f64 / t.elapsed().as_secs_f64() / 1e9;
+                    rows.push(KernelRow {
+                        layer: node.name.clone(),
+                        shape: key,
+                        ours_gflops: ours,
+                        candle_gflops: candle,
+                    });
+                }
+                vec![co, oh, oh]
+            }
+            deepzero_core::model::Op::MaxPool(kk) | deepzero_core::model::Op::AvgPool(kk) => vec![s[0], s[1] / kk, s[2] / kk],
+            deepzero_core::model::Op::GlobalAvgPool | deepzero_core::model::Op::Flatten => vec![s.iter().product(), 1, 1],
+            deepzero_core::model::Op::Linear { weight, .. } => vec![model.layout.entries[*weight].shape[0], 1, 1],
+            deepzero_core::model::Op::ShortcutA { pad } => vec![s[0] + 2 * pad, s[1] / 2, s[2] / 2],
+            _ => s.clone(),
+        };
+        shapes.push(out_shape);
+    }
+    let sgemm = sgemm_gflops(threads);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"threads": threads, "sgemm_gflops": sgemm, "layers": rows}))?);
+    } else {
+        println!("threads {threads}, sgemm {sgemm:.1} GFLOP/s (512³ per thread)");
+        println!("{:<20} {:<26} {:>10} {:>12} {:>10}", "layer", "shape", "ours", "candle(1×)", "ours/sgemm");
+        for r in &rows {
+            println!("{:<20} {:<26} {:>10.1} {:>12.1} {:>10.2}", r.layer, r.shape, r.ours_gflops, r.candle_gflops, r.ours_gflops / sgemm);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,401 @@
+//! End-to-end tests of the `deepzero` binary: run directories, resume, errors, gradcheck.
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+// ---------------------------------------------------------------------------------------
+// helpers
+// ---------------------------------------------------------------------------------------
+
+/// Run `deepzero ARGS` in `cwd` (a scratch directory, so a missing `--out` could not litter
+/// the source tree) with the shipped data found through the crate's compiled-in path.
+fn deepzero(cwd: &Path, args: &[&str]) -> Result<Output> {
+    Command::new(env!("CARGO_BIN_EXE_deepzero"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("DEEPZERO_DATA")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .context("running the deepzero binary")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Run and require success.
+fn ok(cwd: &Path, args: &[&str]) -> Result<Output> {
+    let o = deepzero(cwd, args)?;
+    ensure!(
+        o.status.success(),
+        "deepzero {args:?} failed ({}):\n{}",
+        o.status,
+        stderr(&o)
+    );
+    Ok(o)
+}
+
+/// Run, require failure without a panic, and return stderr.
+fn fails(cwd: &Path, args: &[&str]) -> Result<String> {
+    let o = deepzero(cwd, args)?;
+    let err = stderr(&o);
+    ensure!(!o.status.success(), "deepzero {args:?} succeeded:\n{err}");
+    ensure!(
+        !err.contains("panicked"),
+        "deepzero {args:?} panicked:\n{err}"
+    );
+    ensure!(
+        err.contains("error"),
+        "deepzero {args:?}: no error message:\n{err}"
+    );
+    Ok(err)
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn has_keys(v: &Value, keys: &[&str]) -> Result<()> {
+    for k in keys {
+        ensure!(v.get(k).is_some(), "key {k:?} missing in {v}");
+    }
+    Ok(())
+}
+
+/// Small fast training flags on the shipped digits.
+const SMALL: [&str; 6] = [
+    "--train-limit",
+    "200",
+    "--test-limit",
+    "100",
+    "--batch-size",
+    "50",
+];
+
+// ---------------------------------------------------------------------------------------
+// train: the run directory
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn train_writes_a_complete_run_directory() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let run = tmp.path().join("run");
+    let run_s = run.to_str().context("utf-8 path")?;
+    let mut args = vec!["train", "--epochs", "2", "--out", run_s];
+    args.extend(SMALL);
+    ok(tmp.path(), &args)?;
+
+    for f in [
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "accuracy.png",
+        "accuracy.svg",
+        "loss.png",
+        "loss.svg",
+        "checkpoint.safetensors",
+        "checkpoint.json",
+    ] {
+        let p = run.join(f);
+        ensure!(p.is_file(), "{} missing", p.display());
+        ensure!(std::fs::metadata(&p)?.len() > 0, "{} is empty", p.display());
+    }
+    // No temporary files left behind.
+    for e in std::fs::read_dir(&run)? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        ensure!(!name.contains(".tmp"), "leftover temporary file {name}");
+    }
+    let png = std::fs::read(run.join("accuracy.png"))?;
+    ensure!(png.starts_with(b"\x89PNG"), "accuracy.png is not a PNG");
+    let svg = std::fs::read_to_string(run.join("loss.svg"))?;
+    ensure!(svg.contains("<svg"), "loss.svg is not an SVG");
+
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl"))?;
+    let lines: Vec<&str> = metrics.lines().collect();
+    ensure!(lines.len() == 2, "metrics.jsonl has {} lines", lines.len());
+    let mut last_queries = 0;
+    for (i, l) in lines.iter().enumerate() {
+        let m: Value = serde_json::from_str(l)?;
+        has_keys(
+            &m,
+            &[
+                "epoch",
+                "train_loss",
+                "test_loss",
+                "test_accuracy",
+                "queries",
+                "seconds",
+            ],
+        )?;
+        ensure!(
+            m["epoch"].as_u64() == Some(i as u64 + 1),
+            "epoch field of line {i}: {m}"
+        );
+        let acc = m["test_accuracy"].as_f64().context("test_accuracy")?;
+        ensure!((0.0..=1.0).contains(&acc), "accuracy {acc}");
+        let q = m["queries"].as_u64().context("queries")?;
+        ensure!(q > last_queries, "queries not increasing: {m}");
+        last_queries = q;
+    }
+
+    let s = read_json(&run.join("summary.json"))?;
+    has_keys(
+        &s,
+        &[
+            "test_accuracy",
+            "best_test_accuracy",
+            "final_train_loss",
+            "queries",
+            "wall_seconds",
+            "params",
+            "model",
+            "dataset",
+            "estimator",
+        ],
+    )?;
+    // Defaults: MLP with 32 hidden units on 8x8 digits, CGE forward difference.
+    let d = 64 * 32 + 32 + 32 * 10 + 10;
+    ensure!(s["params"].as_u64() == Some(d), "params {}", s["params"]);
+    ensure!(s["dataset"] == "digits", "dataset {}", s["dataset"]);
+    // Dense forward CGE: d + 1 queries per step, 4 steps per epoch, 2 epochs.
+    ensure!(
+        s["queries"].as_u64() == Some(2 * 4 * (d + 1)),
+        "queries {}",
+        s["queries"]
+    );
+    ensure!(s["queries"].as_u64() == Some(last_queries));
+    let acc = s["test_accuracy"].as_f64().context("test_accuracy")?;
+    let best = s["best_test_accuracy"].as_f64().context("best")?;
+    ensure!(best >= acc, "best {best} < final {acc}");
+
+    let cfg = read_json(&run.join("config.json"))?;
+    ensure!(cfg.to_string().contains("\"epochs\":2"), "config {cfg}");
+    Ok(())
+}
+
+#[test]
+fn train_refuses_non_empty_out_and_resume_of_finished_run() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let run = tmp.path().join("run");
+    let run_s = run.to_str().context("utf-8 path")?;
+    let mut args = vec![
+        "train",
+        "--epochs",
+        "1",
+        "--estimator",
+        "fo",
+        "--out",
+        run_s,
+    ];
+    args.extend(SMALL);
+    ok(tmp.path(), &args)?;
+    let summary = std::fs::read(run.join("summary.json"))?;
+
+    // Same --out again: refused, nothing overwritten.
+    let err = fails(tmp.path(), &args)?;
+    ensure!(err.contains("--overwrite"), "{err}");
+    ensure!(std::fs::read(run.join("summary.json"))? == summary);
+
+    // With --overwrite it runs.
+    let mut again = args.clone();
+    again.push("--overwrite");
+    ok(tmp.path(), &again)?;
+
+    // Resuming a finished run says so.
+    let err = fails(tmp.path(), &["train", "--resume", run_s])?;
+    ensure!(err.contains("already finished"), "{err}");
+
+    // Resuming a directory without a run names the problem.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty)?;
+    let err = fails(
+        tmp.path(),
+        &["train", "--resume", empty.to_str().context("utf-8")?],
+    )?;
+    ensure!(err.contains("config.json"), "{err}");
+    Ok(())
+}
+
+/// A finished 1-epoch run whose config is raised to 2 epochs continues at epoch 2.
+#[test]
+fn train_resume_continues_from_the_checkpoint() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let run = tmp.path().join("run");
+    let run_s = run.to_str().context("utf-8 path")?;
+    let mut args = vec![
+        "train",
+        "--epochs",
+        "1",
+        "--estimator",
+        "fo",
+        "--out",
+        run_s,
+    ];
+    args.extend(SMALL);
+    ok(tmp.path(), &args)?;
+    let first = std::fs::read_to_string(run.join("metrics.jsonl"))?;
+    ensure!(first.lines().count() == 1);
+
+    let mut cfg = read_json(&run.join("config.json"))?;
+    cfg["epochs"] = Value::from(2);
+    std::fs::write(run.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
+    let o = ok(tmp.path(), &["train", "--resume", run_s])?;
+    ensure!(stderr(&o).contains("resuming"), "{}", stderr(&o));
+
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl"))?;
+    let lines: Vec<&str> = metrics.lines().collect();
+    ensure!(lines.len() == 2, "metrics.jsonl: {metrics}");
+    ensure!(
+        lines[0] == first.trim_end(),
+        "epoch 1 metrics changed by resuming:\nbefore: {first}after:  {}",
+        lines[0]
+    );
+    let m2: Value = serde_json::from_str(lines[1])?;
+    ensure!(m2["epoch"].as_u64() == Some(2));
+    // Backprop: one query per step, 4 steps per epoch.
+    ensure!(m2["queries"].as_u64() == Some(8), "{m2}");
+    let s = read_json(&run.join("summary.json"))?;
+    ensure!(s["queries"].as_u64() == Some(8), "{s}");
+    Ok(())
+}
+
+#[test]
+fn same_seed_same_result() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mut summaries = Vec::new();
+    for name in ["a", "b"] {
+        let run = tmp.path().join(name);
+        let run_s = run.to_str().context("utf-8 path")?;
+        let mut args = vec![
+            "train",
+            "--epochs",
+            "1",
+            "--estimator",
+            "rge",
+            "--q",
+            "5",
+            "--seed",
+            "7",
+            "--out",
+            run_s,
+        ];
+        args.extend(SMALL);
+        ok(tmp.path(), &args)?;
+        summaries.push(read_json(&run.join("summary.json"))?);
+    }
+    for k in ["test_accuracy", "final_train_loss", "queries"] {
+        ensure!(
+            summaries[0][k] == summaries[1][k],
+            "{k}: {} vs {}",
+            summaries[0][k],
+            summaries[1][k]
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// bad input
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn bad_input_is_rejected_with_clear_messages() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("out");
+    let out_s = out.to_str().context("utf-8 path")?;
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (vec!["--dataset", "cifar10"], vec!["--data-dir"]),
+        (vec!["--dataset", "mnist"], vec!["--data-dir"]),
+        (
+            vec!["--data-dir", "/nonexistent/deepzero-data"],
+            vec!["/nonexistent/deepzero-data"],
+        ),
+        (
+            vec!["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"],
+            vec!["/nonexistent/cifar"],
+        ),
+        (vec!["--mu", "0"], vec!["--mu"]),
+        (vec!["--mu=-0.1", "--estimator", "rge"], vec!["--mu"]),
+        (vec!["--q", "0", "--estimator", "rge"], vec!["--q"]),
+        (vec!["--epochs", "0"], vec!["--epochs"]),
+        (vec!["--batch-size", "0"], vec!["--batch-size"]),
+        (vec!["--lr", "0"], vec!["--lr"]),
+        (vec!["--momentum", "1.5"], vec!["--momentum"]),
+        (vec!["--train-limit", "0"], vec!["--train-limit"]),
+        (vec!["--model", "cnn", "--depth", "9"], vec!["--depth"]),
+        (vec!["--model", "mlp", "--width", "0"], vec!["--width"]),
+        (
+            vec!["--warmup-epochs", "5", "--epochs", "2"],
+            vec!["--warmup-epochs"],
+        ),
+    ];
+    for (i, (flags, needles)) in cases.iter().enumerate() {
+        let dir = format!("{out_s}{i}");
+        let mut args = vec!["train", "--out", dir.as_str()];
+        args.extend(flags.iter().copied());
+        let err = fails(tmp.path(), &args)?;
+        for n in needles {
+            ensure!(
+                err.contains(n),
+                "{flags:?}: message does not mention {n:?}:\n{err}"
+            );
+        }
+    }
+    // Unknown values are clap errors (exit code 2), also without panics.
+    let err = fails(tmp.path(), &["train", "--model", "vgg", "--out", out_s])?;
+    ensure!(err.contains("vgg"), "{err}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// gradcheck
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn gradcheck_cge_central_f64_matches_backprop() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let o = ok(
+        tmp.path(),
+        &[
+            "gradcheck",
+            "--model",
+            "mlp",
+            "--estimator",
+            "cge",
+            "--difference",
+            "central",
+            "--dtype",
+            "f64",
+            "--mu",
+            "1e-6",
+            "--json",
+        ],
+    )?;
+    let r: Value = serde_json::from_str(&stdout(&o)).with_context(|| stdout(&o))?;
+    let cos = r["cosine"].as_f64().context("cosine")?;
+    let rel = r["relative_error"].as_f64().context("relative_error")?;
+    ensure!(cos >= 0.9999, "cosine {cos}");
+    ensure!(rel <= 1e-4, "relative error {rel}");
+    let coords = r["coords"].as_u64().context("coords")?;
+    ensure!(r["queries"].as_u64() == Some(2 * coords + 1), "{r}");
+    let layers = r["layers"].as_array().context("layers")?;
+    ensure!(!layers.is_empty());
+    let per_layer: u64 = layers.iter().filter_map(|l| l["coords"].as_u64()).sum();
+    ensure!(
+        per_layer == coords,
+        "layers cover {per_layer} of {coords} coordinates"
+    );
+
+    // Backprop against itself is refused.
+    let err = fails(tmp.path(), &["gradcheck", "--estimator", "fo"])?;
+    ensure!(err.contains("--estimator"), "{err}");
+    Ok(())
+}

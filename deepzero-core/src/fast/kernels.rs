@@ -1,0 +1,289 @@
+//! CPU kernels on channel-major activations (`[C, N, H, W]`, one contiguous plane per channel).
+//!
+//! Channel-major layout makes the per-channel work of delta propagation (batch norm, ReLU,
+//! pooling of one changed channel) touch one contiguous slice, and turns a convolution over the
+//! whole batch into one matrix product `W[Co, Ci·k²] × cols[Ci·k², N·Ho·Wo]` whose result is
+//! already channel-major.
+
+/// Activations `[C, N, H, W]` (a feature matrix `[F, N]` has `h = w = 1`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Act {
+    /// Channels (features).
+    pub c: usize,
+    /// Batch size.
+    pub n: usize,
+    /// Height.
+    pub h: usize,
+    /// Width.
+    pub w: usize,
+    /// `c · n · h · w` values.
+    pub data: Vec<f32>,
+}
+
+impl Act {
+    /// Zeros of the given shape.
+    pub fn zeros(c: usize, n: usize, h: usize, w: usize) -> Act {
+        Act {
+            c,
+            n,
+            h,
+            w,
+            data: vec![0.0; c * n * h * w],
+        }
+    }
+    /// Values per channel (`n · h · w`).
+    pub fn plane_len(&self) -> usize {
+        self.n * self.h * self.w
+    }
+    /// Channel `o`.
+    pub fn plane(&self, o: usize) -> &[f32] {
+        let p = self.plane_len();
+        &self.data[o * p..(o + 1) * p]
+    }
+    /// Channel `o`, mutable.
+    pub fn plane_mut(&mut self, o: usize) -> &mut [f32] {
+        let p = self.plane_len();
+        &mut self.data[o * p..(o + 1) * p]
+    }
+    /// From `[N, C, H, W]` (batch-major) data.
+    pub fn from_nchw(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Act {
+        let hw = h * w;
+        let mut a = Act::zeros(c, n, h, w);
+        for ni in 0..n {
+            for ci in 0..c {
+                let src = &x[(ni * c + ci) * hw..(ni * c + ci + 1) * hw];
+                a.data[(ci * n + ni) * hw..(ci * n + ni + 1) * hw].copy_from_slice(src);
+            }
+        }
+        a
+    }
+}
+
+/// `C[m×n] = (accumulate ? C : 0) + A[m×k] · B[k×n]`, all row-major with the given leading
+/// dimensions. Runs the `gemm` crate's kernels (the ones candle uses) on one thread: callers
+/// parallelise over independent queries instead, which keeps results independent of the thread
+/// count.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(lda >= k && ldb >= n && ldc >= n, "sgemm: leading dimensions too small");
+    assert!(k == 0 || a.len() >= (m - 1) * lda + k, "sgemm: A too short");
+    assert!(k == 0 || b.len() >= (k - 1) * ldb + n, "sgemm: B too short");
+    assert!(c.len() >= (m - 1) * ldc + n, "sgemm: C too short");
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                c[r * ldc..r * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: the asserts above bound every index gemm touches: A is m×k with row stride lda,
+    // B is k×n with row stride ldb, C is m×n with row stride ldc, unit column strides; the
+    // slices are live and C does not alias A or B (distinct borrows).
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            accumulate,
+            a.as_ptr(),
+            1,
+            lda as isize,
+            b.as_ptr(),
+            1,
+            ldb as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Geometry of a convolution.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvGeom {
+    /// Kernel size.
+    pub k: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding.
+    pub pad: usize,
+    /// Input height and width.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output height.
+    pub oh: usize,
+    /// Output width.
+    pub ow: usize,
+}
+
+impl ConvGeom {
+    /// Geometry for an input of `h × w`.
+    pub fn new(k: usize, stride: usize, pad: usize, h: usize, w: usize) -> ConvGeom {
+        ConvGeom {
+            k,
+            stride,
+            pad,
+            h,
+            w,
+            oh: (h + 2 * pad - k) / stride + 1,
+            ow: (w + 2 * pad - k) / stride + 1,
+        }
+    }
+}
+
+/// im2col of `planes` (each `[N, H, W]`, one per input channel) into `cols[(c·k + i)·k + j][n, oy, ox]`.
+pub fn im2col(planes: &[&[f32]], n: usize, g: &ConvGeom, cols: &mut [f32]) {
+    let (k, s, p) = (g.k, g.stride, g.pad as isize);
+    let row = n * g.oh * g.ow;
+    for (ci, plane) in planes.iter().enumerate() {
+        for i in 0..k {
+            for j in 0..k {
+                let dst = &mut cols[((ci * k + i) * k + j) * row..][..row];
+                for ni in 0..n {
+                    let src = &plane[ni * g.h * g.w..(ni + 1) * g.h * g.w];
+                    for oy in 0..g.oh {
+                        let iy = (oy * s + i) as isize - p;
+                        let d = &mut dst[(ni * g.oh + oy) * g.ow..][..g.ow];
+                        if iy < 0 || iy >= g.h as isize {
+                            d.fill(0.0);
+                            continue;
+                        }
+                        let srow = &src[iy as usize * g.w..][..g.w];
+                        for (ox, dv) in d.iter_mut().enumerate() {
+                            let ix = (ox * s + j) as isize - p;
+                            *dv = if ix >= 0 && (ix as usize) < g.w { srow[ix as usize] } else { 0.0 };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Full convolution: `out[co] = Σ_ci W[co, ci] ⋆ x[ci] (+ b[co])`.
+pub fn conv(x: &Act, w: &[f32], co: usize, bias: Option<&[f32]>, k: usize, stride: usize, pad: usize) -> Act {
+    let g = ConvGeom::new(k, stride, pad, x.h, x.w);
+    let planes: Vec<&[f32]> = (0..x.c).map(|c| x.plane(c)).collect();
+    let kk = x.c * k * k;
+    let cols_n = x.n * g.oh * g.ow;
+    let mut cols = vec![0.0f32; kk * cols_n];
+    im2col(&planes, x.n, &g, &mut cols);
+    let mut out = Act::zeros(co, x.n, g.oh, g.ow);
+    if let Some(b) = bias {
+        for o in 0..co {
+            out.plane_mut(o).fill(b[o]);
+        }
+    }
+    sgemm(co, cols_n, kk, w, kk, &cols, cols_n, &mut out.data, cols_n, bias.is_some());
+    out
+}
+
+/// Change of a convolution's output when input channel `c` changes by `delta` (`[N, H, W]`):
+/// `out += W[:, c] ⋆ delta`, 1/C_in of a full convolution.
+pub fn conv_add_channel(out: &mut Act, delta: &[f32], w: &[f32], ci_total: usize, c: usize, g: &ConvGeom, n: usize) {
+    let kk = g.k * g.k;
+    let cols_n = n * g.oh * g.ow;
+    let mut cols = vec![0.0f32; kk * cols_n];
+    im2col(&[delta], n, g, &mut cols);
+    // W[co, c, :, :] rows start at (o·ci_total + c)·k², stride ci_total·k².
+    let a = &w[c * kk..];
+    sgemm(out.c, cols_n, kk, a, ci_total * kk, &cols, cols_n, &mut out.data, cols_n, true);
+}
+
+/// Linear layer on features `[F, N]`: `out[O, N] = W[O, F] · x (+ b)`.
+pub fn linear(x: &Act, w: &[f32], o: usize, bias: Option<&[f32]>) -> Act {
+    let f = x.c * x.h * x.w;
+    debug_assert_eq!(x.h * x.w, 1);
+    let mut out = Act::zeros(o, x.n, 1, 1);
+    if let Some(b) = bias {
+        for r in 0..o {
+            out.plane_mut(r).fill(b[r]);
+        }
+    }
+    sgemm(o, x.n, f, w, f, &x.data, x.n, &mut out.data, x.n, bias.is_some());
+    out
+}
+
+/// Per-channel batch statistics and normalisation of one plane; returns (mean, 1/std).
+pub fn plane_stats(p: &[f32], eps: f64) -> (f32, f32) {
+    let n = p.len() as f64;
+    let mean = p.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// Batch norm of one plane with its own statistics: `out = γ (x − m)/s + β`.
+pub fn bn_plane(x: &[f32], gamma: f32, beta: f32, eps: f64, out: &mut [f32]) -> (f32, f32) {
+    let (m, inv) = plane_stats(x, eps);
+    let a = gamma * inv;
+    let b = beta - m * a;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = v * a + b;
+    }
+    (m, inv)
+}
+
+/// ReLU in place.
+pub fn relu_inplace(x: &mut [f32]) {
+    for v in x {
+        *v = v.max(0.0);
+    }
+}
+
+/// Max (or mean) pooling of one plane `[N, H, W]` with kernel = stride = `k`.
+pub fn pool_plane(x: &[f32], n: usize, h: usize, w: usize, k: usize, max: bool, out: &mut [f32]) {
+    let (oh, ow) = (h / k, w / k);
+    let inv = 1.0 / (k * k) as f32;
+    for ni in 0..n {
+        let src = &x[ni * h * w..(ni + 1) * h * w];
+        let dst = &mut out[ni * oh * ow..(ni + 1) * oh * ow];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut acc = if max { f32::NEG_INFINITY } else { 0.0 };
+                for i in 0..k {
+                    let r = &src[(oy * k + i) * w + ox * k..][..k];
+                    for &v in r {
+                        if max {
+                            acc = acc.max(v);
+                        } else {
+                            acc += v;
+                        }
+                    }
+                }
+                dst[oy * ow + ox] = if max { acc } else { acc * inv };
+            }
+        }
+    }
+}
+
+/// Mean over each sample's `H × W` of one plane: `[N, H, W] -> [N]`.
+pub fn gap_plane(x: &[f32], n: usize, hw: usize, out: &mut [f32]) {
+    let inv = 1.0 / hw as f32;
+    for ni in 0..n {
+        out[ni] = x[ni * hw..(ni + 1) * hw].iter().sum::<f32>() * inv;
+    }
+}
+
+/// Spatial subsample by 2 of one plane (option-A shortcut).
+pub fn subsample2_plane(x: &[f32], n: usize, h: usize, w: usize, out: &mut [f32]) {
+    let (oh, ow) = (h / 2, w / 2);
+    for ni in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                out[(ni * oh + oy) * ow + ox] = x[(ni * h + 2 * oy) * w + 2 * ox];
+            }
+        }
+    }
+}

@@ -1,0 +1,503 @@
+//! The fast CGE engine: feature reuse at layer granularity, delta propagation and our own
+//! CPU kernels, sharded over threads.
+//!
+//! A coordinate-wise query perturbs one parameter. This engine caches every register of the base
+//! forward (channel-major, see [`kernels`]) and, for a query on a parameter read by node `l`:
+//!
+//! * [`QueryMode::Naive`] re-runs the whole network (the reference, same kernels);
+//! * [`QueryMode::Reuse`] re-runs nodes `l..` from the cached input of node `l` (feature reuse);
+//! * [`QueryMode::Fast`] computes the perturbed node's output change directly — one weight
+//!   `W[o, c, i, j]` changes output channel `o` only, by μ times a shifted slice of input channel
+//!   `c` — carries the one changed channel through per-channel nodes (batch norm with that
+//!   channel's own batch statistics, ReLU, pooling, the shortcut, additions), feeds the next
+//!   convolution only the changed input channel (1/C_in of its work), and evaluates a changed
+//!   logit column in closed form.
+//!
+//! Loss changes are taken per sample in f64 (`L_i(θ + δe_j) − L_i(θ)`), which removes most of
+//! the rounding a difference of two f32 batch means carries.
+
+pub mod kernels;
+
+use crate::error::{Error, Result};
+use crate::estimator::Difference;
+use crate::layout::ParamKind;
+use crate::model::{BnBatchStats, Model, Op, BN_EPS};
+use kernels::{Act, ConvGeom};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// How a query is evaluated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueryMode {
+    /// Full forward per query.
+    Naive,
+    /// Resume at the perturbed node, full recomputation after it.
+    Reuse,
+    /// Delta propagation.
+    Fast,
+}
+
+/// State of one register during a query.
+enum St {
+    /// Equal to the base forward's.
+    Same,
+    /// Equal except channel `o`, whose new plane is given.
+    Chan(usize, Vec<f32>),
+    /// Entirely recomputed.
+    Full(Act),
+}
+
+/// A base forward, ready to answer queries.
+pub struct Engine<'a> {
+    model: &'a Model,
+    params: Vec<f32>,
+    labels: Vec<u32>,
+    regs: Vec<Act>,
+    /// Per node: batch-norm (mean, 1/std) per channel.
+    bn: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+    base_loss: Vec<f64>,
+}
+
+fn bad(msg: String) -> Error {
+    Error::Shape(msg)
+}
+
+impl<'a> Engine<'a> {
+    /// Run the base forward on `x` (`[N, C, H, W]`, batch-major f32) with `labels`.
+    pub fn new(model: &'a Model, params: &[f32], x: &[f32], labels: &[u32]) -> Result<Engine<'a>> {
+        let [c, h, w] = model.input_shape;
+        let n = labels.len();
+        if params.len() != model.num_params() {
+            return Err(bad(format!("{} parameters given, model {} has {}", params.len(), model.name, model.num_params())));
+        }
+        if n == 0 || x.len() != n * c * h * w {
+            return Err(bad(format!("batch of {} values for {n} labels of shape {c}x{h}x{w}", x.len())));
+        }
+        if let Some(&y) = labels.iter().find(|&&y| y as usize >= model.num_classes) {
+            return Err(bad(format!("label {y} out of range for {} classes", model.num_classes)));
+        }
+        let mut e = Engine {
+            model,
+            params: params.to_vec(),
+            labels: labels.to_vec(),
+            regs: vec![Act::from_nchw(x, n, c, h, w)],
+            bn: Vec::with_capacity(model.nodes.len()),
+            base_loss: Vec::new(),
+        };
+        for k in 0..model.nodes.len() {
+            let ins: Vec<&Act> = model.nodes[k].inputs.iter().map(|&r| &e.regs[r]).collect();
+            let (out, stats) = e.full_op(k, &ins, None);
+            e.regs.push(out);
+            e.bn.push(stats);
+        }
+        e.base_loss = e.losses(e.regs.last().expect("output"), None);
+        Ok(e)
+    }
+
+    /// Mean loss of the base forward.
+    pub fn base_mean_loss(&self) -> f64 {
+        self.base_loss.iter().sum::<f64>() / self.base_loss.len() as f64
+    }
+
+    /// Batch statistics of the base forward (for running statistics).
+    pub fn bn_batch_stats(&self) -> BnBatchStats {
+        let mut s = BnBatchStats::default();
+        for (k, node) in self.model.nodes.iter().enumerate() {
+            if let (Op::BatchNorm { .. }, Some((m, inv))) = (&node.op, &self.bn[k]) {
+                let x = &self.regs[node.inputs[0]];
+                let var = inv.iter().map(|&i| 1.0 / (i as f64 * i as f64) - BN_EPS).collect();
+                s.stats.push((m.iter().map(|&v| v as f64).collect(), var, x.plane_len()));
+            }
+        }
+        s
+    }
+
+    /// Logits of the base forward as `[N, K]` batch-major.
+    pub fn logits(&self) -> Vec<f32> {
+        let z = self.regs.last().expect("output");
+        let mut out = vec![0.0; z.n * z.c];
+        for k in 0..z.c {
+            for (i, &v) in z.plane(k).iter().enumerate() {
+                out[i * z.c + k] = v;
+            }
+        }
+        out
+    }
+
+    fn entry_slice(&self, e: usize) -> &[f32] {
+        &self.params[self.model.layout.entries[e].range()]
+    }
+
+    /// Parameter tensor `e`, or the override if it is the one replaced.
+    fn p<'b>(&'b self, e: usize, over: Option<(usize, &'b [f32])>) -> &'b [f32] {
+        match over {
+            Some((oe, v)) if oe == e => v,
+            _ => self.entry_slice(e),
+        }
+    }
+
+    /// One node on full inputs.
+    fn full_op(&self, k: usize, ins: &[&Act], over: Option<(usize, &[f32])>) -> (Act, Option<(Vec<f32>, Vec<f32>)>) {
+        let x = ins[0];
+        let layout = &self.model.layout;
+        let out = match &self.model.nodes[k].op {
+            Op::Conv2d {
+                weight,
+                bias,
+                stride,
+                padding,
+            } => {
+                let shape = &layout.entries[*weight].shape;
+                let b = bias.map(|b| self.p(b, over));
+                kernels::conv(x, self.p(*weight, over), shape[0], b, shape[2], *stride, *padding)
+            }
+            Op::Linear { weight, bias } => {
+                let shape = &layout.entries[*weight].shape;
+                kernels::linear(x, self.p(*weight, over), shape[0], bias.map(|b| self.p(b, over)))
+            }
+            Op::BatchNorm { scale, shift, .. } => {
+                let (g, b) = (self.p(*scale, over), self.p(*shift, over));
+                let mut out = Act::zeros(x.c, x.n, x.h, x.w);
+                let (mut ms, mut invs) = (Vec::with_capacity(x.c), Vec::with_capacity(x.c));
+                for c in 0..x.c {
+                    let (m, inv) = kernels::bn_plane(x.plane(c), g[c], b[c], BN_EPS, out.plane_mut(c));
+                    ms.push(m);
+                    invs.push(inv);
+                }
+                return (out, Some((ms, invs)));
+            }
+            Op::Relu => {
+                let mut out = x.clone();
+                kernels::relu_inplace(&mut out.data);
+                out
+            }
+            Op::MaxPool(kk) | Op::AvgPool(kk) => {
+                let max = matches!(self.model.nodes[k].op, Op::MaxPool(_));
+                let mut out = Act::zeros(x.c, x.n, x.h / kk, x.w / kk);
+                for c in 0..x.c {
+                    kernels::pool_plane(x.plane(c), x.n, x.h, x.w, *kk, max, out.plane_mut(c));
+                }
+                out
+            }
+            Op::GlobalAvgPool => {
+                let mut out = Act::zeros(x.c, x.n, 1, 1);
+                for c in 0..x.c {
+                    kernels::gap_plane(x.plane(c), x.n, x.h * x.w, out.plane_mut(c));
+                }
+                out
+            }
+            Op::Flatten => {
+                let hw = x.h * x.w;
+                let mut out = Act::zeros(x.c * hw, x.n, 1, 1);
+                for c in 0..x.c {
+                    let p = x.plane(c);
+                    for ni in 0..x.n {
+                        for s in 0..hw {
+                            out.data[(c * hw + s) * x.n + ni] = p[ni * hw + s];
+                        }
+                    }
+                }
+                out
+            }
+            Op::Add => {
+                let mut out = x.clone();
+                for (o, &v) in out.data.iter_mut().zip(&ins[1].data) {
+                    *o += v;
+                }
+                out
+            }
+            Op::ShortcutA { pad } => {
+                let mut out = Act::zeros(x.c + 2 * pad, x.n, x.h / 2, x.w / 2);
+                for c in 0..x.c {
+                    kernels::subsample2_plane(x.plane(c), x.n, x.h, x.w, out.plane_mut(c + pad));
+                }
+                out
+            }
+        };
+        (out, None)
+    }
+
+    /// Per-sample cross-entropy (f64) of logits `z` (`[K, N, 1, 1]`), with column `o` replaced.
+    fn losses(&self, z: &Act, col: Option<(usize, &[f32])>) -> Vec<f64> {
+        (0..z.n)
+            .map(|i| {
+                let at = |k: usize| -> f64 {
+                    match col {
+                        Some((o, v)) if o == k => v[i] as f64,
+                        _ => z.data[k * z.n + i] as f64,
+                    }
+                };
+                let mx = (0..z.c).map(at).fold(f64::NEG_INFINITY, f64::max);
+                let lse = mx + (0..z.c).map(|k| (at(k) - mx).exp()).sum::<f64>().ln();
+                lse - at(self.labels[i] as usize)
+            })
+            .collect()
+    }
+
+    fn full_of<'b>(&'b self, r: usize, st: &'b [St]) -> std::borrow::Cow<'b, Act> {
+        use std::borrow::Cow;
+        match &st[r] {
+            St::Same => Cow::Borrowed(&self.regs[r]),
+            St::Full(a) => Cow::Borrowed(a),
+            St::Chan(o, p) => {
+                let mut a = self.regs[r].clone();
+                a.plane_mut(*o).copy_from_slice(p);
+                Cow::Owned(a)
+            }
+        }
+    }
+
+    /// Mean over the batch of `L_i(θ + δ e_coord) − L_i(θ)`.
+    pub fn loss_delta(&self, coord: usize, delta: f32, mode: QueryMode) -> Result<f64> {
+        let layout = &self.model.layout;
+        let e = layout
+            .entry_of(coord)
+            .ok_or_else(|| bad(format!("coordinate {coord} out of range for {} parameters", layout.len())))?;
+        let entry = &layout.entries[e];
+        let j = coord - entry.offset;
+        let l = entry.node;
+        let nodes = &self.model.nodes;
+        let mut st: Vec<St> = (0..=nodes.len()).map(|_| St::Same).collect();
+        let perturbed: Vec<f32>;
+        let over = if mode == QueryMode::Fast {
+            None
+        } else {
+            let mut v = self.entry_slice(e).to_vec();
+            v[j] += delta;
+            perturbed = v;
+            Some((e, perturbed.as_slice()))
+        };
+        let start = if mode == QueryMode::Naive { 0 } else { l };
+        for k in start..nodes.len() {
+            let node = &nodes[k];
+            let all_same = node.inputs.iter().all(|&r| matches!(st[r], St::Same));
+            let s = if k == l && mode == QueryMode::Fast {
+                self.perturbed_node(k, e, j, delta)
+            } else if all_same && !(mode == QueryMode::Naive || k == l) {
+                St::Same
+            } else if mode == QueryMode::Fast {
+                self.propagate(k, &st)
+            } else {
+                let ins: Vec<std::borrow::Cow<Act>> = node.inputs.iter().map(|&r| self.full_of(r, &st)).collect();
+                let refs: Vec<&Act> = ins.iter().map(|c| c.as_ref()).collect();
+                St::Full(self.full_op(k, &refs, over).0)
+            };
+            st[k + 1] = s;
+        }
+        let last = nodes.len();
+        let z = &self.regs[last];
+        let new = match &st[last] {
+            St::Same => return Ok(0.0),
+            St::Chan(o, v) => self.losses(z, Some((*o, v))),
+            St::Full(a) => self.losses(a, None),
+        };
+        let n = new.len() as f64;
+        Ok(new.iter().zip(&self.base_loss).map(|(a, b)| a - b).sum::<f64>() / n)
+    }
+
+    /// Output of the perturbed node itself, computed as a change of one channel.
+    fn perturbed_node(&self, k: usize, e: usize, j: usize, delta: f32) -> St {
+        let node = &self.model.nodes[k];
+        let x = &self.regs[node.inputs[0]];
+        let out = &self.regs[k + 1];
+        let entry = &self.model.layout.entries[e];
+        match (&node.op, entry.kind) {
+            (Op::Conv2d { stride, padding, .. }, ParamKind::Weight) => {
+                let (ci, kk) = (entry.shape[1], entry.shape[2]);
+                let o = j / (ci * kk * kk);
+                let c = (j / (kk * kk)) % ci;
+                let (i, jj) = ((j / kk) % kk, j % kk);
+                let g = ConvGeom::new(kk, *stride, *padding, x.h, x.w);
+                let mut p = out.plane(o).to_vec();
+                let src = x.plane(c);
+                for ni in 0..x.n {
+                    for oy in 0..g.oh {
+                        let iy = (oy * g.stride + i) as isize - g.pad as isize;
+                        if iy < 0 || iy >= x.h as isize {
+                            continue;
+                        }
+                        let srow = &src[(ni * x.h + iy as usize) * x.w..][..x.w];
+                        let drow = &mut p[(ni * g.oh + oy) * g.ow..][..g.ow];
+                        for (ox, d) in drow.iter_mut().enumerate() {
+                            let ix = (ox * g.stride + jj) as isize - g.pad as isize;
+                            if ix >= 0 && (ix as usize) < x.w {
+                                *d += delta * srow[ix as usize];
+                            }
+                        }
+                    }
+                }
+                St::Chan(o, p)
+            }
+            (Op::Linear { .. }, ParamKind::Weight) => {
+                let f = entry.shape[1];
+                let (o, c) = (j / f, j % f);
+                let xc = x.plane(c);
+                St::Chan(o, out.plane(o).iter().zip(xc).map(|(&y, &v)| y + delta * v).collect())
+            }
+            (Op::BatchNorm { .. }, ParamKind::BnScale) => {
+                let (m, inv) = self.bn[k].as_ref().expect("batch-norm statistics of the base forward");
+                St::Chan(
+                    j,
+                    out.plane(j).iter().zip(x.plane(j)).map(|(&y, &v)| y + delta * (v - m[j]) * inv[j]).collect(),
+                )
+            }
+            _ => {
+                // Biases and batch-norm shifts add δ to one output channel.
+                St::Chan(j, out.plane(j).iter().map(|&y| y + delta).collect())
+            }
+        }
+    }
+
+    /// Carry changes through node `k` (not the perturbed node).
+    fn propagate(&self, k: usize, st: &[St]) -> St {
+        let node = &self.model.nodes[k];
+        let layout = &self.model.layout;
+        let r0 = node.inputs[0];
+        let x = &self.regs[r0];
+        if let St::Chan(c, p) = &st[r0] {
+            let (c, p) = (*c, p.as_slice());
+            match &node.op {
+                Op::Conv2d { weight, stride, padding, .. } => {
+                    let shape = &layout.entries[*weight].shape;
+                    let g = ConvGeom::new(shape[2], *stride, *padding, x.h, x.w);
+                    let d: Vec<f32> = p.iter().zip(x.plane(c)).map(|(a, b)| a - b).collect();
+                    let mut out = self.regs[k + 1].clone();
+                    kernels::conv_add_channel(&mut out, &d, self.entry_slice(*weight), shape[1], c, &g, x.n);
+                    return St::Full(out);
+                }
+                Op::Linear { weight, .. } => {
+                    let f = layout.entries[*weight].shape[1];
+                    let w = self.entry_slice(*weight);
+                    let mut out = self.regs[k + 1].clone();
+                    let d: Vec<f32> = p.iter().zip(x.plane(c)).map(|(a, b)| a - b).collect();
+                    for o in 0..out.c {
+                        let wo = w[o * f + c];
+                        for (v, dv) in out.plane_mut(o).iter_mut().zip(&d) {
+                            *v += wo * dv;
+                        }
+                    }
+                    return St::Full(out);
+                }
+                Op::BatchNorm { scale, shift, .. } => {
+                    let mut q = vec![0.0; p.len()];
+                    kernels::bn_plane(p, self.entry_slice(*scale)[c], self.entry_slice(*shift)[c], BN_EPS, &mut q);
+                    return St::Chan(c, q);
+                }
+                Op::Relu => {
+                    let mut q = p.to_vec();
+                    kernels::relu_inplace(&mut q);
+                    return St::Chan(c, q);
+                }
+                Op::MaxPool(kk) | Op::AvgPool(kk) => {
+                    let max = matches!(node.op, Op::MaxPool(_));
+                    let mut q = vec![0.0; x.n * (x.h / kk) * (x.w / kk)];
+                    kernels::pool_plane(p, x.n, x.h, x.w, *kk, max, &mut q);
+                    return St::Chan(c, q);
+                }
+                Op::GlobalAvgPool => {
+                    let mut q = vec![0.0; x.n];
+                    kernels::gap_plane(p, x.n, x.h * x.w, &mut q);
+                    return St::Chan(c, q);
+                }
+                Op::Flatten if x.h * x.w == 1 => return St::Chan(c, p.to_vec()),
+                Op::ShortcutA { pad } => {
+                    let mut q = vec![0.0; x.n * (x.h / 2) * (x.w / 2)];
+                    kernels::subsample2_plane(p, x.n, x.h, x.w, &mut q);
+                    return St::Chan(c + pad, q);
+                }
+                Op::Add => {
+                    let r1 = node.inputs[1];
+                    match &st[r1] {
+                        St::Same => {
+                            return St::Chan(c, p.iter().zip(self.regs[r1].plane(c)).map(|(a, b)| a + b).collect());
+                        }
+                        St::Chan(c1, p1) if *c1 == c => {
+                            return St::Chan(c, p.iter().zip(p1).map(|(a, b)| a + b).collect());
+                        }
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        } else if let (Op::Add, St::Same, St::Chan(c, p)) = (&node.op, &st[r0], &st[node.inputs.get(1).copied().unwrap_or(0)]) {
+            return St::Chan(*c, p.iter().zip(x.plane(*c)).map(|(a, b)| a + b).collect());
+        }
+        let ins: Vec<std::borrow::Cow<Act>> = node.inputs.iter().map(|&r| self.full_of(r, st)).collect();
+        let refs: Vec<&Act> = ins.iter().map(|c| c.as_ref()).collect();
+        St::Full(self.full_op(k, &refs, None).0)
+    }
+
+    /// CGE over `coords` (each query independent; sharded over the rayon pool). Returns the
+    /// gradient entries in `coords` order and the number of queries made (without the base).
+    pub fn cge(&self, coords: &[usize], mu: f64, difference: Difference, mode: QueryMode) -> Result<(Vec<f64>, u64)> {
+        let m = mu as f32;
+        let g: Result<Vec<f64>> = coords
+            .par_iter()
+            .with_min_len(8)
+            .map(|&i| match difference {
+                Difference::Forward => Ok(self.loss_delta(i, m, mode)? / mu),
+                Difference::Central => Ok((self.loss_delta(i, m, mode)? - self.loss_delta(i, -m, mode)?) / (2.0 * mu)),
+            })
+            .collect();
+        let per = if difference == Difference::Central { 2 } else { 1 };
+        Ok((g?, per * coords.len() as u64))
+    }
+}
+
+/// Multiply-adds (per sample) that one query on parameter tensor `entry` costs in each mode,
+/// from the model's per-node costs: `(naive, reuse, fast)`.
+pub fn query_costs(model: &Model, entry: usize) -> (f64, f64, f64) {
+    let costs = model.node_costs();
+    let l = model.layout.entries[entry].node;
+    let naive: f64 = costs.iter().map(|&c| c as f64).sum();
+    let reuse: f64 = costs[l..].iter().map(|&c| c as f64).sum();
+    // Walk the state kinds: 0 = same, 1 = one channel (of `ch` channels), 2 = full.
+    let channels = out_channels(model);
+    let mut kind = vec![0u8; model.nodes.len() + 1];
+    let mut fast = 0.0;
+    for k in l..model.nodes.len() {
+        let node = &model.nodes[k];
+        let c = costs[k] as f64;
+        let ch = channels[k + 1].max(1) as f64;
+        let ins: Vec<u8> = node.inputs.iter().map(|&r| kind[r]).collect();
+        let (kd, cost) = if k == l {
+            (1, c / ch / in_channels(model, k).max(1) as f64)
+        } else if ins.iter().all(|&v| v == 0) {
+            (0, 0.0)
+        } else if ins.contains(&2) {
+            (2, c)
+        } else {
+            match &node.op {
+                Op::Conv2d { .. } | Op::Linear { .. } => (2, c / in_channels(model, k).max(1) as f64 + c / in_channels(model, k).max(1) as f64),
+                Op::Add if ins.iter().filter(|&&v| v == 1).count() == 2 => (2, c),
+                _ => (1, c / ch),
+            }
+        };
+        kind[k + 1] = kd;
+        fast += cost;
+    }
+    (naive, reuse, fast)
+}
+
+fn in_channels(model: &Model, k: usize) -> usize {
+    match &model.nodes[k].op {
+        Op::Conv2d { weight, .. } | Op::Linear { weight, .. } => model.layout.entries[*weight].shape[1],
+        _ => out_channels(model)[model.nodes[k].inputs[0]],
+    }
+}
+
+/// Channel count of every register.
+fn out_channels(model: &Model) -> Vec<usize> {
+    let mut ch = vec![model.input_shape[0]];
+    for node in &model.nodes {
+        let c = match &node.op {
+            Op::Conv2d { weight, .. } | Op::Linear { weight, .. } => model.layout.entries[*weight].shape[0],
+            Op::Flatten => model.input_shape.iter().product(),
+            Op::ShortcutA { pad } => ch[node.inputs[0]] + 2 * pad,
+            _ => ch[node.inputs[0]],
+        };
+        ch.push(c);
+    }
+    ch
+}
