@@ -120,8 +120,18 @@ fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
     (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
 
-fn model_for(model: ModelArg, depth: Option<usize>, width: Option<usize>, dataset: Option<DataArg>, seed: u64) -> Result<(Model, deepzero_core::data::Dataset)> {
-    let ds = dataset.unwrap_or(if model == ModelArg::Resnet20 { DataArg::Synthetic } else { DataArg::FashionMnist });
+fn model_for(
+    model: ModelArg,
+    depth: Option<usize>,
+    width: Option<usize>,
+    dataset: Option<DataArg>,
+    seed: u64,
+) -> Result<(Model, deepzero_core::data::Dataset)> {
+    let ds = dataset.unwrap_or(if model == ModelArg::Resnet20 {
+        DataArg::Synthetic
+    } else {
+        DataArg::FashionMnist
+    });
     let opts = DataOpts {
         dataset: ds,
         data_dir: None,
@@ -129,7 +139,14 @@ fn model_for(model: ModelArg, depth: Option<usize>, width: Option<usize>, datase
         test_limit: None,
     };
     let (train, _, _) = load_data(&opts, seed, false)?;
-    let m = build_model(&ModelOpts { model, depth, width }, &train)?;
+    let m = build_model(
+        &ModelOpts {
+            model,
+            depth,
+            width,
+        },
+        &train,
+    )?;
     Ok((m, train))
 }
 
@@ -154,7 +171,10 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
     let mut check: Vec<usize> = if a.check_coords == 0 || a.check_coords >= coords.len() {
         coords.clone()
     } else {
-        sample(&mut rng, coords.len(), a.check_coords).into_iter().map(|i| coords[i]).collect()
+        sample(&mut rng, coords.len(), a.check_coords)
+            .into_iter()
+            .map(|i| coords[i])
+            .collect()
     };
     check.sort_unstable();
 
@@ -173,11 +193,14 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
     // float64 reference: the candle model in f64 (reuse gives the naive numbers exactly).
     let p64 = params_tensor(&init, Precision::F64, &device)?;
     let obj = ClassifierObjective::new(&model, x.to_dtype(candle_core::DType::F64)?, y)?;
-    let mut reference = Cge::new(a.mu, Difference::Forward, CgeEngine::Reuse)?.with_coords(check.clone());
+    let mut reference =
+        Cge::new(a.mu, Difference::Forward, CgeEngine::Reuse)?.with_coords(check.clone());
     let g64 = tensor_to_vec(&reference.estimate(&obj, &p64, &mut rng)?.grad)?;
     let truth: Vec<f64> = check.iter().map(|&i| g64[i]).collect();
     let fast_rel = rel_l2(&fast_g, &truth);
-    let max_rel = [rel_l2(&naive_g, &truth), rel_l2(&reuse_g, &truth), fast_rel].into_iter().fold(0.0, f64::max);
+    let max_rel = [rel_l2(&naive_g, &truth), rel_l2(&reuse_g, &truth), fast_rel]
+        .into_iter()
+        .fold(0.0, f64::max);
 
     // Cost model over the same coordinates.
     let (mut cn, mut cr, mut cf) = (0.0, 0.0, 0.0);
@@ -254,14 +277,23 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
     for (k, node) in model.nodes.iter().enumerate() {
         let s = shapes[node.inputs[0]].clone();
         let out_shape = match &node.op {
-            deepzero_core::model::Op::Conv2d { weight, stride, padding, .. } => {
+            deepzero_core::model::Op::Conv2d {
+                weight,
+                stride,
+                padding,
+                ..
+            } => {
                 let sh = &model.layout.entries[*weight].shape;
                 let (co, ci, kk) = (sh[0], sh[1], sh[2]);
                 let oh = (s[1] + 2 * padding - kk) / stride + 1;
                 let key = format!("{ci}->{co} k{kk} s{stride} {}x{}", s[1], s[2]);
                 if seen.insert(key.clone()) {
-                    let x: Vec<f32> = (0..a.batch * ci * s[1] * s[2]).map(|_| rng.random::<f32>()).collect();
-                    let w: Vec<f32> = (0..co * ci * kk * kk).map(|_| rng.random::<f32>()).collect();
+                    let x: Vec<f32> = (0..a.batch * ci * s[1] * s[2])
+                        .map(|_| rng.random::<f32>())
+                        .collect();
+                    let w: Vec<f32> = (0..co * ci * kk * kk)
+                        .map(|_| rng.random::<f32>())
+                        .collect();
                     let act = Act::from_nchw(&x, a.batch, ci, s[1], s[2]);
                     let flops = 2.0 * costs[k] as f64 * a.batch as f64;
                     // ours: one conv per thread at once (as queries run).
@@ -269,12 +301,15 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
                     let t = Instant::now();
                     (0..threads).into_par_iter().for_each(|_| {
                         for _ in 0..reps {
-                            std::hint::black_box(kernels::conv(&act, &w, co, None, kk, *stride, *padding));
+                            std::hint::black_box(kernels::conv(
+                                &act, &w, co, None, kk, *stride, *padding,
+                            ));
                         }
                     });
                     let ours = flops * (reps * threads) as f64 / t.elapsed().as_secs_f64() / 1e9;
                     let dev = candle_core::Device::Cpu;
-                    let xt = candle_core::Tensor::from_vec(x.clone(), (a.batch, ci, s[1], s[2]), &dev)?;
+                    let xt =
+                        candle_core::Tensor::from_vec(x.clone(), (a.batch, ci, s[1], s[2]), &dev)?;
                     let wt = candle_core::Tensor::from_vec(w.clone(), (co, ci, kk, kk), &dev)?;
                     let _ = xt.conv2d(&wt, *padding, *stride, 1, 1)?;
                     let t = Instant::now();
@@ -291,9 +326,15 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
                 }
                 vec![co, oh, oh]
             }
-            deepzero_core::model::Op::MaxPool(kk) | deepzero_core::model::Op::AvgPool(kk) => vec![s[0], s[1] / kk, s[2] / kk],
-            deepzero_core::model::Op::GlobalAvgPool | deepzero_core::model::Op::Flatten => vec![s.iter().product(), 1, 1],
-            deepzero_core::model::Op::Linear { weight, .. } => vec![model.layout.entries[*weight].shape[0], 1, 1],
+            deepzero_core::model::Op::MaxPool(kk) | deepzero_core::model::Op::AvgPool(kk) => {
+                vec![s[0], s[1] / kk, s[2] / kk]
+            }
+            deepzero_core::model::Op::GlobalAvgPool | deepzero_core::model::Op::Flatten => {
+                vec![s.iter().product(), 1, 1]
+            }
+            deepzero_core::model::Op::Linear { weight, .. } => {
+                vec![model.layout.entries[*weight].shape[0], 1, 1]
+            }
             deepzero_core::model::Op::ShortcutA { pad } => vec![s[0] + 2 * pad, s[1] / 2, s[2] / 2],
             _ => s.clone(),
         };
@@ -301,12 +342,27 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
     }
     let sgemm = sgemm_gflops(threads);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"threads": threads, "sgemm_gflops": sgemm, "layers": rows}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"threads": threads, "sgemm_gflops": sgemm, "layers": rows})
+            )?
+        );
     } else {
         println!("threads {threads}, sgemm {sgemm:.1} GFLOP/s (512³ per thread)");
-        println!("{:<20} {:<26} {:>10} {:>12} {:>10}", "layer", "shape", "ours", "candle(1×)", "ours/sgemm");
+        println!(
+            "{:<20} {:<26} {:>10} {:>12} {:>10}",
+            "layer", "shape", "ours", "candle(1×)", "ours/sgemm"
+        );
         for r in &rows {
-            println!("{:<20} {:<26} {:>10.1} {:>12.1} {:>10.2}", r.layer, r.shape, r.ours_gflops, r.candle_gflops, r.ours_gflops / sgemm);
+            println!(
+                "{:<20} {:<26} {:>10.1} {:>12.1} {:>10.2}",
+                r.layer,
+                r.shape,
+                r.ours_gflops,
+                r.candle_gflops,
+                r.ours_gflops / sgemm
+            );
         }
     }
     Ok(())

@@ -289,3 +289,103 @@ pub fn set_threads(n: usize) {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
+
+/// Pruning scores (`deepzero prune --method`, `deepzero train --prune`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PruneArg {
+    /// ZO-GraSP: −θ ⊙ Ĥg from two RGE estimates (forward passes only).
+    ZoGrasp,
+    /// First-order GraSP: −θ ⊙ Hg from two autograd gradients (the reference).
+    Grasp,
+    /// |θ|.
+    Magnitude,
+    /// The same keep ratio 1 − sparsity in every layer.
+    Random,
+}
+
+impl PruneArg {
+    /// The library's method.
+    pub fn method(self) -> deepzero_core::sparsity::PruneMethod {
+        use deepzero_core::sparsity::PruneMethod;
+        match self {
+            PruneArg::ZoGrasp => PruneMethod::ZoGrasp,
+            PruneArg::Grasp => PruneMethod::Grasp,
+            PruneArg::Magnitude => PruneMethod::Magnitude,
+            PruneArg::Random => PruneMethod::Random,
+        }
+    }
+}
+
+/// Sparse training (DeepZero Algorithm 1): which coordinates each step estimates.
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SparsityOpts {
+    /// Sparse training: fraction of the weights left out of every gradient, in [0, 1)
+    /// (--estimator cge: sparse CGE; fo: sparse gradients, or a pruned network with --prune-weights).
+    #[arg(long)]
+    pub sparsity: Option<f64>,
+    /// Layer-wise keep ratios from `deepzero prune --out` [default: --prune, else 1 − sparsity in every layer].
+    #[arg(long, conflicts_with = "prune")]
+    pub ratios: Option<PathBuf>,
+    /// Compute the layer ratios first, on a class-balanced sample of the training data (same seed).
+    #[arg(long, value_enum)]
+    pub prune: Option<PruneArg>,
+    /// Epochs between redraws of the per-layer random coordinate sets.
+    #[arg(long, default_value_t = 5)]
+    pub mask_interval: usize,
+    /// Sample biases and batch-norm parameters too (default: they are estimated densely).
+    #[arg(long)]
+    pub sparse_all: bool,
+    /// Train the pruned network (a fixed weight mask, pruned weights held at 0) with --estimator fo.
+    #[arg(long)]
+    pub prune_weights: bool,
+    /// RGE directions per estimate of --prune zo-grasp.
+    #[arg(long, default_value_t = 192)]
+    pub prune_q: usize,
+    /// Samples per class in the pruning batch of --prune.
+    #[arg(long, default_value_t = 25)]
+    pub prune_per_class: usize,
+}
+
+impl Default for SparsityOpts {
+    fn default() -> Self {
+        SparsityOpts {
+            sparsity: None,
+            ratios: None,
+            prune: None,
+            mask_interval: 5,
+            sparse_all: false,
+            prune_weights: false,
+            prune_q: 192,
+            prune_per_class: 25,
+        }
+    }
+}
+
+impl SparsityOpts {
+    /// Whether any sparse-training flag that selects a sparse estimator is set.
+    pub fn is_sparse(&self) -> bool {
+        self.sparsity.is_some()
+            || self.ratios.is_some()
+            || self.prune.is_some()
+            || self.prune_weights
+    }
+}
+
+/// Kaiming initial parameters of a run: the seed stream `[0]` of `seed` (what `train` uses, so
+/// that `prune` scores the network that `train` starts from).
+pub fn initial_params(
+    model: &Model,
+    seed: u64,
+    precision: Precision,
+    device: &candle_core::Device,
+) -> Result<candle_core::Tensor> {
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(deepzero_core::trainer::derive_seed(seed, &[0]));
+    Ok(deepzero_core::model::params_tensor(
+        &model.init_params(&mut rng),
+        precision,
+        device,
+    )?)
+}

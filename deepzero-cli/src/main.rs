@@ -5,7 +5,9 @@
 
 mod bench;
 mod common;
+mod experiment;
 mod gradcheck;
+mod prune;
 mod report;
 mod train;
 
@@ -28,6 +30,11 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Compare an estimator's gradient on one batch with backprop's (cosine, relative error).
     Gradcheck(gradcheck::GradcheckArgs),
+    /// Layer-wise keep ratios from pruning at initialisation (ZO-GraSP, GraSP, magnitude, random).
+    Prune(Box<prune::PruneArgs>),
+    /// The paper's comparisons as sets of runs: `cge-vs-rge`, `sparsity`.
+    #[command(subcommand)]
+    Experiment(experiment::ExperimentCommand),
 }
 
 fn main() {
@@ -36,6 +43,8 @@ fn main() {
         Command::Train(args) => train::run(*args),
         Command::Gradcheck(args) => gradcheck::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Prune(args) => prune::run(*args),
+        Command::Experiment(cmd) => experiment::run(cmd),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

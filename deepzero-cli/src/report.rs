@@ -449,7 +449,6 @@ pub fn write_json_atomic<T: serde::Serialize + ?Sized>(
     write_atomic(path, s.as_bytes())
 }
 
-
 /// Create the run directory `path` (and its parents).
 ///
 /// Fails if `path` exists but is not a directory, or is a non-empty directory
@@ -682,7 +681,6 @@ mod tests {
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 2);
     }
-
 
     #[test]
     fn report_prepare_run_dir() {

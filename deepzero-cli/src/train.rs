@@ -1,19 +1,17 @@
 //! `deepzero train`: one run, one directory.
 
 use crate::common::{
-    build_model, load_data, set_threads, DataOpts, DeviceArg, DtypeArg, EstimatorOpts, ModelOpts,
+    build_model, initial_params, load_data, set_threads, DataOpts, DeviceArg, DtypeArg,
+    EstimatorOpts, ModelOpts, SparsityOpts,
 };
 use crate::report::{self, LineChart, Series};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use deepzero_core::checkpoint;
-use deepzero_core::model::{params_tensor, Model};
+use deepzero_core::model::Model;
 use deepzero_core::optim::{OptimizerConfig, OptimizerKind};
-use deepzero_core::trainer::{
-    derive_seed, EpochMetrics, Observer, StepInfo, TrainConfig, TrainState, Trainer,
-};
+use deepzero_core::trainer::{EpochMetrics, Observer, StepInfo, TrainConfig, TrainState, Trainer};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -34,6 +32,9 @@ pub struct TrainArgs {
     pub model: ModelOpts,
     #[command(flatten)]
     pub estimator: EstimatorOpts,
+    #[command(flatten)]
+    #[serde(default)]
+    pub sparsity: SparsityOpts,
     /// Training epochs.
     #[arg(long, default_value_t = 20)]
     pub epochs: usize,
@@ -84,23 +85,29 @@ pub struct TrainArgs {
 }
 
 /// `summary.json`.
-#[derive(Serialize)]
-struct Summary<'a> {
-    test_accuracy: f64,
-    best_test_accuracy: f64,
-    final_train_loss: f64,
-    queries: u64,
-    queries_per_step: f64,
-    wall_seconds: f64,
-    seconds_per_epoch: f64,
-    params: usize,
-    model: &'a str,
-    dataset: String,
-    estimator: String,
-    epochs: usize,
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Summary {
+    pub test_accuracy: f64,
+    pub best_test_accuracy: f64,
+    pub final_train_loss: f64,
+    pub queries: u64,
+    pub queries_per_step: f64,
+    pub wall_seconds: f64,
+    pub seconds_per_epoch: f64,
+    pub params: usize,
+    pub model: String,
+    pub dataset: String,
+    pub estimator: String,
+    pub epochs: usize,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    execute(args).map(|_| ())
+}
+
+/// One training run as configured by `args` (fresh into `args.out`, or `--resume`); writes the
+/// run directory and returns its summary. `deepzero experiment` calls this for every sub-run.
+pub fn execute(args: TrainArgs) -> Result<Summary> {
     let (args, dir, resumed) = match &args.resume {
         Some(dir) => {
             let path = dir.join("config.json");
@@ -148,7 +155,19 @@ pub fn run(args: TrainArgs) -> Result<()> {
         seed: args.seed,
     };
     config.validate()?;
-    let mut estimator = args.estimator.build()?;
+    let init = initial_params(&model, args.seed, config.precision, &device)?;
+    let setup = crate::prune::build_estimator(
+        &args.estimator,
+        &args.sparsity,
+        &model,
+        &train,
+        &init,
+        args.seed,
+    )?;
+    let mut estimator = setup.estimator;
+    if let (Some(r), false) = (&setup.ratios, resumed) {
+        report::write_json_atomic(&dir.join("ratios.json"), r)?;
+    }
     let mut optimizer = config.optimizer.build()?;
     let mut state = if resumed {
         let mut s = checkpoint::load(&dir, &device)?;
@@ -164,12 +183,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         eprintln!("resuming {} at epoch {}", dir.display(), s.epoch + 1);
         s
     } else {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(derive_seed(args.seed, &[0]));
-        let init = model.init_params(&mut rng);
         report::write_json_atomic(&dir.join("config.json"), &args)?;
         TrainState {
             epoch: 0,
-            params: params_tensor(&init, config.precision, &device)?,
+            params: init,
             bn: model.new_bn_state(),
             optimizer: Default::default(),
             queries: 0,
@@ -213,7 +230,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         wall_seconds: state.seconds,
         seconds_per_epoch: state.seconds / state.epoch.max(1) as f64,
         params: model.num_params(),
-        model: &model.name,
+        model: model.name.clone(),
         dataset: format!("{:?}", args.data.dataset).to_lowercase(),
         estimator: estimator.name(),
         epochs: state.epoch,
@@ -228,7 +245,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         summary.queries,
         dir.join("summary.json").display()
     );
-    Ok(())
+    Ok(summary)
 }
 
 struct RunObserver {

@@ -290,7 +290,12 @@ impl GradientEstimator for Cge {
             let p32 = params.to_vec1::<f32>()?;
             let engine = crate::fast::Engine::new(f.model(), &p32, &x, &y)?;
             f.record_bn_stats(engine.bn_batch_stats());
-            let (gs, q) = engine.cge(coords, self.mu, self.difference, crate::fast::QueryMode::Fast)?;
+            let (gs, q) = engine.cge(
+                coords,
+                self.mu,
+                self.difference,
+                crate::fast::QueryMode::Fast,
+            )?;
             for (&i, v) in coords.iter().zip(gs) {
                 g[i] = v;
             }

@@ -305,9 +305,9 @@ impl Model {
                 Ok(b.finish(format!("cnn-d{depth}-w{width}"), input_shape, num_classes))
             }
             ModelSpec::Resnet20 => {
-                if h < 4 || w < 4 {
+                if h < 4 || w < 4 || h % 4 != 0 || w % 4 != 0 {
                     return Err(Error::Config(format!(
-                        "ResNet-20 needs inputs of at least 4x4 (it downsamples by 4), got {h}x{w}"
+                        "ResNet-20 needs height and width divisible by 4 (it downsamples twice by 2 with option-A shortcuts), got {h}x{w}"
                     )));
                 }
                 let mut x = b.conv("conv1", 0, c, 16, 3, 1, false);
@@ -609,7 +609,11 @@ impl Model {
 fn channel_mean(x: &Tensor) -> Result<Tensor> {
     let (n, c) = (x.dim(0)?, x.dim(1)?);
     let rest = x.elem_count() / (n * c).max(1);
-    let s = if rest > 1 { x.reshape((n, c, rest))?.sum(2)? } else { x.reshape((n, c))? };
+    let s = if rest > 1 {
+        x.reshape((n, c, rest))?.sum(2)?
+    } else {
+        x.reshape((n, c))?
+    };
     Ok((s.sum(0)? / (n * rest) as f64)?)
 }
 
@@ -620,12 +624,15 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
     let (n, c, h, wd) = x.dims4()?;
     let (co, ci, kh, kw) = w.dims4()?;
     if ci != c {
-        return Err(Error::Shape(format!("conv2d: input has {c} channels, weight expects {ci}")));
+        return Err(Error::Shape(format!(
+            "conv2d: input has {c} channels, weight expects {ci}"
+        )));
     }
     let oh = (h + 2 * padding - kh) / stride + 1;
     let ow = (wd + 2 * padding - kw) / stride + 1;
     let xp = if padding > 0 {
-        x.pad_with_zeros(2, padding, padding)?.pad_with_zeros(3, padding, padding)?
+        x.pad_with_zeros(2, padding, padding)?
+            .pad_with_zeros(3, padding, padding)?
     } else {
         x.clone()
     };
@@ -639,7 +646,9 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
                 // rows i, i+s, …: take s·oh rows (padding the tail if needed), keep every s-th.
                 let need_h = stride * oh;
                 let need_w = stride * ow;
-                let mut t = xp.narrow(2, i, (hp - i).min(need_h))?.narrow(3, j, (wp - j).min(need_w))?;
+                let mut t =
+                    xp.narrow(2, i, (hp - i).min(need_h))?
+                        .narrow(3, j, (wp - j).min(need_w))?;
                 let (th, tw) = (t.dim(2)?, t.dim(3)?);
                 if th < need_h {
                     t = t.pad_with_zeros(2, 0, need_h - th)?;
@@ -647,7 +656,10 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
                 if tw < need_w {
                     t = t.pad_with_zeros(3, 0, need_w - tw)?;
                 }
-                t.reshape((n, c, oh, stride, ow, stride))?.narrow(3, 0, 1)?.narrow(5, 0, 1)?.reshape((n, c, oh, ow))?
+                t.reshape((n, c, oh, stride, ow, stride))?
+                    .narrow(3, 0, 1)?
+                    .narrow(5, 0, 1)?
+                    .reshape((n, c, oh, ow))?
             };
             patches.push(v);
         }

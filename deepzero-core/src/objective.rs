@@ -182,7 +182,11 @@ impl FastCapable for ClassifierObjective<'_> {
         self.model
     }
     fn batch_host(&self) -> Result<(Vec<f32>, Vec<u32>)> {
-        let x = self.x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let x = self
+            .x
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         Ok((x, self.y.to_vec1::<u32>()?))
     }
     fn record_bn_stats(&self, stats: BnBatchStats) {

@@ -173,7 +173,13 @@ impl LayerRatios {
                 }
             })
             .collect();
-        Ok(Self::finish(PruneMethod::Random, &model.name, sparsity, 0, layers))
+        Ok(Self::finish(
+            PruneMethod::Random,
+            &model.name,
+            sparsity,
+            0,
+            layers,
+        ))
     }
 
     /// The ratios implied by one global threshold on `|scores|` (one score per flat coordinate;
@@ -227,10 +233,17 @@ impl LayerRatios {
 
     /// Read a ratios file (the JSON of this struct, as `deepzero prune --out` writes it).
     pub fn load(path: &Path) -> Result<LayerRatios> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let r: LayerRatios = serde_json::from_str(&text).map_err(|e| Error::Json {
-            context: format!("{}: not a deepzero ratios file", path.display()),
-            source: e,
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::NotFound(format!(
+                "{}: {e}; write a ratios file with `deepzero prune --out`",
+                path.display()
+            ))
+        })?;
+        let r: LayerRatios = serde_json::from_str(&text).map_err(|e| {
+            Error::data(
+                path,
+                format!("not a deepzero ratios file ({e}); write one with `deepzero prune --out`"),
+            )
         })?;
         for l in &r.layers {
             if !(0.0..=1.0).contains(&l.keep_ratio) {
@@ -268,11 +281,12 @@ impl LayerRatios {
             }
             out.push((i, l.keep_ratio));
         }
-        if let Some(extra) = self
-            .layers
-            .iter()
-            .find(|l| !layout.entries.iter().any(|e| e.kind.is_weight() && e.name == l.name))
-        {
+        if let Some(extra) = self.layers.iter().find(|l| {
+            !layout
+                .entries
+                .iter()
+                .any(|e| e.kind.is_weight() && e.name == l.name)
+        }) {
             return Err(Error::Config(format!(
                 "--ratios: the file has a ratio for {}, which this model does not have (file made for {})",
                 extra.name, self.model

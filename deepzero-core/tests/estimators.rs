@@ -351,7 +351,11 @@ fn cge_fast_engine_agrees_with_reuse_in_f32() -> Result<()> {
         // Forward differences at μ = 5e-3 carry a truncation error of their own (deep ReLU
         // networks bend within μ), so the bound against backprop is looser than between engines.
         let c = cosine(&fast, &truth);
-        let min = if name.starts_with("resnet") { 0.95 } else { 0.99 };
+        let min = if name.starts_with("resnet") {
+            0.95
+        } else {
+            0.99
+        };
         assert!(c >= min, "{name}: fast vs backprop cosine {c}");
         // Outside the coordinate set the estimate is zero.
         let mut inside = vec![false; out[1].1.len()];

@@ -90,8 +90,11 @@ fn config(epochs: usize, batch_size: usize, lr: f64, seed: u64) -> TrainConfig {
     }
 }
 
+/// Epoch, train loss, test loss, test accuracy, queries, learning rate.
+type Row = (usize, f64, f64, f64, u64, f64);
+
 /// Metrics without the wall-clock field.
-fn timeless(h: &[EpochMetrics]) -> Vec<(usize, f64, f64, f64, u64, f64)> {
+fn timeless(h: &[EpochMetrics]) -> Vec<Row> {
     h.iter()
         .map(|m| {
             (

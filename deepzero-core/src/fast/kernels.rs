@@ -64,11 +64,25 @@ impl Act {
 /// parallelise over independent queries instead, which keeps results independent of the thread
 /// count.
 #[allow(clippy::too_many_arguments)]
-pub fn sgemm(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+pub fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(lda >= k && ldb >= n && ldc >= n, "sgemm: leading dimensions too small");
+    assert!(
+        lda >= k && ldb >= n && ldc >= n,
+        "sgemm: leading dimensions too small"
+    );
     assert!(k == 0 || a.len() >= (m - 1) * lda + k, "sgemm: A too short");
     assert!(k == 0 || b.len() >= (k - 1) * ldb + n, "sgemm: B too short");
     assert!(c.len() >= (m - 1) * ldc + n, "sgemm: C too short");
@@ -163,7 +177,11 @@ pub fn im2col(planes: &[&[f32]], n: usize, g: &ConvGeom, cols: &mut [f32]) {
                         let srow = &src[iy as usize * g.w..][..g.w];
                         for (ox, dv) in d.iter_mut().enumerate() {
                             let ix = (ox * s + j) as isize - p;
-                            *dv = if ix >= 0 && (ix as usize) < g.w { srow[ix as usize] } else { 0.0 };
+                            *dv = if ix >= 0 && (ix as usize) < g.w {
+                                srow[ix as usize]
+                            } else {
+                                0.0
+                            };
                         }
                     }
                 }
@@ -173,7 +191,15 @@ pub fn im2col(planes: &[&[f32]], n: usize, g: &ConvGeom, cols: &mut [f32]) {
 }
 
 /// Full convolution: `out[co] = Σ_ci W[co, ci] ⋆ x[ci] (+ b[co])`.
-pub fn conv(x: &Act, w: &[f32], co: usize, bias: Option<&[f32]>, k: usize, stride: usize, pad: usize) -> Act {
+pub fn conv(
+    x: &Act,
+    w: &[f32],
+    co: usize,
+    bias: Option<&[f32]>,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Act {
     let g = ConvGeom::new(k, stride, pad, x.h, x.w);
     let planes: Vec<&[f32]> = (0..x.c).map(|c| x.plane(c)).collect();
     let kk = x.c * k * k;
@@ -186,20 +212,50 @@ pub fn conv(x: &Act, w: &[f32], co: usize, bias: Option<&[f32]>, k: usize, strid
             out.plane_mut(o).fill(b[o]);
         }
     }
-    sgemm(co, cols_n, kk, w, kk, &cols, cols_n, &mut out.data, cols_n, bias.is_some());
+    sgemm(
+        co,
+        cols_n,
+        kk,
+        w,
+        kk,
+        &cols,
+        cols_n,
+        &mut out.data,
+        cols_n,
+        bias.is_some(),
+    );
     out
 }
 
 /// Change of a convolution's output when input channel `c` changes by `delta` (`[N, H, W]`):
 /// `out += W[:, c] ⋆ delta`, 1/C_in of a full convolution.
-pub fn conv_add_channel(out: &mut Act, delta: &[f32], w: &[f32], ci_total: usize, c: usize, g: &ConvGeom, n: usize) {
+pub fn conv_add_channel(
+    out: &mut Act,
+    delta: &[f32],
+    w: &[f32],
+    ci_total: usize,
+    c: usize,
+    g: &ConvGeom,
+    n: usize,
+) {
     let kk = g.k * g.k;
     let cols_n = n * g.oh * g.ow;
     let mut cols = vec![0.0f32; kk * cols_n];
     im2col(&[delta], n, g, &mut cols);
     // W[co, c, :, :] rows start at (o·ci_total + c)·k², stride ci_total·k².
     let a = &w[c * kk..];
-    sgemm(out.c, cols_n, kk, a, ci_total * kk, &cols, cols_n, &mut out.data, cols_n, true);
+    sgemm(
+        out.c,
+        cols_n,
+        kk,
+        a,
+        ci_total * kk,
+        &cols,
+        cols_n,
+        &mut out.data,
+        cols_n,
+        true,
+    );
 }
 
 /// Linear layer on features `[F, N]`: `out[O, N] = W[O, F] · x (+ b)`.
@@ -212,7 +268,18 @@ pub fn linear(x: &Act, w: &[f32], o: usize, bias: Option<&[f32]>) -> Act {
             out.plane_mut(r).fill(b[r]);
         }
     }
-    sgemm(o, x.n, f, w, f, &x.data, x.n, &mut out.data, x.n, bias.is_some());
+    sgemm(
+        o,
+        x.n,
+        f,
+        w,
+        f,
+        &x.data,
+        x.n,
+        &mut out.data,
+        x.n,
+        bias.is_some(),
+    );
     out
 }
 

@@ -48,6 +48,9 @@ enum St {
     Full(Act),
 }
 
+/// Per-channel batch-norm statistics of the base forward: (mean, 1/std).
+type BnCache = Option<(Vec<f32>, Vec<f32>)>;
+
 /// A base forward, ready to answer queries.
 pub struct Engine<'a> {
     model: &'a Model,
@@ -55,7 +58,7 @@ pub struct Engine<'a> {
     labels: Vec<u32>,
     regs: Vec<Act>,
     /// Per node: batch-norm (mean, 1/std) per channel.
-    bn: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+    bn: Vec<BnCache>,
     base_loss: Vec<f64>,
 }
 
@@ -69,13 +72,24 @@ impl<'a> Engine<'a> {
         let [c, h, w] = model.input_shape;
         let n = labels.len();
         if params.len() != model.num_params() {
-            return Err(bad(format!("{} parameters given, model {} has {}", params.len(), model.name, model.num_params())));
+            return Err(bad(format!(
+                "{} parameters given, model {} has {}",
+                params.len(),
+                model.name,
+                model.num_params()
+            )));
         }
         if n == 0 || x.len() != n * c * h * w {
-            return Err(bad(format!("batch of {} values for {n} labels of shape {c}x{h}x{w}", x.len())));
+            return Err(bad(format!(
+                "batch of {} values for {n} labels of shape {c}x{h}x{w}",
+                x.len()
+            )));
         }
         if let Some(&y) = labels.iter().find(|&&y| y as usize >= model.num_classes) {
-            return Err(bad(format!("label {y} out of range for {} classes", model.num_classes)));
+            return Err(bad(format!(
+                "label {y} out of range for {} classes",
+                model.num_classes
+            )));
         }
         let mut e = Engine {
             model,
@@ -106,8 +120,12 @@ impl<'a> Engine<'a> {
         for (k, node) in self.model.nodes.iter().enumerate() {
             if let (Op::BatchNorm { .. }, Some((m, inv))) = (&node.op, &self.bn[k]) {
                 let x = &self.regs[node.inputs[0]];
-                let var = inv.iter().map(|&i| 1.0 / (i as f64 * i as f64) - BN_EPS).collect();
-                s.stats.push((m.iter().map(|&v| v as f64).collect(), var, x.plane_len()));
+                let var = inv
+                    .iter()
+                    .map(|&i| 1.0 / (i as f64 * i as f64) - BN_EPS)
+                    .collect();
+                s.stats
+                    .push((m.iter().map(|&v| v as f64).collect(), var, x.plane_len()));
             }
         }
         s
@@ -138,7 +156,7 @@ impl<'a> Engine<'a> {
     }
 
     /// One node on full inputs.
-    fn full_op(&self, k: usize, ins: &[&Act], over: Option<(usize, &[f32])>) -> (Act, Option<(Vec<f32>, Vec<f32>)>) {
+    fn full_op(&self, k: usize, ins: &[&Act], over: Option<(usize, &[f32])>) -> (Act, BnCache) {
         let x = ins[0];
         let layout = &self.model.layout;
         let out = match &self.model.nodes[k].op {
@@ -150,18 +168,32 @@ impl<'a> Engine<'a> {
             } => {
                 let shape = &layout.entries[*weight].shape;
                 let b = bias.map(|b| self.p(b, over));
-                kernels::conv(x, self.p(*weight, over), shape[0], b, shape[2], *stride, *padding)
+                kernels::conv(
+                    x,
+                    self.p(*weight, over),
+                    shape[0],
+                    b,
+                    shape[2],
+                    *stride,
+                    *padding,
+                )
             }
             Op::Linear { weight, bias } => {
                 let shape = &layout.entries[*weight].shape;
-                kernels::linear(x, self.p(*weight, over), shape[0], bias.map(|b| self.p(b, over)))
+                kernels::linear(
+                    x,
+                    self.p(*weight, over),
+                    shape[0],
+                    bias.map(|b| self.p(b, over)),
+                )
             }
             Op::BatchNorm { scale, shift, .. } => {
                 let (g, b) = (self.p(*scale, over), self.p(*shift, over));
                 let mut out = Act::zeros(x.c, x.n, x.h, x.w);
                 let (mut ms, mut invs) = (Vec::with_capacity(x.c), Vec::with_capacity(x.c));
                 for c in 0..x.c {
-                    let (m, inv) = kernels::bn_plane(x.plane(c), g[c], b[c], BN_EPS, out.plane_mut(c));
+                    let (m, inv) =
+                        kernels::bn_plane(x.plane(c), g[c], b[c], BN_EPS, out.plane_mut(c));
                     ms.push(m);
                     invs.push(inv);
                 }
@@ -251,9 +283,12 @@ impl<'a> Engine<'a> {
     /// Mean over the batch of `L_i(θ + δ e_coord) − L_i(θ)`.
     pub fn loss_delta(&self, coord: usize, delta: f32, mode: QueryMode) -> Result<f64> {
         let layout = &self.model.layout;
-        let e = layout
-            .entry_of(coord)
-            .ok_or_else(|| bad(format!("coordinate {coord} out of range for {} parameters", layout.len())))?;
+        let e = layout.entry_of(coord).ok_or_else(|| {
+            bad(format!(
+                "coordinate {coord} out of range for {} parameters",
+                layout.len()
+            ))
+        })?;
         let entry = &layout.entries[e];
         let j = coord - entry.offset;
         let l = entry.node;
@@ -279,7 +314,8 @@ impl<'a> Engine<'a> {
             } else if mode == QueryMode::Fast {
                 self.propagate(k, &st)
             } else {
-                let ins: Vec<std::borrow::Cow<Act>> = node.inputs.iter().map(|&r| self.full_of(r, &st)).collect();
+                let ins: Vec<std::borrow::Cow<Act>> =
+                    node.inputs.iter().map(|&r| self.full_of(r, &st)).collect();
                 let refs: Vec<&Act> = ins.iter().map(|c| c.as_ref()).collect();
                 St::Full(self.full_op(k, &refs, over).0)
             };
@@ -293,7 +329,12 @@ impl<'a> Engine<'a> {
             St::Full(a) => self.losses(a, None),
         };
         let n = new.len() as f64;
-        Ok(new.iter().zip(&self.base_loss).map(|(a, b)| a - b).sum::<f64>() / n)
+        Ok(new
+            .iter()
+            .zip(&self.base_loss)
+            .map(|(a, b)| a - b)
+            .sum::<f64>()
+            / n)
     }
 
     /// Output of the perturbed node itself, computed as a change of one channel.
@@ -303,7 +344,12 @@ impl<'a> Engine<'a> {
         let out = &self.regs[k + 1];
         let entry = &self.model.layout.entries[e];
         match (&node.op, entry.kind) {
-            (Op::Conv2d { stride, padding, .. }, ParamKind::Weight) => {
+            (
+                Op::Conv2d {
+                    stride, padding, ..
+                },
+                ParamKind::Weight,
+            ) => {
                 let (ci, kk) = (entry.shape[1], entry.shape[2]);
                 let o = j / (ci * kk * kk);
                 let c = (j / (kk * kk)) % ci;
@@ -333,13 +379,26 @@ impl<'a> Engine<'a> {
                 let f = entry.shape[1];
                 let (o, c) = (j / f, j % f);
                 let xc = x.plane(c);
-                St::Chan(o, out.plane(o).iter().zip(xc).map(|(&y, &v)| y + delta * v).collect())
+                St::Chan(
+                    o,
+                    out.plane(o)
+                        .iter()
+                        .zip(xc)
+                        .map(|(&y, &v)| y + delta * v)
+                        .collect(),
+                )
             }
             (Op::BatchNorm { .. }, ParamKind::BnScale) => {
-                let (m, inv) = self.bn[k].as_ref().expect("batch-norm statistics of the base forward");
+                let (m, inv) = self.bn[k]
+                    .as_ref()
+                    .expect("batch-norm statistics of the base forward");
                 St::Chan(
                     j,
-                    out.plane(j).iter().zip(x.plane(j)).map(|(&y, &v)| y + delta * (v - m[j]) * inv[j]).collect(),
+                    out.plane(j)
+                        .iter()
+                        .zip(x.plane(j))
+                        .map(|(&y, &v)| y + delta * (v - m[j]) * inv[j])
+                        .collect(),
                 )
             }
             _ => {
@@ -358,12 +417,25 @@ impl<'a> Engine<'a> {
         if let St::Chan(c, p) = &st[r0] {
             let (c, p) = (*c, p.as_slice());
             match &node.op {
-                Op::Conv2d { weight, stride, padding, .. } => {
+                Op::Conv2d {
+                    weight,
+                    stride,
+                    padding,
+                    ..
+                } => {
                     let shape = &layout.entries[*weight].shape;
                     let g = ConvGeom::new(shape[2], *stride, *padding, x.h, x.w);
                     let d: Vec<f32> = p.iter().zip(x.plane(c)).map(|(a, b)| a - b).collect();
                     let mut out = self.regs[k + 1].clone();
-                    kernels::conv_add_channel(&mut out, &d, self.entry_slice(*weight), shape[1], c, &g, x.n);
+                    kernels::conv_add_channel(
+                        &mut out,
+                        &d,
+                        self.entry_slice(*weight),
+                        shape[1],
+                        c,
+                        &g,
+                        x.n,
+                    );
                     return St::Full(out);
                 }
                 Op::Linear { weight, .. } => {
@@ -381,7 +453,13 @@ impl<'a> Engine<'a> {
                 }
                 Op::BatchNorm { scale, shift, .. } => {
                     let mut q = vec![0.0; p.len()];
-                    kernels::bn_plane(p, self.entry_slice(*scale)[c], self.entry_slice(*shift)[c], BN_EPS, &mut q);
+                    kernels::bn_plane(
+                        p,
+                        self.entry_slice(*scale)[c],
+                        self.entry_slice(*shift)[c],
+                        BN_EPS,
+                        &mut q,
+                    );
                     return St::Chan(c, q);
                 }
                 Op::Relu => {
@@ -410,7 +488,13 @@ impl<'a> Engine<'a> {
                     let r1 = node.inputs[1];
                     match &st[r1] {
                         St::Same => {
-                            return St::Chan(c, p.iter().zip(self.regs[r1].plane(c)).map(|(a, b)| a + b).collect());
+                            return St::Chan(
+                                c,
+                                p.iter()
+                                    .zip(self.regs[r1].plane(c))
+                                    .map(|(a, b)| a + b)
+                                    .collect(),
+                            );
                         }
                         St::Chan(c1, p1) if *c1 == c => {
                             return St::Chan(c, p.iter().zip(p1).map(|(a, b)| a + b).collect());
@@ -420,27 +504,44 @@ impl<'a> Engine<'a> {
                 }
                 _ => {}
             }
-        } else if let (Op::Add, St::Same, St::Chan(c, p)) = (&node.op, &st[r0], &st[node.inputs.get(1).copied().unwrap_or(0)]) {
+        } else if let (Op::Add, St::Same, St::Chan(c, p)) = (
+            &node.op,
+            &st[r0],
+            &st[node.inputs.get(1).copied().unwrap_or(0)],
+        ) {
             return St::Chan(*c, p.iter().zip(x.plane(*c)).map(|(a, b)| a + b).collect());
         }
-        let ins: Vec<std::borrow::Cow<Act>> = node.inputs.iter().map(|&r| self.full_of(r, st)).collect();
+        let ins: Vec<std::borrow::Cow<Act>> =
+            node.inputs.iter().map(|&r| self.full_of(r, st)).collect();
         let refs: Vec<&Act> = ins.iter().map(|c| c.as_ref()).collect();
         St::Full(self.full_op(k, &refs, None).0)
     }
 
     /// CGE over `coords` (each query independent; sharded over the rayon pool). Returns the
     /// gradient entries in `coords` order and the number of queries made (without the base).
-    pub fn cge(&self, coords: &[usize], mu: f64, difference: Difference, mode: QueryMode) -> Result<(Vec<f64>, u64)> {
+    pub fn cge(
+        &self,
+        coords: &[usize],
+        mu: f64,
+        difference: Difference,
+        mode: QueryMode,
+    ) -> Result<(Vec<f64>, u64)> {
         let m = mu as f32;
         let g: Result<Vec<f64>> = coords
             .par_iter()
             .with_min_len(8)
             .map(|&i| match difference {
                 Difference::Forward => Ok(self.loss_delta(i, m, mode)? / mu),
-                Difference::Central => Ok((self.loss_delta(i, m, mode)? - self.loss_delta(i, -m, mode)?) / (2.0 * mu)),
+                Difference::Central => {
+                    Ok((self.loss_delta(i, m, mode)? - self.loss_delta(i, -m, mode)?) / (2.0 * mu))
+                }
             })
             .collect();
-        let per = if difference == Difference::Central { 2 } else { 1 };
+        let per = if difference == Difference::Central {
+            2
+        } else {
+            1
+        };
         Ok((g?, per * coords.len() as u64))
     }
 }
@@ -469,7 +570,11 @@ pub fn query_costs(model: &Model, entry: usize) -> (f64, f64, f64) {
             (2, c)
         } else {
             match &node.op {
-                Op::Conv2d { .. } | Op::Linear { .. } => (2, c / in_channels(model, k).max(1) as f64 + c / in_channels(model, k).max(1) as f64),
+                Op::Conv2d { .. } | Op::Linear { .. } => (
+                    2,
+                    c / in_channels(model, k).max(1) as f64
+                        + c / in_channels(model, k).max(1) as f64,
+                ),
                 Op::Add if ins.iter().filter(|&&v| v == 1).count() == 2 => (2, c),
                 _ => (1, c / ch),
             }
@@ -482,7 +587,9 @@ pub fn query_costs(model: &Model, entry: usize) -> (f64, f64, f64) {
 
 fn in_channels(model: &Model, k: usize) -> usize {
     match &model.nodes[k].op {
-        Op::Conv2d { weight, .. } | Op::Linear { weight, .. } => model.layout.entries[*weight].shape[1],
+        Op::Conv2d { weight, .. } | Op::Linear { weight, .. } => {
+            model.layout.entries[*weight].shape[1]
+        }
         _ => out_channels(model)[model.nodes[k].inputs[0]],
     }
 }
@@ -492,7 +599,9 @@ fn out_channels(model: &Model) -> Vec<usize> {
     let mut ch = vec![model.input_shape[0]];
     for node in &model.nodes {
         let c = match &node.op {
-            Op::Conv2d { weight, .. } | Op::Linear { weight, .. } => model.layout.entries[*weight].shape[0],
+            Op::Conv2d { weight, .. } | Op::Linear { weight, .. } => {
+                model.layout.entries[*weight].shape[0]
+            }
             Op::Flatten => model.input_shape.iter().product(),
             Op::ShortcutA { pad } => ch[node.inputs[0]] + 2 * pad,
             _ => ch[node.inputs[0]],

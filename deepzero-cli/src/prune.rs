@@ -1,0 +1,243 @@
+//! `deepzero prune`: layer-wise keep ratios from pruning scores at initialisation, and the
+//! set-up of sparse training for `deepzero train --sparsity`.
+
+use crate::common::{
+    build_model, initial_params, load_data, DataOpts, DtypeArg, EstimatorArg, EstimatorOpts,
+    ModelOpts, PruneArg, SparsityOpts,
+};
+use crate::report;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use deepzero_core::data::Dataset;
+use deepzero_core::estimator::GradientEstimator;
+use deepzero_core::model::Model;
+use deepzero_core::objective::ClassifierObjective;
+use deepzero_core::sparsity::{
+    self, weight_mask, CoordinateSampler, LayerRatios, PruneConfig, PrunedBackprop, Pruning,
+    SparseBackprop, SparseCge,
+};
+use deepzero_core::trainer::{batch_tensors, derive_seed};
+use rand::SeedableRng;
+use std::path::PathBuf;
+
+/// Seed stream of the pruning batch and of the RGE directions of ZO-GraSP.
+const PRUNE_STREAM: u64 = 0x5052_554e;
+
+/// Flags of `deepzero prune`.
+#[derive(Args, Debug, Clone)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub data: DataOpts,
+    #[command(flatten)]
+    pub model: ModelOpts,
+    /// Scoring method.
+    #[arg(long, value_enum, default_value_t = PruneArg::ZoGrasp)]
+    pub method: PruneArg,
+    /// Fraction of the conv and linear weights to prune, in [0, 1).
+    #[arg(long)]
+    pub sparsity: f64,
+    /// Output JSON file (per-layer keep ratios).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// RGE directions per gradient estimate (zo-grasp).
+    #[arg(long, default_value_t = 192)]
+    pub q: usize,
+    /// Finite-difference step μ.
+    #[arg(long, default_value_t = 5e-3)]
+    pub mu: f64,
+    /// Samples per class in the pruning batch.
+    #[arg(long, default_value_t = 25)]
+    pub per_class: usize,
+    /// Seed (initialisation as in `train --seed`, sample, directions).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Numeric precision.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+}
+
+pub fn run(mut args: PruneArgs) -> Result<()> {
+    args.model.resolve();
+    let config = PruneConfig {
+        method: args.method.method(),
+        sparsity: args.sparsity,
+        q: args.q,
+        mu: args.mu,
+    };
+    config.validate()?;
+    let device = candle_core::Device::Cpu;
+    let (train, _, _) = load_data(&args.data, args.seed, false)?;
+    let model = build_model(&args.model, &train)?;
+    let init = initial_params(&model, args.seed, args.dtype.precision(), &device)?;
+    let p = prune_at_init(&model, &train, &init, &config, args.per_class, args.seed)?;
+    report::write_json_atomic(&args.out, &p.ratios)?;
+    eprintln!(
+        "{} {} at sparsity {}: global sparsity {:.4}, {} queries → {}",
+        config.method,
+        model.name,
+        config.sparsity,
+        p.ratios.global_sparsity,
+        p.ratios.queries,
+        args.out.display()
+    );
+    for l in &p.ratios.layers {
+        eprintln!(
+            "  {:<24} {:>7} params  keep {:.4} ({})",
+            l.name, l.params, l.keep_ratio, l.kept
+        );
+    }
+    Ok(())
+}
+
+/// Score `model` at `init` on a class-balanced sample of `train` (`per_class` per class, one
+/// batch) and derive the layer ratios. Deterministic in `seed`.
+pub fn prune_at_init(
+    model: &Model,
+    train: &Dataset,
+    init: &candle_core::Tensor,
+    config: &PruneConfig,
+    per_class: usize,
+    seed: u64,
+) -> Result<Pruning> {
+    config.validate()?;
+    if per_class == 0 {
+        bail!("--per-class must be at least 1");
+    }
+    let sample = train.balanced_sample(per_class, derive_seed(seed, &[PRUNE_STREAM, 0]));
+    let idx: Vec<usize> = (0..sample.len()).collect();
+    let (x, y) = batch_tensors(&sample, &idx, None, init.dtype(), init.device())?;
+    let obj = ClassifierObjective::new(model, x, y)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(derive_seed(seed, &[PRUNE_STREAM, 1]));
+    sparsity::prune(model, &obj, init, config, &mut rng)
+        .with_context(|| format!("pruning with {}", config.method))
+}
+
+/// A run's estimator once the sparse-training flags are applied.
+pub struct EstimatorSetup {
+    /// The estimator to train with.
+    pub estimator: Box<dyn GradientEstimator>,
+    /// The layer ratios used, for sparse runs.
+    pub ratios: Option<LayerRatios>,
+}
+
+/// Build the estimator of a training run: the plain one, or — with `--sparsity`, `--ratios`,
+/// `--prune` or `--prune-weights` — sparse CGE, backprop with sparse gradients, or backprop on
+/// the pruned network. `init` is the run's initial parameters (pruning scores the network at
+/// initialisation, also when a run resumes).
+pub fn build_estimator(
+    est: &EstimatorOpts,
+    sp: &SparsityOpts,
+    model: &Model,
+    train: &Dataset,
+    init: &candle_core::Tensor,
+    seed: u64,
+) -> Result<EstimatorSetup> {
+    if !sp.is_sparse() {
+        return Ok(EstimatorSetup {
+            estimator: est.build()?,
+            ratios: None,
+        });
+    }
+    if let Some(s) = sp.sparsity {
+        sparsity::check_sparsity(s)?;
+    }
+    if est.estimator == EstimatorArg::Rge {
+        bail!("--sparsity applies to --estimator cge (sparse CGE) or fo (sparse gradients, --prune-weights), not rge");
+    }
+    if sp.prune_weights && est.estimator != EstimatorArg::Fo {
+        bail!("--prune-weights trains the pruned network with backprop; use --estimator fo");
+    }
+    if sp.mask_interval == 0 {
+        bail!("--mask-interval must be at least 1");
+    }
+    let (ratios, scores) = match (&sp.ratios, sp.prune, sp.sparsity) {
+        (Some(_), Some(_), _) => bail!("--ratios and --prune exclude each other"),
+        (Some(path), None, s) => {
+            let r =
+                LayerRatios::load(path).context("--ratios")?;
+            if let Some(s) = s {
+                if (r.global_sparsity - s).abs() > 0.01 {
+                    bail!(
+                        "--sparsity {s} disagrees with --ratios {} (global sparsity {:.4}); drop --sparsity or prune again",
+                        path.display(),
+                        r.global_sparsity
+                    );
+                }
+            }
+            (r, None)
+        }
+        (None, Some(m), Some(s)) => {
+            let config = PruneConfig {
+                method: m.method(),
+                sparsity: s,
+                q: sp.prune_q,
+                mu: est.mu,
+            };
+            let p = prune_at_init(model, train, init, &config, sp.prune_per_class, seed)
+                .context("--prune")?;
+            eprintln!(
+                "pruned at init with {}: global sparsity {:.4}, {} queries",
+                m.method(),
+                p.ratios.global_sparsity,
+                p.ratios.queries
+            );
+            (p.ratios, p.scores)
+        }
+        (None, Some(_), None) => bail!("--prune needs --sparsity"),
+        (None, None, Some(s)) => (LayerRatios::uniform(model, s)?, None),
+        (None, None, None) => bail!("--prune-weights needs --sparsity or --ratios"),
+    };
+    let layers: Vec<String> = ratios
+        .layers
+        .iter()
+        .map(|l| format!("{} {:.3}", l.name, l.keep_ratio))
+        .collect();
+    let estimator: Box<dyn GradientEstimator> = if sp.prune_weights {
+        let keep = weight_mask(&model.layout, &ratios, scores.as_deref(), seed)?;
+        let e = PrunedBackprop::new(keep);
+        eprintln!(
+            "pruned network ({} mask): {} of {} parameters trained; keep ratios: {}",
+            if scores.is_some() {
+                "top-|score|"
+            } else {
+                "random"
+            },
+            e.num_kept(),
+            model.num_params(),
+            layers.join(", ")
+        );
+        Box::new(e)
+    } else {
+        let sampler =
+            CoordinateSampler::new(&model.layout, &ratios, sp.mask_interval, sp.sparse_all)?;
+        let n = sampler.num_coords();
+        match est.estimator {
+            EstimatorArg::Cge => {
+                let cge = est.cge()?;
+                let dense = cge.queries_per_step(model.num_params());
+                let e = SparseCge::new(cge, sampler);
+                eprintln!(
+                    "sparse CGE: {n} of {} coordinates per step, redrawn every {} epochs → {} queries per step (dense CGE {dense}); keep ratios: {}",
+                    model.num_params(),
+                    sp.mask_interval,
+                    e.queries_per_step(),
+                    layers.join(", ")
+                );
+                Box::new(e)
+            }
+            _ => {
+                eprintln!(
+                    "sparse gradients (backprop): {n} of {} coordinates per step, redrawn every {} epochs; keep ratios: {}",
+                    model.num_params(),
+                    sp.mask_interval,
+                    layers.join(", ")
+                );
+                Box::new(SparseBackprop::new(sampler))
+            }
+        }
+    };
+    Ok(EstimatorSetup {
+        estimator,
+        ratios: Some(ratios),
+    })
+}
