@@ -322,13 +322,15 @@ impl<'a> Engine<'a> {
             st[k + 1] = s;
         }
         let last = nodes.len();
-        let z = &self.regs[last];
+        let n = self.base_loss.len() as f64;
+        if mode == QueryMode::Fast {
+            return Ok(self.loss_changes(&st[last]).iter().sum::<f64>() / n);
+        }
         let new = match &st[last] {
             St::Same => return Ok(0.0),
-            St::Chan(o, v) => self.losses(z, Some((*o, v))),
+            St::Chan(o, v) => self.losses(&self.regs[last], Some((*o, v))),
             St::Full(a) => self.losses(a, None),
         };
-        let n = new.len() as f64;
         Ok(new
             .iter()
             .zip(&self.base_loss)
@@ -337,12 +339,13 @@ impl<'a> Engine<'a> {
             / n)
     }
 
-    /// Output of the perturbed node itself, computed as a change of one channel.
+    /// Change of the perturbed node's output: one channel (`Δ` plane).
     fn perturbed_node(&self, k: usize, e: usize, j: usize, delta: f32) -> St {
         let node = &self.model.nodes[k];
         let x = &self.regs[node.inputs[0]];
         let out = &self.regs[k + 1];
         let entry = &self.model.layout.entries[e];
+        let plane = out.plane_len();
         match (&node.op, entry.kind) {
             (
                 Op::Conv2d {
@@ -355,7 +358,7 @@ impl<'a> Engine<'a> {
                 let c = (j / (kk * kk)) % ci;
                 let (i, jj) = ((j / kk) % kk, j % kk);
                 let g = ConvGeom::new(kk, *stride, *padding, x.h, x.w);
-                let mut p = out.plane(o).to_vec();
+                let mut p = vec![0.0f32; plane];
                 let src = x.plane(c);
                 for ni in 0..x.n {
                     for oy in 0..g.oh {
@@ -368,7 +371,7 @@ impl<'a> Engine<'a> {
                         for (ox, d) in drow.iter_mut().enumerate() {
                             let ix = (ox * g.stride + jj) as isize - g.pad as isize;
                             if ix >= 0 && (ix as usize) < x.w {
-                                *d += delta * srow[ix as usize];
+                                *d = delta * srow[ix as usize];
                             }
                         }
                     }
@@ -378,15 +381,7 @@ impl<'a> Engine<'a> {
             (Op::Linear { .. }, ParamKind::Weight) => {
                 let f = entry.shape[1];
                 let (o, c) = (j / f, j % f);
-                let xc = x.plane(c);
-                St::Chan(
-                    o,
-                    out.plane(o)
-                        .iter()
-                        .zip(xc)
-                        .map(|(&y, &v)| y + delta * v)
-                        .collect(),
-                )
+                St::Chan(o, x.plane(c).iter().map(|&v| delta * v).collect())
             }
             (Op::BatchNorm { .. }, ParamKind::BnScale) => {
                 let (m, inv) = self.bn[k]
@@ -394,127 +389,203 @@ impl<'a> Engine<'a> {
                     .expect("batch-norm statistics of the base forward");
                 St::Chan(
                     j,
-                    out.plane(j)
+                    x.plane(j)
                         .iter()
-                        .zip(x.plane(j))
-                        .map(|(&y, &v)| y + delta * (v - m[j]) * inv[j])
+                        .map(|&v| delta * (v - m[j]) * inv[j])
                         .collect(),
                 )
             }
-            _ => {
-                // Biases and batch-norm shifts add δ to one output channel.
-                St::Chan(j, out.plane(j).iter().map(|&y| y + delta).collect())
-            }
+            // Biases and batch-norm shifts add δ to one output channel.
+            _ => St::Chan(j, vec![delta; plane]),
         }
     }
 
-    /// Carry changes through node `k` (not the perturbed node).
+    /// Change of the output of node `k` from the changes of its inputs. Linear nodes map changes
+    /// to changes exactly; nonlinear ones are written so that f32 rounding stays relative to the
+    /// change, not to the activation (a ReLU that keeps its sign passes Δ unchanged, a max-pool
+    /// window compares `(x − max) + Δ`, batch norm updates its statistics from sums in f64).
     fn propagate(&self, k: usize, st: &[St]) -> St {
         let node = &self.model.nodes[k];
         let layout = &self.model.layout;
         let r0 = node.inputs[0];
         let x = &self.regs[r0];
-        if let St::Chan(c, p) = &st[r0] {
-            let (c, p) = (*c, p.as_slice());
-            match &node.op {
+        let y = &self.regs[k + 1];
+        // Per-channel nodes map a one-channel change to a one-channel change.
+        let per_channel = |c: usize, d: &[f32]| -> Option<(usize, Vec<f32>)> {
+            Some(match &node.op {
+                Op::BatchNorm { scale, .. } => {
+                    let (m, inv) = self.bn[k].as_ref().expect("batch-norm statistics");
+                    (
+                        c,
+                        bn_delta(x.plane(c), d, m[c], inv[c], self.entry_slice(*scale)[c]),
+                    )
+                }
+                Op::Relu => (c, relu_delta(x.plane(c), d)),
+                Op::MaxPool(kk) => (
+                    c,
+                    maxpool_delta(x.plane(c), y.plane(c), d, x.n, x.h, x.w, *kk),
+                ),
+                Op::AvgPool(kk) => {
+                    let mut q = vec![0.0; x.n * (x.h / kk) * (x.w / kk)];
+                    kernels::pool_plane(d, x.n, x.h, x.w, *kk, false, &mut q);
+                    (c, q)
+                }
+                Op::GlobalAvgPool => {
+                    let mut q = vec![0.0; x.n];
+                    kernels::gap_plane(d, x.n, x.h * x.w, &mut q);
+                    (c, q)
+                }
+                Op::Flatten if x.h * x.w == 1 => (c, d.to_vec()),
+                Op::ShortcutA { pad } => {
+                    let mut q = vec![0.0; x.n * (x.h / 2) * (x.w / 2)];
+                    kernels::subsample2_plane(d, x.n, x.h, x.w, &mut q);
+                    (c + pad, q)
+                }
+                _ => return None,
+            })
+        };
+        match (&node.op, &st[r0]) {
+            (Op::Add, _) => {
+                let r1 = node.inputs[1];
+                return match (&st[r0], &st[r1]) {
+                    (St::Chan(c, d), St::Same) | (St::Same, St::Chan(c, d)) => {
+                        St::Chan(*c, d.clone())
+                    }
+                    (St::Chan(c0, d0), St::Chan(c1, d1)) if c0 == c1 => {
+                        St::Chan(*c0, d0.iter().zip(d1).map(|(a, b)| a + b).collect())
+                    }
+                    _ => {
+                        let mut a = self.delta_of(r0, st);
+                        let b = self.delta_of(r1, st);
+                        for (u, v) in a.data.iter_mut().zip(&b.data) {
+                            *u += v;
+                        }
+                        St::Full(a)
+                    }
+                };
+            }
+            (
                 Op::Conv2d {
                     weight,
                     stride,
                     padding,
                     ..
-                } => {
-                    let shape = &layout.entries[*weight].shape;
-                    let g = ConvGeom::new(shape[2], *stride, *padding, x.h, x.w);
-                    let d: Vec<f32> = p.iter().zip(x.plane(c)).map(|(a, b)| a - b).collect();
-                    let mut out = self.regs[k + 1].clone();
-                    kernels::conv_add_channel(
-                        &mut out,
-                        &d,
-                        self.entry_slice(*weight),
-                        shape[1],
-                        c,
-                        &g,
-                        x.n,
-                    );
-                    return St::Full(out);
-                }
-                Op::Linear { weight, .. } => {
-                    let f = layout.entries[*weight].shape[1];
-                    let w = self.entry_slice(*weight);
-                    let mut out = self.regs[k + 1].clone();
-                    let d: Vec<f32> = p.iter().zip(x.plane(c)).map(|(a, b)| a - b).collect();
-                    for o in 0..out.c {
-                        let wo = w[o * f + c];
-                        for (v, dv) in out.plane_mut(o).iter_mut().zip(&d) {
-                            *v += wo * dv;
-                        }
-                    }
-                    return St::Full(out);
-                }
-                Op::BatchNorm { scale, shift, .. } => {
-                    let mut q = vec![0.0; p.len()];
-                    kernels::bn_plane(
-                        p,
-                        self.entry_slice(*scale)[c],
-                        self.entry_slice(*shift)[c],
-                        BN_EPS,
-                        &mut q,
-                    );
-                    return St::Chan(c, q);
-                }
-                Op::Relu => {
-                    let mut q = p.to_vec();
-                    kernels::relu_inplace(&mut q);
-                    return St::Chan(c, q);
-                }
-                Op::MaxPool(kk) | Op::AvgPool(kk) => {
-                    let max = matches!(node.op, Op::MaxPool(_));
-                    let mut q = vec![0.0; x.n * (x.h / kk) * (x.w / kk)];
-                    kernels::pool_plane(p, x.n, x.h, x.w, *kk, max, &mut q);
-                    return St::Chan(c, q);
-                }
-                Op::GlobalAvgPool => {
-                    let mut q = vec![0.0; x.n];
-                    kernels::gap_plane(p, x.n, x.h * x.w, &mut q);
-                    return St::Chan(c, q);
-                }
-                Op::Flatten if x.h * x.w == 1 => return St::Chan(c, p.to_vec()),
-                Op::ShortcutA { pad } => {
-                    let mut q = vec![0.0; x.n * (x.h / 2) * (x.w / 2)];
-                    kernels::subsample2_plane(p, x.n, x.h, x.w, &mut q);
-                    return St::Chan(c + pad, q);
-                }
-                Op::Add => {
-                    let r1 = node.inputs[1];
-                    match &st[r1] {
-                        St::Same => {
-                            return St::Chan(
-                                c,
-                                p.iter()
-                                    .zip(self.regs[r1].plane(c))
-                                    .map(|(a, b)| a + b)
-                                    .collect(),
-                            );
-                        }
-                        St::Chan(c1, p1) if *c1 == c => {
-                            return St::Chan(c, p.iter().zip(p1).map(|(a, b)| a + b).collect());
-                        }
-                        _ => {}
-                    }
-                }
-                _ => {}
+                },
+                St::Chan(c, d),
+            ) => {
+                let shape = &layout.entries[*weight].shape;
+                let g = ConvGeom::new(shape[2], *stride, *padding, x.h, x.w);
+                let mut out = Act::zeros(y.c, y.n, y.h, y.w);
+                kernels::conv_add_channel(
+                    &mut out,
+                    d,
+                    self.entry_slice(*weight),
+                    shape[1],
+                    *c,
+                    &g,
+                    x.n,
+                );
+                return St::Full(out);
             }
-        } else if let (Op::Add, St::Same, St::Chan(c, p)) = (
-            &node.op,
-            &st[r0],
-            &st[node.inputs.get(1).copied().unwrap_or(0)],
-        ) {
-            return St::Chan(*c, p.iter().zip(x.plane(*c)).map(|(a, b)| a + b).collect());
+            (Op::Linear { weight, .. }, St::Chan(c, d)) => {
+                let f = layout.entries[*weight].shape[1];
+                let w = self.entry_slice(*weight);
+                let mut out = Act::zeros(y.c, y.n, 1, 1);
+                for o in 0..out.c {
+                    let wo = w[o * f + c];
+                    for (v, dv) in out.plane_mut(o).iter_mut().zip(d) {
+                        *v = wo * dv;
+                    }
+                }
+                return St::Full(out);
+            }
+            (_, St::Chan(c, d)) => {
+                if let Some((o, q)) = per_channel(*c, d) {
+                    return St::Chan(o, q);
+                }
+            }
+            _ => {}
         }
-        let ins: Vec<std::borrow::Cow<Act>> =
-            node.inputs.iter().map(|&r| self.full_of(r, st)).collect();
-        let refs: Vec<&Act> = ins.iter().map(|c| c.as_ref()).collect();
-        St::Full(self.full_op(k, &refs, None).0)
+        // A change in every channel.
+        let dx = self.delta_of(r0, st);
+        match &node.op {
+            Op::Conv2d {
+                weight,
+                stride,
+                padding,
+                ..
+            } => {
+                let shape = &layout.entries[*weight].shape;
+                St::Full(kernels::conv(
+                    &dx,
+                    self.entry_slice(*weight),
+                    shape[0],
+                    None,
+                    shape[2],
+                    *stride,
+                    *padding,
+                ))
+            }
+            Op::Linear { weight, .. } => {
+                let o = layout.entries[*weight].shape[0];
+                St::Full(kernels::linear(&dx, self.entry_slice(*weight), o, None))
+            }
+            Op::Flatten if x.h * x.w != 1 => {
+                let (a, _) = self.full_op(k, &[&dx], None);
+                St::Full(a)
+            }
+            _ => {
+                let mut out = Act::zeros(y.c, y.n, y.h, y.w);
+                for c in 0..dx.c {
+                    let (o, q) = per_channel(c, dx.plane(c)).expect("per-channel node");
+                    out.plane_mut(o).copy_from_slice(&q);
+                }
+                St::Full(out)
+            }
+        }
+    }
+
+    /// The change of register `r` as a full activation (zeros where unchanged).
+    fn delta_of(&self, r: usize, st: &[St]) -> Act {
+        let base = &self.regs[r];
+        match &st[r] {
+            St::Full(a) => a.clone(),
+            St::Same => Act::zeros(base.c, base.n, base.h, base.w),
+            St::Chan(o, d) => {
+                let mut a = Act::zeros(base.c, base.n, base.h, base.w);
+                a.plane_mut(*o).copy_from_slice(d);
+                a
+            }
+        }
+    }
+
+    /// Per-sample loss changes from a change of the logits (f64):
+    /// `ΔL_i = log Σ_k softmax(z_i)_k e^{Δz_ik} − Δz_{i,y_i}`, via `ln_1p`/`exp_m1`.
+    fn loss_changes(&self, dz: &St) -> Vec<f64> {
+        let z = self.regs.last().expect("output");
+        let d = |k: usize, i: usize| -> f64 {
+            match dz {
+                St::Same => 0.0,
+                St::Chan(o, v) => {
+                    if *o == k {
+                        v[i] as f64
+                    } else {
+                        0.0
+                    }
+                }
+                St::Full(a) => a.data[k * a.n + i] as f64,
+            }
+        };
+        (0..z.n)
+            .map(|i| {
+                let zi = |k: usize| z.data[k * z.n + i] as f64;
+                let mx = (0..z.c).map(zi).fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = (0..z.c).map(|k| (zi(k) - mx).exp()).collect();
+                let sum: f64 = w.iter().sum();
+                let acc: f64 = (0..z.c).map(|k| w[k] / sum * d(k, i).exp_m1()).sum();
+                acc.ln_1p() - d(self.labels[i] as usize, i)
+            })
+            .collect()
     }
 
     /// CGE over `coords` (each query independent; sharded over the rayon pool). Returns the
@@ -544,6 +615,76 @@ impl<'a> Engine<'a> {
         };
         Ok((g?, per * coords.len() as u64))
     }
+}
+
+/// Batch-norm output change of one channel: `γ[(Δ − Δm)·s' + (x − m)(s' − s)]` with the new
+/// inverse std `s'` from f64 sums of the change.
+fn bn_delta(x: &[f32], d: &[f32], m: f32, inv: f32, gamma: f32) -> Vec<f32> {
+    let n = x.len() as f64;
+    let dm = d.iter().map(|&v| v as f64).sum::<f64>() / n;
+    // var' = var + 2 cov(x − m, Δ − Δm) + var(Δ)
+    let (mut cov, mut vd) = (0.0f64, 0.0f64);
+    for (&xv, &dv) in x.iter().zip(d) {
+        let dc = dv as f64 - dm;
+        cov += (xv as f64 - m as f64) * dc;
+        vd += dc * dc;
+    }
+    let var_eps = 1.0 / (inv as f64 * inv as f64);
+    let var_new = var_eps + (2.0 * cov + vd) / n;
+    let inv_new = 1.0 / var_new.sqrt();
+    let dinv = (inv_new - inv as f64) as f32;
+    let (inv_new, dm, g) = (inv_new as f32, dm as f32, gamma);
+    x.iter()
+        .zip(d)
+        .map(|(&xv, &dv)| g * ((dv - dm) * inv_new + (xv - m) * dinv))
+        .collect()
+}
+
+/// ReLU output change, exact where the sign does not flip.
+fn relu_delta(x: &[f32], d: &[f32]) -> Vec<f32> {
+    x.iter()
+        .zip(d)
+        .map(|(&xv, &dv)| {
+            let new = xv + dv;
+            match (xv > 0.0, new > 0.0) {
+                (true, true) => dv,
+                (true, false) => -xv,
+                (false, true) => new,
+                (false, false) => 0.0,
+            }
+        })
+        .collect()
+}
+
+/// Max-pool output change: per window `max_i((x_i − M) + Δ_i)` with `M` the base maximum.
+fn maxpool_delta(
+    x: &[f32],
+    y: &[f32],
+    d: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+) -> Vec<f32> {
+    let (oh, ow) = (h / k, w / k);
+    let mut out = vec![0.0; n * oh * ow];
+    for ni in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let o = (ni * oh + oy) * ow + ox;
+                let mx = y[o];
+                let mut best = f32::NEG_INFINITY;
+                for i in 0..k {
+                    let base = (ni * h + oy * k + i) * w + ox * k;
+                    for j in 0..k {
+                        best = best.max((x[base + j] - mx) + d[base + j]);
+                    }
+                }
+                out[o] = best;
+            }
+        }
+    }
+    out
 }
 
 /// Multiply-adds (per sample) that one query on parameter tensor `entry` costs in each mode,
