@@ -236,6 +236,12 @@ fn pct(x: f64) -> String {
     format!("{:.2}", 100.0 * x)
 }
 
+/// A sparsity as a percentage without float noise (`0.95` → `95`, `0.875` → `87.5`).
+fn sparsity_pct(s: f64) -> String {
+    let t = format!("{:.4}", 100.0 * s);
+    t.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
 #[derive(Serialize)]
 struct DepthRow {
     depth: usize,
@@ -500,7 +506,7 @@ fn sparsity(args: SparsityArgs) -> Result<()> {
     for r in &rows {
         md.push_str(&format!(
             "| {} | {} | {} | {} | {:.0} | {:.0} |\n",
-            100.0 * r.sparsity,
+            sparsity_pct(r.sparsity),
             pct(r.zo_grasp.summary.test_accuracy),
             pct(r.random.summary.test_accuracy),
             pct(r.fo_sparse_gradients.summary.test_accuracy),

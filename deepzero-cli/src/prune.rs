@@ -153,8 +153,7 @@ pub fn build_estimator(
     let (ratios, scores) = match (&sp.ratios, sp.prune, sp.sparsity) {
         (Some(_), Some(_), _) => bail!("--ratios and --prune exclude each other"),
         (Some(path), None, s) => {
-            let r =
-                LayerRatios::load(path).context("--ratios")?;
+            let r = LayerRatios::load(path).context("--ratios")?;
             if let Some(s) = s {
                 if (r.global_sparsity - s).abs() > 0.01 {
                     bail!(

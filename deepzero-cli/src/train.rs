@@ -87,17 +87,29 @@ pub struct TrainArgs {
 /// `summary.json`.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Summary {
+    /// Test accuracy after the last epoch, in [0, 1].
     pub test_accuracy: f64,
+    /// Best test accuracy over the epochs.
     pub best_test_accuracy: f64,
+    /// Mean training loss of the last epoch.
     pub final_train_loss: f64,
+    /// Queries (loss evaluations) of the whole run.
     pub queries: u64,
+    /// Mean queries per training step.
     pub queries_per_step: f64,
+    /// Training seconds (evaluation excluded).
     pub wall_seconds: f64,
+    /// Training seconds per epoch.
     pub seconds_per_epoch: f64,
+    /// Model parameters.
     pub params: usize,
+    /// Model name.
     pub model: String,
+    /// Data set name.
     pub dataset: String,
+    /// Estimator name.
     pub estimator: String,
+    /// Epochs completed.
     pub epochs: usize,
 }
 
@@ -252,6 +264,8 @@ struct RunObserver {
     dir: PathBuf,
     bar: ProgressBar,
     label: String,
+    /// Without a terminal the bar is hidden: print a line at most once a minute instead.
+    plain: Option<Instant>,
 }
 
 impl RunObserver {
@@ -265,6 +279,7 @@ impl RunObserver {
         let est = format!("{:?}", args.estimator.estimator).to_lowercase();
         Ok(RunObserver {
             dir: dir.to_path_buf(),
+            plain: (!std::io::IsTerminal::is_terminal(&std::io::stderr())).then(Instant::now),
             bar,
             label: format!("{} {}", model.name, est),
         })

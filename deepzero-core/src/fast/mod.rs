@@ -60,6 +60,8 @@ pub struct Engine<'a> {
     /// Per node: batch-norm (mean, 1/std) per channel.
     bn: Vec<BnCache>,
     base_loss: Vec<f64>,
+    /// Base softmax probabilities, `[K, N]` (for closed-form loss changes).
+    probs: Vec<f64>,
 }
 
 fn bad(msg: String) -> Error {
@@ -98,6 +100,7 @@ impl<'a> Engine<'a> {
             regs: vec![Act::from_nchw(x, n, c, h, w)],
             bn: Vec::with_capacity(model.nodes.len()),
             base_loss: Vec::new(),
+            probs: Vec::new(),
         };
         for k in 0..model.nodes.len() {
             let ins: Vec<&Act> = model.nodes[k].inputs.iter().map(|&r| &e.regs[r]).collect();
@@ -106,6 +109,16 @@ impl<'a> Engine<'a> {
             e.bn.push(stats);
         }
         e.base_loss = e.losses(e.regs.last().expect("output"), None);
+        let z = e.regs.last().expect("output");
+        let mut probs = vec![0.0f64; z.c * z.n];
+        for i in 0..z.n {
+            let mx = (0..z.c).map(|k| z.data[k * z.n + i] as f64).fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = (0..z.c).map(|k| (z.data[k * z.n + i] as f64 - mx).exp()).sum();
+            for k in 0..z.c {
+                probs[k * z.n + i] = (z.data[k * z.n + i] as f64 - mx).exp() / sum;
+            }
+        }
+        e.probs = probs;
         Ok(e)
     }
 
@@ -455,7 +468,7 @@ impl<'a> Engine<'a> {
                         St::Chan(*c0, d0.iter().zip(d1).map(|(a, b)| a + b).collect())
                     }
                     _ => {
-                        let mut a = self.delta_of(r0, st);
+                        let mut a = self.delta_of(r0, st).into_owned();
                         let b = self.delta_of(r1, st);
                         for (u, v) in a.data.iter_mut().zip(&b.data) {
                             *u += v;
@@ -546,17 +559,20 @@ impl<'a> Engine<'a> {
     }
 
     /// The change of register `r` as a full activation (zeros where unchanged).
-    fn delta_of(&self, r: usize, st: &[St]) -> Act {
-        let base = &self.regs[r];
-        match &st[r] {
-            St::Full(a) => a.clone(),
-            St::Same => Act::zeros(base.c, base.n, base.h, base.w),
+    fn delta_of<'b>(&self, r: usize, st: &'b [St]) -> std::borrow::Cow<'b, Act> {
+        std::borrow::Cow::Owned(match &st[r] {
+            St::Full(a) => return std::borrow::Cow::Borrowed(a),
+            St::Same => {
+                let base = &self.regs[r];
+                Act::zeros(base.c, base.n, base.h, base.w)
+            }
             St::Chan(o, d) => {
+                let base = &self.regs[r];
                 let mut a = Act::zeros(base.c, base.n, base.h, base.w);
                 a.plane_mut(*o).copy_from_slice(d);
                 a
             }
-        }
+        })
     }
 
     /// Per-sample loss changes from a change of the logits (f64):
@@ -578,11 +594,7 @@ impl<'a> Engine<'a> {
         };
         (0..z.n)
             .map(|i| {
-                let zi = |k: usize| z.data[k * z.n + i] as f64;
-                let mx = (0..z.c).map(zi).fold(f64::NEG_INFINITY, f64::max);
-                let w: Vec<f64> = (0..z.c).map(|k| (zi(k) - mx).exp()).collect();
-                let sum: f64 = w.iter().sum();
-                let acc: f64 = (0..z.c).map(|k| w[k] / sum * d(k, i).exp_m1()).sum();
+                let acc: f64 = (0..z.c).map(|k| self.probs[k * z.n + i] * d(k, i).exp_m1()).sum();
                 acc.ln_1p() - d(self.labels[i] as usize, i)
             })
             .collect()
@@ -621,23 +633,36 @@ impl<'a> Engine<'a> {
 /// inverse std `s'` from f64 sums of the change.
 fn bn_delta(x: &[f32], d: &[f32], m: f32, inv: f32, gamma: f32) -> Vec<f32> {
     let n = x.len() as f64;
-    let dm = d.iter().map(|&v| v as f64).sum::<f64>() / n;
-    // var' = var + 2 cov(x − m, Δ − Δm) + var(Δ)
-    let (mut cov, mut vd) = (0.0f64, 0.0f64);
-    for (&xv, &dv) in x.iter().zip(d) {
-        let dc = dv as f64 - dm;
-        cov += (xv as f64 - m as f64) * dc;
-        vd += dc * dc;
+    // Sums of Δ, (x − m)Δ and Δ² over the plane: eight independent f64 lanes (vectorised, no
+    // long dependency chain).
+    let (mut sd, mut sxd, mut sdd) = ([0.0f64; 8], [0.0f64; 8], [0.0f64; 8]);
+    let (xc, dc) = (x.chunks_exact(8), d.chunks_exact(8));
+    let (xr, dr) = (xc.remainder(), dc.remainder());
+    for (xs, ds) in xc.zip(dc) {
+        for l in 0..8 {
+            let dv = ds[l] as f64;
+            sd[l] += dv;
+            sxd[l] += (xs[l] - m) as f64 * dv;
+            sdd[l] += dv * dv;
+        }
     }
+    for (&xv, &dv) in xr.iter().zip(dr) {
+        let dv = dv as f64;
+        sd[0] += dv;
+        sxd[0] += (xv - m) as f64 * dv;
+        sdd[0] += dv * dv;
+    }
+    let total = |a: [f64; 8]| a.iter().sum::<f64>() / n;
+    // var' = var + 2 cov(x − m, Δ) + var(Δ); x − m has mean 0 over the batch, so the
+    // covariance needs no centring of Δ.
+    let (dm, cov, ed2) = (total(sd), total(sxd), total(sdd));
     let var_eps = 1.0 / (inv as f64 * inv as f64);
-    let var_new = var_eps + (2.0 * cov + vd) / n;
+    let var_new = var_eps + 2.0 * cov + (ed2 - dm * dm);
     let inv_new = 1.0 / var_new.sqrt();
     let dinv = (inv_new - inv as f64) as f32;
-    let (inv_new, dm, g) = (inv_new as f32, dm as f32, gamma);
-    x.iter()
-        .zip(d)
-        .map(|(&xv, &dv)| g * ((dv - dm) * inv_new + (xv - m) * dinv))
-        .collect()
+    let (a, dm) = (gamma * inv_new as f32, dm as f32);
+    let b = gamma * dinv;
+    x.iter().zip(d).map(|(&xv, &dv)| (dv - dm) * a + (xv - m) * b).collect()
 }
 
 /// ReLU output change, exact where the sign does not flip.
@@ -646,33 +671,38 @@ fn relu_delta(x: &[f32], d: &[f32]) -> Vec<f32> {
         .zip(d)
         .map(|(&xv, &dv)| {
             let new = xv + dv;
-            match (xv > 0.0, new > 0.0) {
-                (true, true) => dv,
-                (true, false) => -xv,
-                (false, true) => new,
-                (false, false) => 0.0,
+            if xv > 0.0 && new > 0.0 {
+                dv
+            } else {
+                new.max(0.0) - xv.max(0.0)
             }
         })
         .collect()
 }
 
 /// Max-pool output change: per window `max_i((x_i − M) + Δ_i)` with `M` the base maximum.
-fn maxpool_delta(
-    x: &[f32],
-    y: &[f32],
-    d: &[f32],
-    n: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-) -> Vec<f32> {
+fn maxpool_delta(x: &[f32], y: &[f32], d: &[f32], n: usize, h: usize, w: usize, k: usize) -> Vec<f32> {
     let (oh, ow) = (h / k, w / k);
     let mut out = vec![0.0; n * oh * ow];
     for ni in 0..n {
         for oy in 0..oh {
+            let orow = &mut out[(ni * oh + oy) * ow..][..ow];
+            let yrow = &y[(ni * oh + oy) * ow..][..ow];
+            if k == 2 {
+                let r0 = (ni * h + oy * 2) * w;
+                let (x0, x1) = (&x[r0..r0 + w], &x[r0 + w..r0 + 2 * w]);
+                let (d0, d1) = (&d[r0..r0 + w], &d[r0 + w..r0 + 2 * w]);
+                for ox in 0..ow {
+                    let mx = yrow[ox];
+                    let j = 2 * ox;
+                    let a = ((x0[j] - mx) + d0[j]).max((x0[j + 1] - mx) + d0[j + 1]);
+                    let b = ((x1[j] - mx) + d1[j]).max((x1[j + 1] - mx) + d1[j + 1]);
+                    orow[ox] = a.max(b);
+                }
+                continue;
+            }
             for ox in 0..ow {
-                let o = (ni * oh + oy) * ow + ox;
-                let mx = y[o];
+                let mx = yrow[ox];
                 let mut best = f32::NEG_INFINITY;
                 for i in 0..k {
                     let base = (ni * h + oy * k + i) * w + ox * k;
@@ -680,7 +710,7 @@ fn maxpool_delta(
                         best = best.max((x[base + j] - mx) + d[base + j]);
                     }
                 }
-                out[o] = best;
+                orow[ox] = best;
             }
         }
     }
