@@ -298,6 +298,15 @@ impl Observer for RunObserver {
             "loss {:.4} | {:.0} queries/s",
             info.loss, info.queries_per_second
         ));
+        if let Some(last) = &mut self.plain {
+            if last.elapsed().as_secs() >= 60 {
+                *last = Instant::now();
+                eprintln!(
+                    "epoch {} step {}/{}: loss {:.4}, {:.0} queries/s",
+                    info.epoch, info.step, info.steps, info.loss, info.queries_per_second
+                );
+            }
+        }
     }
 
     fn on_epoch_end(&mut self, m: &EpochMetrics, state: &TrainState) -> deepzero_core::Result<()> {

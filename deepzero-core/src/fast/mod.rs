@@ -112,8 +112,12 @@ impl<'a> Engine<'a> {
         let z = e.regs.last().expect("output");
         let mut probs = vec![0.0f64; z.c * z.n];
         for i in 0..z.n {
-            let mx = (0..z.c).map(|k| z.data[k * z.n + i] as f64).fold(f64::NEG_INFINITY, f64::max);
-            let sum: f64 = (0..z.c).map(|k| (z.data[k * z.n + i] as f64 - mx).exp()).sum();
+            let mx = (0..z.c)
+                .map(|k| z.data[k * z.n + i] as f64)
+                .fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = (0..z.c)
+                .map(|k| (z.data[k * z.n + i] as f64 - mx).exp())
+                .sum();
             for k in 0..z.c {
                 probs[k * z.n + i] = (z.data[k * z.n + i] as f64 - mx).exp() / sum;
             }
@@ -594,7 +598,9 @@ impl<'a> Engine<'a> {
         };
         (0..z.n)
             .map(|i| {
-                let acc: f64 = (0..z.c).map(|k| self.probs[k * z.n + i] * d(k, i).exp_m1()).sum();
+                let acc: f64 = (0..z.c)
+                    .map(|k| self.probs[k * z.n + i] * d(k, i).exp_m1())
+                    .sum();
                 acc.ln_1p() - d(self.labels[i] as usize, i)
             })
             .collect()
@@ -662,7 +668,10 @@ fn bn_delta(x: &[f32], d: &[f32], m: f32, inv: f32, gamma: f32) -> Vec<f32> {
     let dinv = (inv_new - inv as f64) as f32;
     let (a, dm) = (gamma * inv_new as f32, dm as f32);
     let b = gamma * dinv;
-    x.iter().zip(d).map(|(&xv, &dv)| (dv - dm) * a + (xv - m) * b).collect()
+    x.iter()
+        .zip(d)
+        .map(|(&xv, &dv)| (dv - dm) * a + (xv - m) * b)
+        .collect()
 }
 
 /// ReLU output change, exact where the sign does not flip.
@@ -681,7 +690,15 @@ fn relu_delta(x: &[f32], d: &[f32]) -> Vec<f32> {
 }
 
 /// Max-pool output change: per window `max_i((x_i − M) + Δ_i)` with `M` the base maximum.
-fn maxpool_delta(x: &[f32], y: &[f32], d: &[f32], n: usize, h: usize, w: usize, k: usize) -> Vec<f32> {
+fn maxpool_delta(
+    x: &[f32],
+    y: &[f32],
+    d: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+) -> Vec<f32> {
     let (oh, ow) = (h / k, w / k);
     let mut out = vec![0.0; n * oh * ow];
     for ni in 0..n {
