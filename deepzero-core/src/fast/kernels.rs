@@ -200,6 +200,9 @@ pub fn conv(
     stride: usize,
     pad: usize,
 ) -> Act {
+    if stride == 1 && k > 1 && 2 * pad == k - 1 {
+        return conv_shifted(x, w, co, bias, k, pad);
+    }
     let g = ConvGeom::new(k, stride, pad, x.h, x.w);
     let planes: Vec<&[f32]> = (0..x.c).map(|c| x.plane(c)).collect();
     let kk = x.c * k * k;
@@ -224,6 +227,75 @@ pub fn conv(
         cols_n,
         bias.is_some(),
     );
+    out
+}
+
+/// "Same" stride-1 convolution without an im2col matrix: on a zero-padded copy of the input
+/// (each image `(h+2p) × (w+2p)`, laid out back to back), the output at padded position `q` is
+/// `Σ_taps W_tap · x_pad[q + shift_tap]`, so each of the `k²` taps is one matrix product
+/// `W_tap[Co, Ci] × x_pad[Ci, shifted columns]` accumulated into a padded output whose interior
+/// is the result. This writes the input once instead of `k²` times.
+fn conv_shifted(x: &Act, w: &[f32], co: usize, bias: Option<&[f32]>, k: usize, pad: usize) -> Act {
+    let (ci, n) = (x.c, x.n);
+    let (hp, wp) = (x.h + 2 * pad, x.w + 2 * pad);
+    let plane = n * hp * wp;
+    let margin = pad * wp + pad;
+    let ld = plane + 2 * margin;
+    let mut xp = vec![0.0f32; ci * ld];
+    for c in 0..ci {
+        let src = x.plane(c);
+        let dst = &mut xp[c * ld + margin..][..plane];
+        for ni in 0..n {
+            for y in 0..x.h {
+                let d0 = (ni * hp + y + pad) * wp + pad;
+                dst[d0..d0 + x.w].copy_from_slice(&src[(ni * x.h + y) * x.w..][..x.w]);
+            }
+        }
+    }
+    // Weights per tap, [Co, Ci].
+    let kk = k * k;
+    let mut wt = vec![0.0f32; kk * co * ci];
+    for o in 0..co {
+        for c in 0..ci {
+            for t in 0..kk {
+                wt[(t * co + o) * ci + c] = w[(o * ci + c) * kk + t];
+            }
+        }
+    }
+    let mut outp = vec![0.0f32; co * plane];
+    for t in 0..kk {
+        let (i, j) = (t / k, t % k);
+        let start = (margin as isize
+            + (i as isize - pad as isize) * wp as isize
+            + (j as isize - pad as isize)) as usize;
+        sgemm(
+            co,
+            plane,
+            ci,
+            &wt[t * co * ci..],
+            ci,
+            &xp[start..],
+            ld,
+            &mut outp,
+            plane,
+            t > 0,
+        );
+    }
+    let mut out = Act::zeros(co, n, x.h, x.w);
+    for o in 0..co {
+        let b = bias.map_or(0.0, |b| b[o]);
+        let src = &outp[o * plane..(o + 1) * plane];
+        let dst = out.plane_mut(o);
+        for ni in 0..n {
+            for y in 0..x.h {
+                let s0 = (ni * hp + y + pad) * wp + pad;
+                let d = &mut dst[(ni * x.h + y) * x.w..][..x.w];
+                for (dv, &sv) in d.iter_mut().zip(&src[s0..s0 + x.w]) {
+                    *dv = sv + b;
+                }
+            }
+        }
+    }
     out
 }
 
@@ -350,6 +422,81 @@ pub fn subsample2_plane(x: &[f32], n: usize, h: usize, w: usize, out: &mut [f32]
         for oy in 0..oh {
             for ox in 0..ow {
                 out[(ni * oh + oy) * ow + ox] = x[(ni * h + 2 * oy) * w + 2 * ox];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct convolution, the definition.
+    fn conv_direct(x: &Act, w: &[f32], co: usize, k: usize, stride: usize, pad: usize) -> Act {
+        let g = ConvGeom::new(k, stride, pad, x.h, x.w);
+        let mut out = Act::zeros(co, x.n, g.oh, g.ow);
+        for o in 0..co {
+            for ni in 0..x.n {
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        let mut acc = 0.0f64;
+                        for c in 0..x.c {
+                            for i in 0..k {
+                                for j in 0..k {
+                                    let iy = (oy * stride + i) as isize - pad as isize;
+                                    let ix = (ox * stride + j) as isize - pad as isize;
+                                    if iy >= 0
+                                        && ix >= 0
+                                        && (iy as usize) < x.h
+                                        && (ix as usize) < x.w
+                                    {
+                                        let v = x.plane(c)
+                                            [(ni * x.h + iy as usize) * x.w + ix as usize];
+                                        acc += v as f64 * w[((o * x.c + c) * k + i) * k + j] as f64;
+                                    }
+                                }
+                            }
+                        }
+                        out.plane_mut(o)[(ni * g.oh + oy) * g.ow + ox] = acc as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn conv_paths_match_the_definition() {
+        // Shifted-gemm (stride 1, same padding), im2col (stride 2, no padding, 1×1) paths.
+        for &(c, co, h, w, k, s, p) in &[
+            (3, 5, 7, 6, 3, 1, 1),
+            (4, 2, 8, 8, 3, 2, 1),
+            (2, 3, 5, 5, 1, 1, 0),
+            (3, 4, 6, 7, 5, 1, 2),
+        ] {
+            let n = 3;
+            let x: Vec<f32> = (0..n * c * h * w)
+                .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+                .collect();
+            let wt: Vec<f32> = (0..co * c * k * k)
+                .map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0)
+                .collect();
+            let bias: Vec<f32> = (0..co).map(|i| i as f32 * 0.1).collect();
+            let a = Act::from_nchw(&x, n, c, h, w);
+            let got = conv(&a, &wt, co, Some(&bias), k, s, p);
+            let want = conv_direct(&a, &wt, co, k, s, p);
+            assert_eq!(
+                (got.c, got.n, got.h, got.w),
+                (want.c, want.n, want.h, want.w)
+            );
+            for o in 0..co {
+                for (g, w) in got.plane(o).iter().zip(want.plane(o)) {
+                    assert!(
+                        (g - (w + bias[o])).abs() < 1e-4,
+                        "conv {c}->{co} k{k} s{s}: {g} vs {}",
+                        w + bias[o]
+                    );
+                }
             }
         }
     }
