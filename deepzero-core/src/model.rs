@@ -558,6 +558,15 @@ impl Model {
     /// Multiply-adds of one forward of one sample, per node (conv and linear only; the other
     /// nodes are counted as one operation per element they write).
     pub fn node_costs(&self) -> Vec<u64> {
+        self.shapes_and_costs().1
+    }
+
+    /// Shape of every register for one sample (`[C, H, W]`, or `[F]` after flatten/GAP/linear).
+    pub fn register_shapes(&self) -> Vec<Vec<usize>> {
+        self.shapes_and_costs().0
+    }
+
+    fn shapes_and_costs(&self) -> (Vec<Vec<usize>>, Vec<u64>) {
         let mut shapes: Vec<Vec<usize>> = vec![self.input_shape.to_vec()];
         let mut costs = Vec::with_capacity(self.nodes.len());
         for node in &self.nodes {
@@ -599,7 +608,7 @@ impl Model {
             shapes.push(out);
             costs.push(cost);
         }
-        costs
+        (shapes, costs)
     }
 }
 

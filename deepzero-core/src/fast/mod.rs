@@ -751,18 +751,17 @@ pub fn query_costs(model: &Model, entry: usize) -> (f64, f64, f64) {
         let ch = channels[k + 1].max(1) as f64;
         let ins: Vec<u8> = node.inputs.iter().map(|&r| kind[r]).collect();
         let (kd, cost) = if k == l {
-            (1, c / ch / in_channels(model, k).max(1) as f64)
+            // The perturbed node: one output channel, one multiply-add per element (a conv
+            // weight touches one tap of one input channel).
+            (1, c / ch / fan_in(model, k) as f64)
         } else if ins.iter().all(|&v| v == 0) {
             (0, 0.0)
         } else if ins.contains(&2) {
             (2, c)
         } else {
             match &node.op {
-                Op::Conv2d { .. } | Op::Linear { .. } => (
-                    2,
-                    c / in_channels(model, k).max(1) as f64
-                        + c / in_channels(model, k).max(1) as f64,
-                ),
+                // One changed input channel: 1/C_in of the layer.
+                Op::Conv2d { .. } | Op::Linear { .. } => (2, c / in_channels(model, k).max(1) as f64),
                 Op::Add if ins.iter().filter(|&&v| v == 1).count() == 2 => (2, c),
                 _ => (1, c / ch),
             }
@@ -771,6 +770,14 @@ pub fn query_costs(model: &Model, entry: usize) -> (f64, f64, f64) {
         fast += cost;
     }
     (naive, reuse, fast)
+}
+
+/// Multiply-adds per output element of node `k` (C_in·k² for a conv, F for a linear layer).
+fn fan_in(model: &Model, k: usize) -> usize {
+    match &model.nodes[k].op {
+        Op::Conv2d { weight, .. } | Op::Linear { weight, .. } => model.layout.entries[*weight].shape[1..].iter().product::<usize>().max(1),
+        _ => 1,
+    }
 }
 
 fn in_channels(model: &Model, k: usize) -> usize {
@@ -782,19 +789,7 @@ fn in_channels(model: &Model, k: usize) -> usize {
     }
 }
 
-/// Channel count of every register.
+/// Channel (feature) count of every register.
 fn out_channels(model: &Model) -> Vec<usize> {
-    let mut ch = vec![model.input_shape[0]];
-    for node in &model.nodes {
-        let c = match &node.op {
-            Op::Conv2d { weight, .. } | Op::Linear { weight, .. } => {
-                model.layout.entries[*weight].shape[0]
-            }
-            Op::Flatten => model.input_shape.iter().product(),
-            Op::ShortcutA { pad } => ch[node.inputs[0]] + 2 * pad,
-            _ => ch[node.inputs[0]],
-        };
-        ch.push(c);
-    }
-    ch
+    model.register_shapes().iter().map(|s| s[0]).collect()
 }
