@@ -137,31 +137,13 @@ impl Objective for ClassifierObjective<'_> {
         self.mean_loss(&logits)
     }
     fn base_loss(&self, params: &Tensor) -> Result<f64> {
-        let views = self.model.param_views(params)?;
-        let mut stats = BnBatchStats::default();
-        let regs = self.model.forward_cached(
-            &views,
-            &self.cast(params)?,
-            Mode::Train,
-            Some(&mut stats),
-        )?;
-        *self.stats.borrow_mut() = Some(stats);
-        self.mean_loss(regs.last().expect("output register"))
+        Ok(self.prepare(params)?.0)
     }
     fn loss_and_grad(&self, params: &Tensor) -> Result<Option<(f64, Tensor)>> {
         let var = Var::from_tensor(params)?;
-        let views = self.model.param_views(var.as_tensor())?;
-        let mut stats = BnBatchStats::default();
-        let regs = self.model.forward_cached(
-            &views,
-            &self.cast(params)?,
-            Mode::Train,
-            Some(&mut stats),
-        )?;
-        *self.stats.borrow_mut() = Some(stats);
+        let (loss, ReuseCache { regs, .. }) = self.base_forward(var.as_tensor())?;
         let logits = regs.last().expect("output register");
         let loss_t = per_sample_cross_entropy(logits, &self.y)?.mean_all()?;
-        let loss = self.mean_loss(logits)?;
         let grads = loss_t.backward()?;
         let g = grads
             .get(var.as_tensor())
@@ -194,8 +176,10 @@ impl FastCapable for ClassifierObjective<'_> {
     }
 }
 
-impl Resumable for ClassifierObjective<'_> {
-    fn prepare(&self, params: &Tensor) -> Result<(f64, ReuseCache)> {
+impl ClassifierObjective<'_> {
+    /// The forward at the point being estimated: keeps every register and records the
+    /// batch-norm statistics.
+    fn base_forward(&self, params: &Tensor) -> Result<(f64, ReuseCache)> {
         let views = self.model.param_views(params)?;
         let mut stats = BnBatchStats::default();
         let regs = self.model.forward_cached(
@@ -207,6 +191,12 @@ impl Resumable for ClassifierObjective<'_> {
         *self.stats.borrow_mut() = Some(stats);
         let loss = self.mean_loss(regs.last().expect("output register"))?;
         Ok((loss, ReuseCache { views, regs }))
+    }
+}
+
+impl Resumable for ClassifierObjective<'_> {
+    fn prepare(&self, params: &Tensor) -> Result<(f64, ReuseCache)> {
+        self.base_forward(params)
     }
     fn loss_with(&self, cache: &ReuseCache, entry: usize, value: &Tensor) -> Result<f64> {
         let node = self.model.layout.entries[entry].node;
