@@ -761,7 +761,9 @@ pub fn query_costs(model: &Model, entry: usize) -> (f64, f64, f64) {
         } else {
             match &node.op {
                 // One changed input channel: 1/C_in of the layer.
-                Op::Conv2d { .. } | Op::Linear { .. } => (2, c / in_channels(model, k).max(1) as f64),
+                Op::Conv2d { .. } | Op::Linear { .. } => {
+                    (2, c / in_channels(model, k).max(1) as f64)
+                }
                 Op::Add if ins.iter().filter(|&&v| v == 1).count() == 2 => (2, c),
                 _ => (1, c / ch),
             }
@@ -775,7 +777,11 @@ pub fn query_costs(model: &Model, entry: usize) -> (f64, f64, f64) {
 /// Multiply-adds per output element of node `k` (C_in·k² for a conv, F for a linear layer).
 fn fan_in(model: &Model, k: usize) -> usize {
     match &model.nodes[k].op {
-        Op::Conv2d { weight, .. } | Op::Linear { weight, .. } => model.layout.entries[*weight].shape[1..].iter().product::<usize>().max(1),
+        Op::Conv2d { weight, .. } | Op::Linear { weight, .. } => model.layout.entries[*weight]
+            .shape[1..]
+            .iter()
+            .product::<usize>()
+            .max(1),
         _ => 1,
     }
 }
