@@ -237,7 +237,11 @@ impl Cge {
     }
     /// Queries one estimate costs for a model with `d` parameters.
     pub fn queries_per_step(&self, d: usize) -> u64 {
-        let n = self.coords.as_ref().map_or(d, |c| c.len()) as u64;
+        self.queries_for(self.coords.as_ref().map_or(d, |c| c.len()))
+    }
+    /// Queries of an estimate over `n` coordinates (plus the base query).
+    pub fn queries_for(&self, n: usize) -> u64 {
+        let n = n as u64;
         match self.difference {
             Difference::Forward => n + 1,
             Difference::Central => 2 * n + 1,

@@ -25,7 +25,7 @@
 //! ```
 
 use crate::error::{Error, Result};
-use crate::estimator::{Backprop, Cge, Difference, Estimate, GradientEstimator, Rge};
+use crate::estimator::{Backprop, Cge, Estimate, GradientEstimator, Rge};
 use crate::layout::{ParamEntry, ParamLayout};
 use crate::model::{tensor_to_vec, Model};
 use crate::objective::Objective;
@@ -761,11 +761,7 @@ impl SparseCge {
 
     /// Queries of one step: the sampled coordinates plus the base query (forward difference).
     pub fn queries_per_step(&self) -> u64 {
-        let n = self.sampler.num_coords() as u64;
-        match self.inner.difference {
-            Difference::Forward => n + 1,
-            Difference::Central => 2 * n + 1,
-        }
+        self.inner.queries_for(self.sampler.num_coords())
     }
 }
 
