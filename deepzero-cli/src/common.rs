@@ -128,6 +128,26 @@ pub struct EstimatorOpts {
     /// CGE query engine (all give the same numbers).
     #[arg(long, value_enum, default_value_t = EngineArg::Fast)]
     pub cge_engine: EngineArg,
+    /// RGE query path: full forwards on deepzero's kernels, threads over directions (`fast`,
+    /// f32), or candle forwards (`candle`). They draw directions differently.
+    #[arg(long, value_enum, default_value_t = RgeEngineArg::Fast)]
+    #[serde(default = "RgeEngineArg::candle")]
+    pub rge_engine: RgeEngineArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RgeEngineArg {
+    /// Candle forwards, one direction after the other.
+    Candle,
+    /// deepzero's own kernels, directions sharded over threads.
+    Fast,
+}
+impl RgeEngineArg {
+    /// Runs saved before this flag existed used candle.
+    fn candle() -> Self {
+        RgeEngineArg::Candle
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -196,7 +216,10 @@ impl EstimatorOpts {
                     DirectionArg::Gaussian => Direction::Gaussian,
                     DirectionArg::Sphere => Direction::Sphere,
                 };
-                Box::new(Rge::new(self.q, self.mu, self.difference(), dir)?)
+                Box::new(
+                    Rge::new(self.q, self.mu, self.difference(), dir)?
+                        .with_fast(self.rge_engine == RgeEngineArg::Fast),
+                )
             }
             EstimatorArg::Cge => Box::new(self.cge()?),
         })

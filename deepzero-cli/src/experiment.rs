@@ -56,6 +56,9 @@ pub struct CommonOpts {
     /// Peak learning rate (SGD, momentum 0.9, weight decay 5e-4, cosine schedule).
     #[arg(long, default_value_t = 0.1)]
     pub lr: f64,
+    /// Linear warm-up epochs before the cosine decay (the paper uses 3) [default: epochs / 10].
+    #[arg(long)]
+    pub warmup_epochs: Option<usize>,
     /// Seed of every sub-run.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -144,6 +147,7 @@ fn base_args(c: &CommonOpts) -> Result<TrainArgs> {
     a.epochs = c.epochs;
     a.batch_size = c.batch_size;
     a.lr = c.lr;
+    a.warmup_epochs = c.warmup_epochs;
     a.seed = c.seed;
     a.threads = c.threads;
     a.estimator.cge_engine = c.cge_engine;

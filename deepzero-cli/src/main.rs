@@ -37,7 +37,30 @@ enum Command {
     Experiment(experiment::ExperimentCommand),
 }
 
+/// Keep freed tensor buffers in the process heap instead of returning them to the kernel.
+///
+/// glibc serves allocations above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh
+/// mappings and unmaps them on free, so every activation buffer of a training step page-faults
+/// again and every unmap shoots down TLBs on all threads: half the time of a candle backprop step
+/// on a small CNN went to the kernel. Raising the threshold and the trim threshold lets the heap
+/// reuse those pages (measured: `train --estimator fo`, CNN d2, Fashion-MNIST subset, 41 s → 22 s
+/// per epoch on 2 cores, same numbers).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn tune_allocator() {
+    // SAFETY: `mallopt` only sets glibc allocator parameters; it is called first thing in
+    // `main`, before any other thread exists, and has no memory-safety preconditions.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train::run(*args),

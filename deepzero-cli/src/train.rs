@@ -65,7 +65,8 @@ pub struct TrainArgs {
     /// Device.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
-    /// Threads for tensor kernels (0 = all cores).
+    /// Threads for tensor kernels and queries (0 = all cores); results do not depend on it, and
+    /// `--resume` takes it from the resuming command.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Disable CIFAR-10 augmentation (random crop, horizontal flip).
@@ -129,6 +130,9 @@ pub fn execute(args: TrainArgs) -> Result<Summary> {
             let mut saved: TrainArgs = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not a deepzero train config", path.display()))?;
             saved.resume = None;
+            // The thread count is how to run, not what to compute (estimates do not depend on
+            // it): a resumed run uses this command's `--threads`.
+            saved.threads = args.threads;
             (saved, dir.clone(), true)
         }
         None => {

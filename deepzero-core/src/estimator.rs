@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::objective::Objective;
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
+use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
@@ -96,6 +97,10 @@ pub struct Rge {
     pub difference: Difference,
     /// Gaussian or sphere directions.
     pub direction: Direction,
+    /// Evaluate queries on our own kernels ([`crate::fast::Engine::rge`]), threads over
+    /// directions, each direction drawn from its own seed. Used for f32 objectives with a layer
+    /// graph; otherwise (and when `false`) candle forwards with directions drawn in sequence.
+    pub fast: bool,
 }
 
 impl Rge {
@@ -110,7 +115,13 @@ impl Rge {
             mu,
             difference,
             direction,
+            fast: false,
         })
+    }
+    /// Choose the query path (see [`Rge::fast`]).
+    pub fn with_fast(mut self, fast: bool) -> Self {
+        self.fast = fast;
+        self
     }
 }
 
@@ -149,7 +160,7 @@ fn to_tensor(v: &[f64], like: &Tensor) -> Result<Tensor> {
 
 impl GradientEstimator for Rge {
     fn name(&self) -> String {
-        format!("rge(q={})", self.q)
+        format!("rge(q={}{})", self.q, if self.fast { ", fast" } else { "" })
     }
     fn estimate(
         &mut self,
@@ -158,6 +169,19 @@ impl GradientEstimator for Rge {
         rng: &mut StdRng,
     ) -> Result<Estimate> {
         let d = params.dims1()?;
+        if let (true, Some(f), DType::F32) = (self.fast, obj.fast(), params.dtype()) {
+            let (x, y) = f.batch_host()?;
+            let p32 = params.to_vec1::<f32>()?;
+            let engine = crate::fast::Engine::new(f.model(), &p32, &x, &y)?;
+            f.record_bn_stats(engine.bn_batch_stats());
+            let seeds: Vec<u64> = (0..self.q).map(|_| rng.random()).collect();
+            let (g, q) = engine.rge(&seeds, self.mu, self.difference, self.direction)?;
+            return Ok(Estimate {
+                loss: engine.base_mean_loss(),
+                grad: to_tensor(&g, params)?,
+                queries: q + 1,
+            });
+        }
         let f0 = obj.base_loss(params)?;
         let mut queries = 1;
         let mut g = vec![0.0f64; d];

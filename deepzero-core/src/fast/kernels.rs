@@ -191,6 +191,9 @@ pub fn im2col(planes: &[&[f32]], n: usize, g: &ConvGeom, cols: &mut [f32]) {
 }
 
 /// Full convolution: `out[co] = Σ_ci W[co, ci] ⋆ x[ci] (+ b[co])`.
+/// Fewest input channels for which [`conv`] uses shifted products instead of im2col.
+const SHIFTED_MIN_CHANNELS: usize = 4;
+
 pub fn conv(
     x: &Act,
     w: &[f32],
@@ -200,7 +203,10 @@ pub fn conv(
     stride: usize,
     pad: usize,
 ) -> Act {
-    if stride == 1 && k > 1 && 2 * pad == k - 1 {
+    // The shifted path runs k² products of inner size C_in over the whole output; with few
+    // input channels (a network's first layer) one im2col product of inner size C_in·k² is
+    // faster.
+    if stride == 1 && k > 1 && 2 * pad == k - 1 && x.c >= SHIFTED_MIN_CHANNELS {
         return conv_shifted(x, w, co, bias, k, pad);
     }
     let g = ConvGeom::new(k, stride, pad, x.h, x.w);
@@ -358,9 +364,24 @@ pub fn linear(x: &Act, w: &[f32], o: usize, bias: Option<&[f32]>) -> Act {
 /// Per-channel batch statistics and normalisation of one plane; returns (mean, 1/std).
 pub fn plane_stats(p: &[f32], eps: f64) -> (f32, f32) {
     let n = p.len() as f64;
-    let mean = p.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let mean = sum8(p, |v| v as f64) / n;
+    let var = sum8(p, |v| (v as f64 - mean) * (v as f64 - mean)) / n;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// `Σ f(v)` in f64 with eight independent accumulators (one f64 add chain is latency-bound;
+/// eight vectorise), added in a fixed order.
+fn sum8(p: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let chunks = p.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    let tail: f64 = rest.iter().map(|&v| f(v)).sum();
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// Batch norm of one plane with its own statistics: `out = γ (x − m)/s + β`.
@@ -384,6 +405,24 @@ pub fn relu_inplace(x: &mut [f32]) {
 /// Max (or mean) pooling of one plane `[N, H, W]` with kernel = stride = `k`.
 pub fn pool_plane(x: &[f32], n: usize, h: usize, w: usize, k: usize, max: bool, out: &mut [f32]) {
     let (oh, ow) = (h / k, w / k);
+    if oh == 0 || ow == 0 {
+        return;
+    }
+    if max && k == 2 {
+        // The common case, written so that it vectorises: pairs of rows, pairs of columns.
+        for ni in 0..n {
+            let src = &x[ni * h * w..(ni + 1) * h * w];
+            let dst = &mut out[ni * oh * ow..(ni + 1) * oh * ow];
+            for (oy, d) in dst.chunks_exact_mut(ow).enumerate() {
+                let r0 = &src[2 * oy * w..][..2 * ow];
+                let r1 = &src[(2 * oy + 1) * w..][..2 * ow];
+                for ((o, a), b) in d.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+                    *o = a[0].max(a[1]).max(b[0].max(b[1]));
+                }
+            }
+        }
+        return;
+    }
     let inv = 1.0 / (k * k) as f32;
     for ni in 0..n {
         let src = &x[ni * h * w..(ni + 1) * h * w];
@@ -467,9 +506,12 @@ mod tests {
 
     #[test]
     fn conv_paths_match_the_definition() {
-        // Shifted-gemm (stride 1, same padding), im2col (stride 2, no padding, 1×1) paths.
+        // Shifted-gemm (stride 1, same padding, ≥ 4 input channels) and im2col (few input
+        // channels, stride 2, no padding, 1×1) paths.
         for &(c, co, h, w, k, s, p) in &[
             (3, 5, 7, 6, 3, 1, 1),
+            (1, 4, 6, 6, 3, 1, 1),
+            (5, 3, 6, 7, 3, 1, 1),
             (4, 2, 8, 8, 3, 2, 1),
             (2, 3, 5, 5, 1, 1, 0),
             (3, 4, 6, 7, 5, 1, 2),

@@ -19,7 +19,7 @@
 pub mod kernels;
 
 use crate::error::{Error, Result};
-use crate::estimator::Difference;
+use crate::estimator::{draw_direction, Difference, Direction};
 use crate::layout::ParamKind;
 use crate::model::{BnBatchStats, Model, Op, BN_EPS};
 use kernels::{Act, ConvGeom};
@@ -46,6 +46,15 @@ enum St {
     Chan(usize, Vec<f32>),
     /// Entirely recomputed.
     Full(Act),
+}
+
+/// Parameters that replace the engine's own in a forward.
+#[derive(Clone, Copy)]
+enum Over<'b> {
+    /// Tensor `e` replaced.
+    One(usize, &'b [f32]),
+    /// The whole flat parameter vector replaced.
+    All(&'b [f32]),
 }
 
 /// Per-channel batch-norm statistics of the base forward: (mean, 1/std).
@@ -165,15 +174,16 @@ impl<'a> Engine<'a> {
     }
 
     /// Parameter tensor `e`, or the override if it is the one replaced.
-    fn p<'b>(&'b self, e: usize, over: Option<(usize, &'b [f32])>) -> &'b [f32] {
+    fn p<'b>(&'b self, e: usize, over: Option<Over<'b>>) -> &'b [f32] {
         match over {
-            Some((oe, v)) if oe == e => v,
+            Some(Over::One(oe, v)) if oe == e => v,
+            Some(Over::All(all)) => &all[self.model.layout.entries[e].range()],
             _ => self.entry_slice(e),
         }
     }
 
     /// One node on full inputs.
-    fn full_op(&self, k: usize, ins: &[&Act], over: Option<(usize, &[f32])>) -> (Act, BnCache) {
+    fn full_op(&self, k: usize, ins: &[&Act], over: Option<Over>) -> (Act, BnCache) {
         let x = ins[0];
         let layout = &self.model.layout;
         let out = match &self.model.nodes[k].op {
@@ -318,7 +328,7 @@ impl<'a> Engine<'a> {
             let mut v = self.entry_slice(e).to_vec();
             v[j] += delta;
             perturbed = v;
-            Some((e, perturbed.as_slice()))
+            Some(Over::One(e, perturbed.as_slice()))
         };
         let start = if mode == QueryMode::Naive { 0 } else { l };
         for k in start..nodes.len() {
@@ -604,6 +614,121 @@ impl<'a> Engine<'a> {
                 acc.ln_1p() - d(self.labels[i] as usize, i)
             })
             .collect()
+    }
+
+    /// Mean over the batch of `L_i(θ') − L_i(θ)` for a whole parameter vector `θ'`: one full
+    /// forward on the cached input (an RGE query). Registers are dropped after their last use.
+    pub fn loss_change_at(&self, params: &[f32]) -> Result<f64> {
+        if params.len() != self.params.len() {
+            return Err(bad(format!(
+                "{} parameters given, model {} has {}",
+                params.len(),
+                self.model.name,
+                self.params.len()
+            )));
+        }
+        let nodes = &self.model.nodes;
+        let mut last_use = vec![0usize; nodes.len() + 1];
+        for (k, node) in nodes.iter().enumerate() {
+            for &r in &node.inputs {
+                last_use[r] = k;
+            }
+        }
+        let mut regs: Vec<Option<Act>> = (0..=nodes.len()).map(|_| None).collect();
+        for k in 0..nodes.len() {
+            let r0 = nodes[k].inputs[0];
+            if matches!(nodes[k].op, Op::Relu) && r0 != 0 && last_use[r0] == k {
+                // Nothing else reads the input: rectify it in place instead of copying it.
+                let mut a = regs[r0].take().expect("register computed before use");
+                kernels::relu_inplace(&mut a.data);
+                regs[k + 1] = Some(a);
+                continue;
+            }
+            let out = {
+                let ins: Vec<&Act> = nodes[k]
+                    .inputs
+                    .iter()
+                    .map(|&r| {
+                        if r == 0 {
+                            &self.regs[0]
+                        } else {
+                            regs[r].as_ref().expect("register computed before use")
+                        }
+                    })
+                    .collect();
+                self.full_op(k, &ins, Some(Over::All(params))).0
+            };
+            for &r in &nodes[k].inputs {
+                if last_use[r] == k {
+                    regs[r] = None;
+                }
+            }
+            regs[k + 1] = Some(out);
+        }
+        let z = regs[nodes.len()].as_ref().expect("output");
+        let n = self.base_loss.len() as f64;
+        Ok(self
+            .losses(z, None)
+            .iter()
+            .zip(&self.base_loss)
+            .map(|(a, b)| a - b)
+            .sum::<f64>()
+            / n)
+    }
+
+    /// RGE from full forwards on our kernels: direction `i` is drawn from its own seed
+    /// (`seeds[i]`), so directions are regenerated rather than stored and the result does not
+    /// depend on the thread count (fixed chunks of directions, partial sums added in order).
+    /// Returns `(1/q) Σ_i c_i u_i` and the number of queries made (without the base).
+    pub fn rge(
+        &self,
+        seeds: &[u64],
+        mu: f64,
+        difference: Difference,
+        direction: Direction,
+    ) -> Result<(Vec<f64>, u64)> {
+        use rand::SeedableRng;
+        const CHUNK: usize = 8;
+        let d = self.params.len();
+        let partials: Result<Vec<Vec<f64>>> = seeds
+            .par_chunks(CHUNK)
+            .map(|chunk| {
+                let mut g = vec![0.0f64; d];
+                let mut p = vec![0.0f32; d];
+                for &seed in chunk {
+                    let u =
+                        draw_direction(d, direction, &mut rand::rngs::StdRng::seed_from_u64(seed));
+                    let mut at = |sign: f64| -> Result<f64> {
+                        for ((pi, &ti), &ui) in p.iter_mut().zip(&self.params).zip(&u) {
+                            *pi = (ti as f64 + sign * mu * ui) as f32;
+                        }
+                        self.loss_change_at(&p)
+                    };
+                    let coef = match difference {
+                        Difference::Forward => at(1.0)? / mu,
+                        Difference::Central => (at(1.0)? - at(-1.0)?) / (2.0 * mu),
+                    };
+                    for (gi, &ui) in g.iter_mut().zip(&u) {
+                        *gi += coef * ui;
+                    }
+                }
+                Ok(g)
+            })
+            .collect();
+        let mut g = vec![0.0f64; d];
+        for part in partials? {
+            for (gi, v) in g.iter_mut().zip(part) {
+                *gi += v;
+            }
+        }
+        let inv_q = 1.0 / seeds.len().max(1) as f64;
+        g.iter_mut().for_each(|v| *v *= inv_q);
+        let per = if difference == Difference::Central {
+            2
+        } else {
+            1
+        };
+        Ok((g, per * seeds.len() as u64))
     }
 
     /// CGE over `coords` (each query independent; sharded over the rayon pool). Returns the
