@@ -267,6 +267,42 @@ fn train_resume_continues_from_the_checkpoint() -> Result<()> {
     Ok(())
 }
 
+/// RGE runs on deepzero's kernels by default; a run saved before `--rge-engine` existed resumes
+/// on candle (its directions are drawn differently), and `--resume` takes `--threads` from the
+/// resuming command.
+#[test]
+fn rge_engine_default_and_old_configs() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let run = tmp.path().join("run");
+    let run_s = run.to_str().context("utf-8 path")?;
+    let mut args = vec![
+        "train",
+        "--epochs",
+        "1",
+        "--estimator",
+        "rge",
+        "--q",
+        "3",
+        "--out",
+        run_s,
+    ];
+    args.extend(SMALL);
+    let o = ok(tmp.path(), &args)?;
+    ensure!(stderr(&o).contains("rge(q=3, fast)"), "{}", stderr(&o));
+    let mut cfg = read_json(&run.join("config.json"))?;
+    ensure!(cfg["estimator"]["rge_engine"] == "fast", "{cfg}");
+    cfg["estimator"]
+        .as_object_mut()
+        .context("estimator config is an object")?
+        .remove("rge_engine");
+    cfg["epochs"] = Value::from(2);
+    std::fs::write(run.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
+    let o = ok(tmp.path(), &["train", "--resume", run_s, "--threads", "2"])?;
+    let err = stderr(&o);
+    ensure!(err.contains("rge(q=3)") && !err.contains("fast"), "{err}");
+    Ok(())
+}
+
 #[test]
 fn same_seed_same_result() -> Result<()> {
     let tmp = tempfile::tempdir()?;
