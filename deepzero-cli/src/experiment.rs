@@ -303,11 +303,12 @@ fn cge_vs_rge(args: CgeVsRgeArgs) -> Result<()> {
         });
     }
     let mut md = format!(
-        "# CGE vs RGE ({}, {} epochs, batch {}, lr {}, seed {})\n\n\
+        "# CGE vs RGE ({}{}, {} epochs, batch {}, lr {}, seed {})\n\n\
          RGE uses q = d directions (forward difference), i.e. the same d + 1 queries per step as CGE.\n\n\
          | depth | params | FO acc % | CGE acc % | RGE acc % | CGE queries/step | RGE queries/step | FO s/epoch | CGE s/epoch | RGE s/epoch |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
         dataset_name(c.dataset),
+        limits(c),
         c.epochs,
         c.batch_size,
         c.lr,
@@ -489,7 +490,7 @@ fn sparsity(args: SparsityArgs) -> Result<()> {
         rows.push(row);
     }
     let mut md = format!(
-        "# Sparse training: {} on {} ({} epochs, batch {}, lr {}, mask interval {}, seed {})\n\n\
+        "# Sparse training: {} on {}{} ({} epochs, batch {}, lr {}, mask interval {}, seed {})\n\n\
          ZO-GraSP: q = {}, {} per class, {} queries. Sparse CGE estimates round(keep ratio × size) random \
          coordinates of each weight tensor (redrawn every {} epochs) plus biases and batch-norm parameters; \
          FO uses the same masks on backprop gradients with the ZO-GraSP ratios.\n\n\
@@ -497,6 +498,7 @@ fn sparsity(args: SparsityArgs) -> Result<()> {
          |---|---|---|---|---|---|\n",
         model.name,
         dataset_name(c.dataset),
+        limits(c),
         c.epochs,
         c.batch_size,
         c.lr,
@@ -566,6 +568,18 @@ fn finish(dir: &Path, md: &str, json: &serde_json::Value, chart: &LineChart) -> 
     println!("{md}");
     eprintln!("→ {}", dir.join("table.md").display());
     Ok(())
+}
+
+/// `--train-limit` / `--test-limit` for table titles (empty when neither is set).
+fn limits(c: &CommonOpts) -> String {
+    let mut s = String::new();
+    if let Some(n) = c.train_limit {
+        s.push_str(&format!(", first {n} training images"));
+    }
+    if let Some(n) = c.test_limit {
+        s.push_str(&format!(", first {n} test images"));
+    }
+    s
 }
 
 fn data_opts(c: &CommonOpts) -> DataOpts {
