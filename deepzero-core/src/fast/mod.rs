@@ -690,35 +690,37 @@ impl<'a> Engine<'a> {
         use rand::SeedableRng;
         const CHUNK: usize = 8;
         let d = self.params.len();
-        let partials: Result<Vec<Vec<f64>>> = seeds
-            .par_chunks(CHUNK)
-            .map(|chunk| {
-                let mut g = vec![0.0f64; d];
-                let mut p = vec![0.0f32; d];
-                for &seed in chunk {
-                    let u =
-                        draw_direction(d, direction, &mut rand::rngs::StdRng::seed_from_u64(seed));
-                    let mut at = |sign: f64| -> Result<f64> {
-                        for ((pi, &ti), &ui) in p.iter_mut().zip(&self.params).zip(&u) {
-                            *pi = (ti as f64 + sign * mu * ui) as f32;
-                        }
-                        self.loss_change_at(&p)
-                    };
-                    let coef = match difference {
-                        Difference::Forward => at(1.0)? / mu,
-                        Difference::Central => (at(1.0)? - at(-1.0)?) / (2.0 * mu),
-                    };
-                    for (gi, &ui) in g.iter_mut().zip(&u) {
-                        *gi += coef * ui;
+        let chunk_sum = |chunk: &[u64]| -> Result<Vec<f64>> {
+            let mut g = vec![0.0f64; d];
+            let mut p = vec![0.0f32; d];
+            for &seed in chunk {
+                let u = draw_direction(d, direction, &mut rand::rngs::StdRng::seed_from_u64(seed));
+                let mut at = |sign: f64| -> Result<f64> {
+                    for ((pi, &ti), &ui) in p.iter_mut().zip(&self.params).zip(&u) {
+                        *pi = (ti as f64 + sign * mu * ui) as f32;
                     }
+                    self.loss_change_at(&p)
+                };
+                let coef = match difference {
+                    Difference::Forward => at(1.0)? / mu,
+                    Difference::Central => (at(1.0)? - at(-1.0)?) / (2.0 * mu),
+                };
+                for (gi, &ui) in g.iter_mut().zip(&u) {
+                    *gi += coef * ui;
                 }
-                Ok(g)
-            })
-            .collect();
+            }
+            Ok(g)
+        };
+        // Partial sums of a few chunks per thread are held at a time (q/8 vectors of length d
+        // would not fit for large models); they are added in chunk order either way.
+        let group = CHUNK * 4 * rayon::current_num_threads().max(1);
         let mut g = vec![0.0f64; d];
-        for part in partials? {
-            for (gi, v) in g.iter_mut().zip(part) {
-                *gi += v;
+        for seeds in seeds.chunks(group) {
+            let partials: Result<Vec<Vec<f64>>> = seeds.par_chunks(CHUNK).map(chunk_sum).collect();
+            for part in partials? {
+                for (gi, v) in g.iter_mut().zip(part) {
+                    *gi += v;
+                }
             }
         }
         let inv_q = 1.0 / seeds.len().max(1) as f64;
