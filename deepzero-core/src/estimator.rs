@@ -3,7 +3,7 @@
 //! Every estimator sees only an [`Objective`] and counts the queries (loss evaluations) it made.
 
 use crate::error::{Error, Result};
-use crate::objective::Objective;
+use crate::objective::{FastCapable, Objective};
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -150,6 +150,16 @@ pub fn draw_direction(d: usize, direction: Direction, rng: &mut StdRng) -> Vec<f
     u
 }
 
+/// The fast engine's base forward on the objective's batch at f32 `params`; the batch's
+/// batch-norm statistics go to the objective (for running statistics).
+fn fast_engine<'a>(f: &'a dyn FastCapable, params: &Tensor) -> Result<crate::fast::Engine<'a>> {
+    let (x, y) = f.batch_host()?;
+    let p32 = params.to_vec1::<f32>()?;
+    let engine = crate::fast::Engine::new(f.model(), &p32, &x, &y)?;
+    f.record_bn_stats(engine.bn_batch_stats());
+    Ok(engine)
+}
+
 fn host(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?)
 }
@@ -170,10 +180,7 @@ impl GradientEstimator for Rge {
     ) -> Result<Estimate> {
         let d = params.dims1()?;
         if let (true, Some(f), DType::F32) = (self.fast, obj.fast(), params.dtype()) {
-            let (x, y) = f.batch_host()?;
-            let p32 = params.to_vec1::<f32>()?;
-            let engine = crate::fast::Engine::new(f.model(), &p32, &x, &y)?;
-            f.record_bn_stats(engine.bn_batch_stats());
+            let engine = fast_engine(f, params)?;
             let seeds: Vec<u64> = (0..self.q).map(|_| rng.random()).collect();
             let (g, q) = engine.rge(&seeds, self.mu, self.difference, self.direction)?;
             return Ok(Estimate {
@@ -314,10 +321,7 @@ impl GradientEstimator for Cge {
         let mut g = vec![0.0f64; d];
         let mut queries = 1u64;
         if let (CgeEngine::Fast, Some(f), DType::F32) = (self.engine, obj.fast(), params.dtype()) {
-            let (x, y) = f.batch_host()?;
-            let p32 = params.to_vec1::<f32>()?;
-            let engine = crate::fast::Engine::new(f.model(), &p32, &x, &y)?;
-            f.record_bn_stats(engine.bn_batch_stats());
+            let engine = fast_engine(f, params)?;
             let (gs, q) = engine.cge(
                 coords,
                 self.mu,
