@@ -7,8 +7,9 @@ use crate::objective::{FastCapable, Objective};
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::Rng;
-use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
+
+pub use crate::query::{draw_direction, Difference, Direction};
 
 /// A gradient estimate at one point.
 #[derive(Clone, Debug)]
@@ -39,28 +40,6 @@ pub trait GradientEstimator {
     fn on_epoch_start(&mut self, _epoch: usize, _seed: u64, _params: &mut Tensor) -> Result<()> {
         Ok(())
     }
-}
-
-/// Finite-difference scheme.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Difference {
-    /// `(f(θ + μu) − f(θ)) / μ`: one query per direction plus one base query.
-    #[default]
-    Forward,
-    /// `(f(θ + μu) − f(θ − μu)) / 2μ`: two queries per direction.
-    Central,
-}
-
-/// Distribution of RGE directions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// Standard Gaussian `u ~ N(0, I)`.
-    #[default]
-    Gaussian,
-    /// Uniform on the sphere of radius √d (same second moment as the Gaussian).
-    Sphere,
 }
 
 /// First-order baseline: the objective's exact gradient.
@@ -132,22 +111,6 @@ fn check_mu(mu: f64) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Draw one direction of dimension `d`.
-pub fn draw_direction(d: usize, direction: Direction, rng: &mut StdRng) -> Vec<f64> {
-    let mut u: Vec<f64> = (0..d).map(|_| StandardNormal.sample(rng)).collect();
-    if direction == Direction::Sphere {
-        let norm = u
-            .iter()
-            .map(|v| v * v)
-            .sum::<f64>()
-            .sqrt()
-            .max(f64::MIN_POSITIVE);
-        let s = (d as f64).sqrt() / norm;
-        u.iter_mut().for_each(|v| *v *= s);
-    }
-    u
 }
 
 /// The fast engine's base forward on the objective's batch at f32 `params`; the batch's

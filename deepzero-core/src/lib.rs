@@ -13,10 +13,12 @@ pub mod data;
 pub mod error;
 pub mod estimator;
 pub mod fast;
+pub mod head;
 pub mod layout;
 pub mod model;
 pub mod objective;
 pub mod optim;
+pub mod query;
 pub mod sparsity;
 pub mod trainer;
 

@@ -19,7 +19,7 @@
 pub mod kernels;
 
 use crate::error::{Error, Result};
-use crate::estimator::{draw_direction, Difference, Direction};
+use crate::query::{draw_direction, Difference, Direction};
 use crate::layout::ParamKind;
 use crate::model::{BnBatchStats, Model, Op, BN_EPS};
 use kernels::{Act, ConvGeom};
