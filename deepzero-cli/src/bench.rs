@@ -3,12 +3,13 @@
 use crate::common::{build_model, load_data, set_threads, DataArg, DataOpts, ModelArg, ModelOpts};
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use deepzero_core::estimator::{Cge, CgeEngine, Difference, GradientEstimator};
+use deepzero_core::estimator::{Cge, Difference, GradientEstimator, QueryEngine};
+use deepzero_core::head::Head;
 use deepzero_core::fast::kernels::{self, Act};
-use deepzero_core::fast::{query_costs, Engine, QueryMode};
+use deepzero_core::fast::{query_costs, Engine};
 use deepzero_core::model::{params_tensor, tensor_to_vec, Model, Precision};
 use deepzero_core::objective::ClassifierObjective;
-use deepzero_core::trainer::{batch_tensors, derive_seed};
+use deepzero_core::trainer::batch_tensors;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -158,8 +159,8 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
     let threads = rayon::current_num_threads();
     let (model, train) = model_for(a.model, a.depth, a.width, a.dataset, a.seed)?;
     let d = model.num_params();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(derive_seed(a.seed, &[0]));
-    let init = model.init_params(&mut rng);
+    let init = deepzero_core::seed::initial_params(&model, a.seed);
+    let mut rng = deepzero_core::seed::stream_rng(a.seed, &[3]);
     let idx = sample(&mut rng, train.len(), a.batch.min(train.len())).into_vec();
     let device = candle_core::Device::Cpu;
     let (x, y) = batch_tensors(&train, &idx, None, candle_core::DType::F32, &device)?;
@@ -178,23 +179,23 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
     };
     check.sort_unstable();
 
-    let engine = Engine::new(&model, &p32, &xh, &yh)?;
-    let time = |cs: &[usize], mode: QueryMode| -> Result<(Vec<f64>, f64)> {
+    let engine = Engine::new(&model, &p32, &xh, yh.len(), &Head::CrossEntropy(yh.clone()))?;
+    let time = |cs: &[usize], mode: QueryEngine| -> Result<(Vec<f64>, f64)> {
         let t = Instant::now();
         let (g, q) = engine.cge(cs, a.mu, Difference::Forward, mode)?;
         Ok((g, t.elapsed().as_secs_f64() / q as f64))
     };
-    let (fast_all, fast_s) = time(&coords, QueryMode::Fast)?;
-    let (_, reuse_s) = time(&coords, QueryMode::Reuse)?;
-    let (naive_g, naive_s) = time(&check, QueryMode::Naive)?;
-    let (reuse_g, _) = engine.cge(&check, a.mu, Difference::Forward, QueryMode::Reuse)?;
-    let (fast_g, _) = engine.cge(&check, a.mu, Difference::Forward, QueryMode::Fast)?;
+    let (fast_all, fast_s) = time(&coords, QueryEngine::Fast)?;
+    let (_, reuse_s) = time(&coords, QueryEngine::Reuse)?;
+    let (naive_g, naive_s) = time(&check, QueryEngine::Naive)?;
+    let (reuse_g, _) = engine.cge(&check, a.mu, Difference::Forward, QueryEngine::Reuse)?;
+    let (fast_g, _) = engine.cge(&check, a.mu, Difference::Forward, QueryEngine::Fast)?;
 
     // float64 reference: the candle model in f64 (reuse gives the naive numbers exactly).
     let p64 = params_tensor(&init, Precision::F64, &device)?;
-    let obj = ClassifierObjective::new(&model, x.to_dtype(candle_core::DType::F64)?, y)?;
+    let obj = ClassifierObjective::classifier(&model, x.to_dtype(candle_core::DType::F64)?, y)?;
     let mut reference =
-        Cge::new(a.mu, Difference::Forward, CgeEngine::Reuse)?.with_coords(check.clone());
+        Cge::new(a.mu, Difference::Forward, QueryEngine::Reuse)?.with_coords(check.clone());
     let g64 = tensor_to_vec(&reference.estimate(&obj, &p64, &mut rng)?.grad)?;
     let truth: Vec<f64> = check.iter().map(|&i| g64[i]).collect();
     let fast_rel = rel_l2(&fast_g, &truth);

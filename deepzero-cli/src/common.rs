@@ -3,8 +3,9 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use deepzero_core::data::{self, Augment, Dataset, DatasetKind, Normalization};
+use deepzero_core::error::Setting;
 use deepzero_core::estimator::{
-    Backprop, Cge, CgeEngine, Difference, Direction, GradientEstimator, Rge,
+    Cge, Difference, Direction, EstimatorConfig, EstimatorKind, GradientEstimator, QueryEngine,
 };
 use deepzero_core::model::{DeviceKind, Model, ModelSpec, Precision};
 use rand::{Rng, SeedableRng};
@@ -114,10 +115,10 @@ pub struct EstimatorOpts {
     #[arg(long, value_enum, default_value_t = EstimatorArg::Cge)]
     pub estimator: EstimatorArg,
     /// RGE directions per step.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = EstimatorConfig::default().q)]
     pub q: usize,
     /// Finite-difference step μ.
-    #[arg(long, default_value_t = 5e-3)]
+    #[arg(long, default_value_t = EstimatorConfig::default().mu)]
     pub mu: f64,
     /// Finite-difference scheme.
     #[arg(long, value_enum, default_value_t = DifferenceArg::Forward)]
@@ -125,29 +126,12 @@ pub struct EstimatorOpts {
     /// RGE direction distribution.
     #[arg(long, value_enum, default_value_t = DirectionArg::Gaussian)]
     pub direction: DirectionArg,
-    /// CGE query engine (all give the same numbers).
-    #[arg(long, value_enum, default_value_t = EngineArg::Fast)]
-    pub cge_engine: EngineArg,
-    /// RGE query path: full forwards on deepzero's kernels, threads over directions (`fast`,
-    /// f32), or candle forwards (`candle`). They draw directions differently.
-    #[arg(long, value_enum, default_value_t = RgeEngineArg::Fast)]
-    #[serde(default = "RgeEngineArg::candle")]
-    pub rge_engine: RgeEngineArg,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RgeEngineArg {
-    /// Candle forwards, one direction after the other.
-    Candle,
-    /// deepzero's own kernels, directions sharded over threads.
-    Fast,
-}
-impl RgeEngineArg {
-    /// Runs saved before this flag existed used candle.
-    fn candle() -> Self {
-        RgeEngineArg::Candle
-    }
+    /// How queries are evaluated (all give the same numbers up to rounding): `naive` one full
+    /// forward per query, `reuse` resumes at the perturbed layer, `fast` propagates the change
+    /// (CGE). RGE always runs full forwards.
+    #[arg(long, value_enum, default_value_t = EngineArg::Fast, alias = "cge-engine")]
+    #[serde(alias = "cge_engine")]
+    pub engine: EngineArg,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -156,21 +140,55 @@ pub enum DifferenceArg {
     Forward,
     Central,
 }
+impl From<DifferenceArg> for Difference {
+    fn from(d: DifferenceArg) -> Self {
+        match d {
+            DifferenceArg::Forward => Difference::Forward,
+            DifferenceArg::Central => Difference::Central,
+        }
+    }
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DirectionArg {
     Gaussian,
     Sphere,
 }
+impl From<DirectionArg> for Direction {
+    fn from(d: DirectionArg) -> Self {
+        match d {
+            DirectionArg::Gaussian => Direction::Gaussian,
+            DirectionArg::Sphere => Direction::Sphere,
+        }
+    }
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EngineArg {
-    /// One full forward per coordinate.
+    /// One full forward per query.
     Naive,
     /// Resume the forward at the perturbed layer (feature reuse).
     Reuse,
     /// Delta propagation on deepzero's own kernels, threads over queries (f32).
     Fast,
+}
+impl From<EngineArg> for QueryEngine {
+    fn from(e: EngineArg) -> Self {
+        match e {
+            EngineArg::Naive => QueryEngine::Naive,
+            EngineArg::Reuse => QueryEngine::Reuse,
+            EngineArg::Fast => QueryEngine::Fast,
+        }
+    }
+}
+impl From<EstimatorArg> for EstimatorKind {
+    fn from(e: EstimatorArg) -> Self {
+        match e {
+            EstimatorArg::Fo => EstimatorKind::Fo,
+            EstimatorArg::Rge => EstimatorKind::Rge,
+            EstimatorArg::Cge => EstimatorKind::Cge,
+        }
+    }
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -202,35 +220,50 @@ impl DeviceArg {
 }
 
 impl EstimatorOpts {
-    pub fn difference(&self) -> Difference {
-        match self.difference {
-            DifferenceArg::Forward => Difference::Forward,
-            DifferenceArg::Central => Difference::Central,
+    /// The core's configuration of these flags.
+    pub fn config(&self) -> EstimatorConfig {
+        EstimatorConfig {
+            kind: self.estimator.into(),
+            q: self.q,
+            mu: self.mu,
+            difference: self.difference.into(),
+            direction: self.direction.into(),
+            engine: self.engine.into(),
         }
     }
     pub fn build(&self) -> Result<Box<dyn GradientEstimator>> {
-        Ok(match self.estimator {
-            EstimatorArg::Fo => Box::new(Backprop),
-            EstimatorArg::Rge => {
-                let dir = match self.direction {
-                    DirectionArg::Gaussian => Direction::Gaussian,
-                    DirectionArg::Sphere => Direction::Sphere,
-                };
-                Box::new(
-                    Rge::new(self.q, self.mu, self.difference(), dir)?
-                        .with_fast(self.rge_engine == RgeEngineArg::Fast),
-                )
-            }
-            EstimatorArg::Cge => Box::new(self.cge()?),
-        })
+        Ok(self.config().build().map_err(flag_error)?)
     }
     pub fn cge(&self) -> Result<Cge> {
-        let engine = match self.cge_engine {
-            EngineArg::Naive => CgeEngine::Naive,
-            EngineArg::Reuse => CgeEngine::Reuse,
-            EngineArg::Fast => CgeEngine::Fast,
-        };
-        Ok(Cge::new(self.mu, self.difference(), engine)?)
+        Ok(self.config().cge().map_err(flag_error)?)
+    }
+}
+
+/// The command-line flag of a core setting.
+pub fn flag_of(setting: Setting) -> &'static str {
+    match setting {
+        Setting::Epochs => "--epochs",
+        Setting::LearningRate => "--lr",
+        Setting::WarmupEpochs => "--warmup-epochs",
+        Setting::Momentum => "--momentum",
+        Setting::WeightDecay => "--weight-decay",
+        Setting::Directions => "--q",
+        Setting::Mu => "--mu",
+        Setting::Sparsity => "--sparsity",
+        Setting::MaskInterval => "--mask-interval",
+        Setting::BatchSize => "--batch-size",
+        Setting::QueryBatch => "--query-batch",
+        Setting::Estimator => "--estimator",
+    }
+}
+
+/// A core error in the command line's words: an out-of-range setting names its flag.
+pub fn flag_error(e: deepzero_core::Error) -> anyhow::Error {
+    match e {
+        deepzero_core::Error::Invalid { setting, message } => {
+            anyhow::anyhow!("{} {message}", flag_of(setting))
+        }
+        other => other.into(),
     }
 }
 
@@ -396,18 +429,15 @@ impl SparsityOpts {
     }
 }
 
-/// Kaiming initial parameters of a run: the seed stream `[0]` of `seed` (what `train` uses, so
-/// that `prune` scores the network that `train` starts from).
+/// Kaiming initial parameters of a run ([`deepzero_core::seed::initial_params`]) as a tensor.
 pub fn initial_params(
     model: &Model,
     seed: u64,
     precision: Precision,
     device: &candle_core::Device,
 ) -> Result<candle_core::Tensor> {
-    let mut rng =
-        rand::rngs::StdRng::seed_from_u64(deepzero_core::trainer::derive_seed(seed, &[0]));
     Ok(deepzero_core::model::params_tensor(
-        &model.init_params(&mut rng),
+        &deepzero_core::seed::initial_params(model, seed),
         precision,
         device,
     )?)

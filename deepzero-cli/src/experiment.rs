@@ -62,9 +62,9 @@ pub struct CommonOpts {
     /// Seed of every sub-run.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// CGE query engine.
-    #[arg(long, value_enum, default_value_t = EngineArg::Fast)]
-    pub cge_engine: EngineArg,
+    /// Query engine (all give the same numbers up to rounding).
+    #[arg(long, value_enum, default_value_t = EngineArg::Fast, alias = "cge-engine")]
+    pub engine: EngineArg,
     /// Threads for tensor kernels (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -150,7 +150,7 @@ fn base_args(c: &CommonOpts) -> Result<TrainArgs> {
     a.warmup_epochs = c.warmup_epochs;
     a.seed = c.seed;
     a.threads = c.threads;
-    a.estimator.cge_engine = c.cge_engine;
+    a.estimator.engine = c.engine;
     a.overwrite = c.overwrite;
     Ok(a)
 }
@@ -201,7 +201,7 @@ impl Runner {
             s
         } else {
             eprintln!("{tag}: training → {}", dir.display());
-            if self.resume && dir.join("checkpoint.json").is_file() {
+            if self.resume && deepzero_core::checkpoint::exists(&dir) {
                 args.resume = Some(dir.to_path_buf());
             } else {
                 args.out = Some(dir.to_path_buf());

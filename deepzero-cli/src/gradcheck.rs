@@ -1,16 +1,16 @@
 //! `deepzero gradcheck`: an estimator's gradient against backprop's on one batch.
 
 use crate::common::{
-    build_model, load_data, DataOpts, DtypeArg, EstimatorArg, EstimatorOpts, ModelOpts,
+    build_model, initial_params, load_data, DataOpts, DtypeArg, EstimatorArg, EstimatorOpts,
+    ModelOpts,
 };
 use anyhow::{bail, Result};
 use clap::Args;
 use deepzero_core::estimator::{Backprop, GradientEstimator};
-use deepzero_core::model::{params_tensor, tensor_to_vec};
+use deepzero_core::model::tensor_to_vec;
 use deepzero_core::objective::ClassifierObjective;
-use deepzero_core::trainer::{batch_tensors, derive_seed};
+use deepzero_core::trainer::batch_tensors;
 use rand::seq::index::sample;
-use rand::SeedableRng;
 use serde::Serialize;
 
 /// Flags of `deepzero gradcheck`.
@@ -119,12 +119,13 @@ pub fn check(args: &GradcheckArgs) -> Result<GradcheckReport> {
     let device = candle_core::Device::Cpu;
     let (train, _, _) = load_data(&args.data, args.seed, false)?;
     let model = build_model(&args.model, &train)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(derive_seed(args.seed, &[0]));
-    let params = params_tensor(&model.init_params(&mut rng), precision, &device)?;
+    let params = initial_params(&model, args.seed, precision, &device)?;
+    // The batch and the coordinates checked: a stream of their own.
+    let mut rng = deepzero_core::seed::stream_rng(args.seed, &[3]);
     let n = args.batch_size.min(train.len());
     let idx: Vec<usize> = sample(&mut rng, train.len(), n).into_vec();
     let (x, y) = batch_tensors(&train, &idx, None, precision.dtype(), &device)?;
-    let obj = ClassifierObjective::new(&model, x, y)?;
+    let obj = ClassifierObjective::classifier(&model, x, y)?;
     let d = model.num_params();
     let coords: Vec<usize> = if args.coords == 0 || args.coords >= d {
         (0..d).collect()

@@ -2,8 +2,8 @@
 //! set-up of sparse training for `deepzero train --sparsity`.
 
 use crate::common::{
-    build_model, initial_params, load_data, DataOpts, DtypeArg, EstimatorArg, EstimatorOpts,
-    ModelOpts, PruneArg, SparsityOpts,
+    build_model, flag_error, initial_params, load_data, DataOpts, DtypeArg, EstimatorArg,
+    EstimatorOpts, ModelOpts, PruneArg, SparsityOpts,
 };
 use crate::report;
 use anyhow::{bail, Context, Result};
@@ -11,17 +11,12 @@ use clap::Args;
 use deepzero_core::data::Dataset;
 use deepzero_core::estimator::GradientEstimator;
 use deepzero_core::model::Model;
-use deepzero_core::objective::ClassifierObjective;
+use deepzero_core::model::Precision;
 use deepzero_core::sparsity::{
-    self, weight_mask, CoordinateSampler, LayerRatios, PruneConfig, PrunedBackprop, Pruning,
-    SparseBackprop, SparseCge,
+    self, CoordinateSampler, LayerRatios, PruneConfig, Pruning, SparseConfig,
 };
-use deepzero_core::trainer::{batch_tensors, derive_seed};
-use rand::SeedableRng;
+use deepzero_core::task::{ClassificationConfig, ClassificationTask};
 use std::path::PathBuf;
-
-/// Seed stream of the pruning batch and of the RGE directions of ZO-GraSP.
-const PRUNE_STREAM: u64 = 0x5052_554e;
 
 /// Flags of `deepzero prune`.
 #[derive(Args, Debug, Clone)]
@@ -64,7 +59,7 @@ pub fn run(mut args: PruneArgs) -> Result<()> {
         q: args.q,
         mu: args.mu,
     };
-    config.validate()?;
+    config.validate().map_err(flag_error)?;
     let device = candle_core::Device::Cpu;
     let (train, _, _) = load_data(&args.data, args.seed, false)?;
     let model = build_model(&args.model, &train)?;
@@ -99,16 +94,25 @@ pub fn prune_at_init(
     per_class: usize,
     seed: u64,
 ) -> Result<Pruning> {
-    config.validate()?;
     if per_class == 0 {
         bail!("--per-class must be at least 1");
     }
-    let sample = train.balanced_sample(per_class, derive_seed(seed, &[PRUNE_STREAM, 0]));
-    let idx: Vec<usize> = (0..sample.len()).collect();
-    let (x, y) = batch_tensors(&sample, &idx, None, init.dtype(), init.device())?;
-    let obj = ClassifierObjective::new(model, x, y)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(derive_seed(seed, &[PRUNE_STREAM, 1]));
-    sparsity::prune(model, &obj, init, config, &mut rng)
+    let task = ClassificationTask::new(
+        model,
+        train,
+        train,
+        ClassificationConfig {
+            prune_per_class: per_class,
+            precision: if init.dtype() == candle_core::DType::F64 {
+                Precision::F64
+            } else {
+                Precision::F32
+            },
+            ..Default::default()
+        },
+    )?;
+    sparsity::prune_task(model, &task, init, config, seed)
+        .map_err(flag_error)
         .with_context(|| format!("pruning with {}", config.method))
 }
 
@@ -139,7 +143,7 @@ pub fn build_estimator(
         });
     }
     if let Some(s) = sp.sparsity {
-        sparsity::check_sparsity(s)?;
+        sparsity::check_sparsity(s).map_err(flag_error)?;
     }
     if est.estimator == EstimatorArg::Rge {
         bail!("--sparsity applies to --estimator cge (sparse CGE) or fo (sparse gradients, --prune-weights), not rge");
@@ -191,50 +195,44 @@ pub fn build_estimator(
         .iter()
         .map(|l| format!("{} {:.3}", l.name, l.keep_ratio))
         .collect();
-    let estimator: Box<dyn GradientEstimator> = if sp.prune_weights {
-        let keep = weight_mask(&model.layout, &ratios, scores.as_deref(), seed)?;
-        let e = PrunedBackprop::new(keep);
-        eprintln!(
-            "pruned network ({} mask): {} of {} parameters trained; keep ratios: {}",
-            if scores.is_some() {
-                "top-|score|"
-            } else {
-                "random"
-            },
-            e.num_kept(),
-            model.num_params(),
-            layers.join(", ")
-        );
-        Box::new(e)
-    } else {
-        let sampler =
-            CoordinateSampler::new(&model.layout, &ratios, sp.mask_interval, sp.sparse_all)?;
-        let n = sampler.num_coords();
-        match est.estimator {
-            EstimatorArg::Cge => {
-                let cge = est.cge()?;
-                let dense = cge.queries_per_step(model.num_params());
-                let e = SparseCge::new(cge, sampler);
-                eprintln!(
-                    "sparse CGE: {n} of {} coordinates per step, redrawn every {} epochs → {} queries per step (dense CGE {dense}); keep ratios: {}",
-                    model.num_params(),
-                    sp.mask_interval,
-                    e.queries_per_step(),
-                    layers.join(", ")
-                );
-                Box::new(e)
-            }
-            _ => {
-                eprintln!(
-                    "sparse gradients (backprop): {n} of {} coordinates per step, redrawn every {} epochs; keep ratios: {}",
-                    model.num_params(),
-                    sp.mask_interval,
-                    layers.join(", ")
-                );
-                Box::new(SparseBackprop::new(sampler))
-            }
-        }
+    let config = SparseConfig {
+        mask_interval: sp.mask_interval,
+        sparse_all: sp.sparse_all,
+        prune_weights: sp.prune_weights,
     };
+    let estimator = sparsity::sparse_estimator(
+        &est.config(),
+        &model.layout,
+        &ratios,
+        scores.as_deref(),
+        &config,
+        seed,
+    )
+    .map_err(flag_error)?;
+    let n = CoordinateSampler::new(&model.layout, &ratios, sp.mask_interval, sp.sparse_all)?
+        .num_coords();
+    let d = model.num_params();
+    let layers = layers.join(", ");
+    match (sp.prune_weights, est.estimator) {
+        (true, _) => eprintln!(
+            "pruned network ({} mask): {}; keep ratios: {layers}",
+            if scores.is_some() { "top-|score|" } else { "random" },
+            estimator.name(),
+        ),
+        (false, EstimatorArg::Cge) => {
+            let cge = est.cge()?;
+            eprintln!(
+                "sparse CGE: {n} of {d} coordinates per step, redrawn every {} epochs → {} queries per step (dense CGE {}); keep ratios: {layers}",
+                sp.mask_interval,
+                cge.queries_for(n),
+                cge.queries_per_step(d),
+            );
+        }
+        _ => eprintln!(
+            "sparse gradients (backprop): {n} of {d} coordinates per step, redrawn every {} epochs; keep ratios: {layers}",
+            sp.mask_interval,
+        ),
+    }
     Ok(EstimatorSetup {
         estimator,
         ratios: Some(ratios),

@@ -1,8 +1,8 @@
 //! `deepzero train`: one run, one directory.
 
 use crate::common::{
-    build_model, initial_params, load_data, set_threads, DataOpts, DeviceArg, DtypeArg,
-    EstimatorOpts, ModelOpts, SparsityOpts,
+    build_model, flag_error, initial_params, load_data, set_threads, DataOpts, DeviceArg,
+    DtypeArg, EstimatorOpts, ModelOpts, SparsityOpts,
 };
 use crate::report::{self, LineChart, Series};
 use anyhow::{bail, Context, Result};
@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use deepzero_core::checkpoint;
 use deepzero_core::model::Model;
 use deepzero_core::optim::{OptimizerConfig, OptimizerKind};
+use deepzero_core::task::{ClassificationConfig, ClassificationTask, Task};
 use deepzero_core::trainer::{EpochMetrics, Observer, StepInfo, TrainConfig, TrainState, Trainer};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -154,8 +155,6 @@ pub fn execute(args: TrainArgs) -> Result<Summary> {
     let model = build_model(&args.model, &train)?;
     let config = TrainConfig {
         epochs: args.epochs,
-        batch_size: args.batch_size,
-        eval_batch_size: 500,
         lr: args.lr,
         warmup_epochs: args.warmup_epochs.unwrap_or(args.epochs / 10),
         optimizer: OptimizerConfig {
@@ -166,12 +165,26 @@ pub fn execute(args: TrainArgs) -> Result<Summary> {
             momentum: args.momentum,
             weight_decay: args.weight_decay,
         },
-        augment,
-        precision: args.dtype.precision(),
         seed: args.seed,
     };
-    config.validate()?;
-    let init = initial_params(&model, args.seed, config.precision, &device)?;
+    config.validate().map_err(flag_error)?;
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let precision = args.dtype.precision();
+    let mut task = ClassificationTask::new(
+        &model,
+        &train,
+        &test,
+        ClassificationConfig {
+            batch_size: args.batch_size,
+            eval_batch_size: 500,
+            augment,
+            precision,
+            prune_per_class: args.sparsity.prune_per_class,
+        },
+    )?;
+    let init = initial_params(&model, args.seed, precision, &device)?;
     let setup = crate::prune::build_estimator(
         &args.estimator,
         &args.sparsity,
@@ -184,10 +197,10 @@ pub fn execute(args: TrainArgs) -> Result<Summary> {
     if let (Some(r), false) = (&setup.ratios, resumed) {
         report::write_json_atomic(&dir.join("ratios.json"), r)?;
     }
-    let mut optimizer = config.optimizer.build()?;
+    let mut optimizer = config.optimizer.build().map_err(flag_error)?;
     let mut state = if resumed {
         let mut s = checkpoint::load(&dir, &device)?;
-        s.params = s.params.to_dtype(config.precision.dtype())?;
+        s.params = s.params.to_dtype(precision.dtype())?;
         optimizer.load_state(&s.optimizer)?;
         if s.epoch >= config.epochs {
             bail!(
@@ -200,15 +213,7 @@ pub fn execute(args: TrainArgs) -> Result<Summary> {
         s
     } else {
         report::write_json_atomic(&dir.join("config.json"), &args)?;
-        TrainState {
-            epoch: 0,
-            params: init,
-            bn: model.new_bn_state(),
-            optimizer: Default::default(),
-            queries: 0,
-            seconds: 0.0,
-            history: Vec::new(),
-        }
+        TrainState::new(init)
     };
     eprintln!(
         "deepzero train: {} ({} params) on {:?} ({} train / {} test), estimator {}, {} epochs → {}",
@@ -221,25 +226,26 @@ pub fn execute(args: TrainArgs) -> Result<Summary> {
         config.epochs,
         dir.display()
     );
-    let trainer = Trainer {
-        model: &model,
-        train: &train,
-        test: &test,
-        config: &config,
-    };
-    let mut obs = RunObserver::new(&dir, trainer.steps_per_epoch(), &model, &args)?;
+    let steps_per_epoch = task.steps_per_epoch();
+    let trainer = Trainer { config: &config };
+    let mut obs = RunObserver::new(&dir, steps_per_epoch, &model, &args)?;
     let started = Instant::now();
-    trainer.run(&mut state, estimator.as_mut(), optimizer.as_mut(), &mut obs)?;
+    trainer
+        .run(
+            &mut task,
+            &mut state,
+            estimator.as_mut(),
+            optimizer.as_mut(),
+            &mut obs,
+        )
+        .map_err(flag_error)?;
     obs.bar.finish_and_clear();
     let last = state.history.last().context("no epoch finished")?;
-    let steps = (trainer.steps_per_epoch() * state.epoch) as f64;
+    let steps = (steps_per_epoch * state.epoch) as f64;
+    let accuracy = |m: &EpochMetrics| m.get("test_accuracy").unwrap_or(f64::NAN);
     let summary = Summary {
-        test_accuracy: last.test_accuracy,
-        best_test_accuracy: state
-            .history
-            .iter()
-            .map(|m| m.test_accuracy)
-            .fold(0.0, f64::max),
+        test_accuracy: accuracy(last),
+        best_test_accuracy: state.history.iter().map(accuracy).fold(0.0, f64::max),
         final_train_loss: last.train_loss,
         queries: state.queries,
         queries_per_step: state.queries as f64 / steps.max(1.0),
@@ -317,12 +323,7 @@ impl Observer for RunObserver {
         let io = |e: anyhow::Error| {
             deepzero_core::Error::Config(format!("writing the run directory: {e:#}"))
         };
-        self.bar.suspend(|| {
-            eprintln!(
-                "epoch {:>3}: train loss {:.4}  test loss {:.4}  test acc {:.4}  queries {}  {:.1}s",
-                m.epoch, m.train_loss, m.test_loss, m.test_accuracy, m.queries, m.seconds
-            )
-        });
+        self.bar.suspend(|| eprintln!("{}", epoch_line(m)));
         // Checkpoint first, then rewrite metrics.jsonl from the checkpointed history, so that a
         // run killed at any point resumes with metrics and parameters that agree.
         checkpoint::save(&self.dir, state)?;
@@ -337,46 +338,91 @@ impl Observer for RunObserver {
     }
 }
 
-fn plot_history(dir: &Path, h: &[EpochMetrics], label: &str) -> Result<()> {
-    let acc = [Series {
-        label: format!("test accuracy ({label})"),
+/// One line per finished epoch: the fixed figures and the task's metrics by name.
+pub fn epoch_line(m: &EpochMetrics) -> String {
+    let metrics: Vec<String> = m
+        .metrics
+        .iter()
+        .map(|(k, v)| format!("{} {v:.4}", k.replace('_', " ")))
+        .collect();
+    format!(
+        "epoch {:>3}: train loss {:.4}  {}  queries {}  {:.1}s",
+        m.epoch,
+        m.train_loss,
+        metrics.join("  "),
+        m.queries,
+        m.seconds
+    )
+}
+
+/// Plots of a run's history, named by the task's metrics: every metric whose name ends in
+/// `loss` goes into `loss.png|svg` with the training loss, every `…accuracy` metric into
+/// `accuracy.png|svg`, and any other metric into a chart of its own name.
+pub fn plot_history(dir: &Path, h: &[EpochMetrics], label: &str) -> Result<()> {
+    let names: Vec<String> = h
+        .first()
+        .map(|m| m.metrics.iter().map(|(k, _)| k.clone()).collect())
+        .unwrap_or_default();
+    let series = |name: &str, label: String| Series {
+        label,
         points: h
             .iter()
-            .map(|m| (m.epoch as f64, m.test_accuracy))
+            .filter_map(|m| m.get(name).map(|v| (m.epoch as f64, v)))
             .collect(),
-    }];
-    report::write_line_chart(
-        dir,
-        "accuracy",
-        &LineChart {
-            title: "Test accuracy",
-            x_label: "epoch",
-            y_label: "accuracy",
-            series: &acc,
-            y_range: None,
-            log_y: false,
-        },
-    )?;
-    let loss = [
-        Series {
-            label: "train loss".into(),
-            points: h.iter().map(|m| (m.epoch as f64, m.train_loss)).collect(),
-        },
-        Series {
-            label: "test loss".into(),
-            points: h.iter().map(|m| (m.epoch as f64, m.test_loss)).collect(),
-        },
-    ];
+    };
+    let pretty = |n: &str| n.replace('_', " ");
+    let mut loss = vec![series("train_loss", "train loss".into())];
+    let mut accuracy = Vec::new();
+    let mut others = Vec::new();
+    for n in &names {
+        if n.ends_with("loss") {
+            loss.push(series(n, pretty(n)));
+        } else if n.ends_with("accuracy") {
+            accuracy.push(series(n, format!("{} ({label})", pretty(n))));
+        } else {
+            others.push(n.clone());
+        }
+    }
+    if !accuracy.is_empty() {
+        report::write_line_chart(
+            dir,
+            "accuracy",
+            &LineChart {
+                title: "Test accuracy",
+                x_label: "epoch",
+                y_label: "accuracy",
+                series: &accuracy,
+                y_range: None,
+                log_y: false,
+            },
+        )?;
+    }
     report::write_line_chart(
         dir,
         "loss",
         &LineChart {
             title: "Loss",
             x_label: "epoch",
-            y_label: "cross-entropy",
+            y_label: "loss",
             series: &loss,
             y_range: None,
             log_y: false,
         },
-    )
+    )?;
+    for n in others {
+        let title = pretty(&n);
+        report::write_line_chart(
+            dir,
+            &n,
+            &LineChart {
+                title: &title,
+                x_label: "epoch",
+                y_label: &title,
+                series: &[series(&n, format!("{title} ({label})"))],
+                y_range: None,
+                log_y: false,
+            },
+        )?;
+    }
+    Ok(())
 }

@@ -1,5 +1,14 @@
-//! Checkpoints: `checkpoint.safetensors` (parameters, optimizer state) and `checkpoint.json`
-//! (epoch, counters, batch-norm statistics, metrics so far), both written atomically.
+//! Checkpoints: one atomic unit per epoch.
+//!
+//! A checkpoint is a directory `checkpoints/epoch-NNNNNN/` inside the run directory holding
+//! `tensors.safetensors` (parameters, optimizer state) and `state.json` (epoch, counters, the
+//! task's state, metrics so far). It is written under a temporary name, every file and the
+//! directory are fsync'd, and one `rename` makes it visible; only then are older checkpoints
+//! removed. A kill at any moment leaves either the old checkpoint or the new one, never a mix.
+//! [`load`] takes the newest complete checkpoint and checks that its parts agree.
+//!
+//! Run directories written before this layout (`checkpoint.safetensors` + `checkpoint.json` at
+//! the top) are still read.
 
 use crate::error::{Error, Result};
 use crate::model::BnState;
@@ -7,73 +16,221 @@ use crate::trainer::{EpochMetrics, TrainState};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 
-/// File names inside a run directory.
-pub const TENSORS_FILE: &str = "checkpoint.safetensors";
-/// Companion JSON file.
-pub const STATE_FILE: &str = "checkpoint.json";
+/// Folder of checkpoints inside a run directory.
+pub const DIR: &str = "checkpoints";
+/// Tensors inside a checkpoint.
+pub const TENSORS_FILE: &str = "tensors.safetensors";
+/// Counters and task state inside a checkpoint.
+pub const STATE_FILE: &str = "state.json";
+/// Version of `state.json`.
+const FORMAT: u32 = 2;
+/// Files of the layout before version 2, at the top of the run directory.
+const LEGACY_TENSORS: &str = "checkpoint.safetensors";
+const LEGACY_STATE: &str = "checkpoint.json";
 
 #[derive(Serialize, Deserialize)]
 struct Meta {
+    #[serde(default)]
+    format: u32,
     epoch: usize,
     queries: u64,
     seconds: f64,
-    bn: BnState,
+    /// The task's state (version 2).
+    #[serde(default)]
+    task: serde_json::Value,
+    /// Batch-norm statistics (version 1, classification only).
+    #[serde(default, skip_serializing)]
+    bn: Option<BnState>,
     history: Vec<EpochMetrics>,
 }
 
-fn atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    write(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+/// Where a save may be interrupted, for tests of atomicity ([`save_interrupted`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interruption {
+    /// After the tensors are written, before the state file.
+    AfterTensors,
+    /// After both files are written and synced, before the rename.
+    BeforeCommit,
+    /// After the rename, before older checkpoints are removed.
+    BeforeCleanup,
 }
 
-/// Write the state into `dir`.
-pub fn save(dir: &Path, state: &TrainState) -> Result<()> {
+fn name_of(epoch: usize) -> String {
+    format!("epoch-{epoch:06}")
+}
+
+fn epoch_of(name: &str) -> Option<usize> {
+    name.strip_prefix("epoch-")?.parse().ok()
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+/// Complete checkpoints in `run_dir`, oldest first: `(epoch, path)`.
+fn complete(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let root = run_dir.join(DIR);
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&root).map_err(|e| Error::io(&root, e))? {
+        let entry = entry.map_err(|e| Error::io(&root, e))?;
+        if let Some(epoch) = entry.file_name().to_str().and_then(epoch_of) {
+            out.push((epoch, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Whether `run_dir` holds a checkpoint to resume from (either layout).
+pub fn exists(run_dir: &Path) -> bool {
+    complete(run_dir).is_ok_and(|c| !c.is_empty())
+        || (run_dir.join(LEGACY_TENSORS).is_file() && run_dir.join(LEGACY_STATE).is_file())
+}
+
+/// Write the state into `run_dir` as one atomic checkpoint.
+pub fn save(run_dir: &Path, state: &TrainState) -> Result<()> {
+    save_interrupted(run_dir, state, None)
+}
+
+/// [`save`], stopping (with an error) at `stop`: what a kill at that moment leaves behind.
+pub fn save_interrupted(run_dir: &Path, state: &TrainState, stop: Option<Interruption>) -> Result<()> {
+    let root = run_dir.join(DIR);
+    std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+    let name = name_of(state.epoch);
+    let tmp = root.join(format!("{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let interrupted = |at: Interruption| -> Result<()> {
+        if stop == Some(at) {
+            return Err(Error::Config(format!("checkpoint save interrupted ({at:?})")));
+        }
+        Ok(())
+    };
+
     let mut tensors: HashMap<String, Tensor> = state.optimizer.clone();
     tensors.insert("params".into(), state.params.clone());
-    atomic(&dir.join(TENSORS_FILE), |p| {
-        Ok(candle_core::safetensors::save(&tensors, p)?)
-    })?;
+    let tpath = tmp.join(TENSORS_FILE);
+    candle_core::safetensors::save(&tensors, &tpath)?;
+    File::open(&tpath)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(&tpath, e))?;
+    interrupted(Interruption::AfterTensors)?;
+
     let meta = Meta {
+        format: FORMAT,
         epoch: state.epoch,
         queries: state.queries,
         seconds: state.seconds,
-        bn: state.bn.clone(),
+        task: state.task.clone(),
+        bn: None,
         history: state.history.clone(),
     };
     let json = serde_json::to_vec_pretty(&meta).map_err(|source| Error::Json {
         context: "checkpoint".into(),
         source,
     })?;
-    atomic(&dir.join(STATE_FILE), |p| {
-        std::fs::write(p, &json).map_err(|e| Error::io(p, e))
-    })
+    write_synced(&tmp.join(STATE_FILE), &json)?;
+    sync_dir(&tmp)?;
+    interrupted(Interruption::BeforeCommit)?;
+
+    let dest = root.join(&name);
+    if dest.exists() {
+        // The same epoch saved again (a resumed run repeating it): replace it.
+        std::fs::remove_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+    sync_dir(&root)?;
+    interrupted(Interruption::BeforeCleanup)?;
+
+    // The new checkpoint is durable: drop older ones, leftovers of interrupted saves, and the
+    // files of the layout before version 2.
+    for entry in std::fs::read_dir(&root).map_err(|e| Error::io(&root, e))? {
+        let entry = entry.map_err(|e| Error::io(&root, e))?;
+        let fname = entry.file_name();
+        let fname = fname.to_string_lossy();
+        let older = epoch_of(&fname).is_some_and(|e| e != state.epoch);
+        if older || fname.contains(".tmp-") {
+            std::fs::remove_dir_all(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+        }
+    }
+    for legacy in [LEGACY_TENSORS, LEGACY_STATE] {
+        let p = run_dir.join(legacy);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    sync_dir(&root)
 }
 
-/// Read a state written by [`save`].
-pub fn load(dir: &Path, device: &Device) -> Result<TrainState> {
-    let tpath = dir.join(TENSORS_FILE);
-    let spath = dir.join(STATE_FILE);
-    if !tpath.exists() || !spath.exists() {
-        return Err(Error::NotFound(format!(
-            "{}: no checkpoint ({TENSORS_FILE} and {STATE_FILE}) to resume from; the run saves one after each epoch",
-            dir.display()
-        )));
+/// Read the newest checkpoint of `run_dir`.
+pub fn load(run_dir: &Path, device: &Device) -> Result<TrainState> {
+    if let Some((epoch, dir)) = complete(run_dir)?.pop() {
+        let state = read(&dir.join(TENSORS_FILE), &dir.join(STATE_FILE), device)?;
+        if state.epoch != epoch {
+            return Err(Error::data(
+                dir.join(STATE_FILE),
+                format!(
+                    "the checkpoint directory is for epoch {epoch} but its state says epoch {}; the checkpoint is damaged",
+                    state.epoch
+                ),
+            ));
+        }
+        return Ok(state);
     }
-    let mut tensors = candle_core::safetensors::load(&tpath, device)
-        .map_err(|e| Error::data(&tpath, e.to_string()))?;
+    let (t, s) = (run_dir.join(LEGACY_TENSORS), run_dir.join(LEGACY_STATE));
+    if t.is_file() && s.is_file() {
+        return read(&t, &s, device);
+    }
+    Err(Error::NotFound(format!(
+        "{}: no checkpoint ({DIR}/epoch-N/) to resume from; the run saves one after each epoch",
+        run_dir.display()
+    )))
+}
+
+fn read(tpath: &Path, spath: &Path, device: &Device) -> Result<TrainState> {
+    let mut tensors = candle_core::safetensors::load(tpath, device)
+        .map_err(|e| Error::data(tpath, e.to_string()))?;
     let params = tensors
         .remove("params")
-        .ok_or_else(|| Error::data(&tpath, "no `params` tensor in the checkpoint"))?;
-    let bytes = std::fs::read(&spath).map_err(|e| Error::io(&spath, e))?;
+        .ok_or_else(|| Error::data(tpath, "no `params` tensor in the checkpoint"))?;
+    let bytes = std::fs::read(spath).map_err(|e| Error::io(spath, e))?;
     let meta: Meta =
-        serde_json::from_slice(&bytes).map_err(|e| Error::data(&spath, e.to_string()))?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::data(spath, e.to_string()))?;
+    if meta.history.len() != meta.epoch {
+        return Err(Error::data(
+            spath,
+            format!(
+                "the checkpoint is at epoch {} but holds metrics of {} epochs; it is damaged",
+                meta.epoch,
+                meta.history.len()
+            ),
+        ));
+    }
+    let task = match (meta.task, meta.bn) {
+        (serde_json::Value::Null, Some(bn)) => serde_json::json!({ "bn": bn }),
+        (t, _) => t,
+    };
     Ok(TrainState {
         epoch: meta.epoch,
         params,
-        bn: meta.bn,
+        task,
         optimizer: tensors,
         queries: meta.queries,
         seconds: meta.seconds,

@@ -34,9 +34,67 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// A setting is out of range, in core's words; front ends name their own flag for
+    /// [`Setting`] (the CLI maps [`Setting::LearningRate`] to `--lr`).
+    #[error("{} {message}", setting.name())]
+    Invalid {
+        /// Which setting.
+        setting: Setting,
+        /// What is wrong with it and the value given (`must be positive, got -1`).
+        message: String,
+    },
     /// The loss became NaN or infinite.
     #[error("training diverged: {0}")]
     Diverged(String),
+}
+
+/// The settings core validates (see [`Error::Invalid`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Setting {
+    /// Training epochs.
+    Epochs,
+    /// Peak learning rate.
+    LearningRate,
+    /// Warm-up epochs.
+    WarmupEpochs,
+    /// SGD momentum / Adam β1.
+    Momentum,
+    /// L2 weight decay.
+    WeightDecay,
+    /// RGE directions per estimate.
+    Directions,
+    /// Finite-difference step μ.
+    Mu,
+    /// Fraction of weights left out of the gradient.
+    Sparsity,
+    /// Epochs between coordinate-set redraws.
+    MaskInterval,
+    /// Samples per step.
+    BatchSize,
+    /// Queries evaluated in one call.
+    QueryBatch,
+    /// The gradient estimator.
+    Estimator,
+}
+
+impl Setting {
+    /// Name in core's words.
+    pub fn name(self) -> &'static str {
+        match self {
+            Setting::Epochs => "the number of epochs",
+            Setting::LearningRate => "the learning rate",
+            Setting::WarmupEpochs => "the number of warm-up epochs",
+            Setting::Momentum => "the momentum",
+            Setting::WeightDecay => "the weight decay",
+            Setting::Directions => "the number of RGE directions",
+            Setting::Mu => "the finite-difference step μ",
+            Setting::Sparsity => "the sparsity",
+            Setting::MaskInterval => "the mask interval",
+            Setting::BatchSize => "the batch size",
+            Setting::QueryBatch => "the query batch",
+            Setting::Estimator => "the estimator",
+        }
+    }
 }
 
 /// Result with the core [`Error`].
@@ -48,6 +106,13 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+    /// An out-of-range setting.
+    pub fn invalid(setting: Setting, message: impl Into<String>) -> Self {
+        Error::Invalid {
+            setting,
+            message: message.into(),
         }
     }
     /// A format error in the data file `path`.

@@ -1,15 +1,21 @@
 //! Gradient estimators: backprop (first-order baseline), RGE and CGE.
 //!
 //! Every estimator sees only an [`Objective`] and counts the queries (loss evaluations) it made.
+//! Queries run in parallel over the rayon pool. On any objective the result does not depend on
+//! the thread count: each query's value depends only on its own point, CGE writes each
+//! coordinate's difference to its own place, and RGE adds its terms in fixed groups in a fixed
+//! order.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Setting};
+use crate::fast;
 use crate::objective::{FastCapable, Objective};
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-pub use crate::query::{draw_direction, Difference, Direction};
+pub use crate::query::{draw_direction, Difference, Direction, QueryEngine};
 
 /// A gradient estimate at one point.
 #[derive(Clone, Debug)]
@@ -42,6 +48,72 @@ pub trait GradientEstimator {
     }
 }
 
+/// Queries handed to [`Objective::losses`] in one call by the generic (non-graph) paths: enough
+/// for a black box to answer one large batch, few enough that the per-thread copies of the
+/// parameters stay small.
+pub const QUERY_BATCH: usize = 16;
+
+/// Which estimator, with its settings: what a run's configuration names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EstimatorConfig {
+    /// Backprop, RGE or CGE.
+    pub kind: EstimatorKind,
+    /// RGE directions per step.
+    pub q: usize,
+    /// Finite-difference step μ.
+    pub mu: f64,
+    /// Forward or central difference.
+    pub difference: Difference,
+    /// RGE direction distribution.
+    pub direction: Direction,
+    /// How queries are evaluated.
+    pub engine: QueryEngine,
+}
+
+/// The three estimators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EstimatorKind {
+    /// First-order baseline (backprop).
+    Fo,
+    /// Randomized gradient estimate.
+    Rge,
+    /// Coordinate-wise gradient estimate.
+    #[default]
+    Cge,
+}
+
+impl Default for EstimatorConfig {
+    fn default() -> Self {
+        EstimatorConfig {
+            kind: EstimatorKind::Cge,
+            q: 10,
+            mu: 5e-3,
+            difference: Difference::Forward,
+            direction: Direction::Gaussian,
+            engine: QueryEngine::Fast,
+        }
+    }
+}
+
+impl EstimatorConfig {
+    /// The dense estimator.
+    pub fn build(&self) -> Result<Box<dyn GradientEstimator>> {
+        Ok(match self.kind {
+            EstimatorKind::Fo => Box::new(Backprop),
+            EstimatorKind::Rge => Box::new(
+                Rge::new(self.q, self.mu, self.difference, self.direction)?
+                    .with_engine(self.engine),
+            ),
+            EstimatorKind::Cge => Box::new(self.cge()?),
+        })
+    }
+    /// The CGE these settings describe.
+    pub fn cge(&self) -> Result<Cge> {
+        Cge::new(self.mu, self.difference, self.engine)
+    }
+}
+
 /// First-order baseline: the objective's exact gradient.
 #[derive(Clone, Debug, Default)]
 pub struct Backprop;
@@ -58,69 +130,40 @@ impl GradientEstimator for Backprop {
     ) -> Result<Estimate> {
         match obj.loss_and_grad(params)? {
             Some((loss, grad)) => Ok(Estimate { loss, grad, queries: 1 }),
-            None => Err(Error::Config(
-                "--estimator fo: this objective is a black box with no gradient; use --estimator cge or rge".into(),
+            None => Err(Error::invalid(
+                Setting::Estimator,
+                "backprop needs a gradient, and this objective is a black box; use CGE or RGE",
             )),
         }
     }
 }
 
-/// Randomized gradient estimator with `q` directions.
-#[derive(Clone, Debug)]
-pub struct Rge {
-    /// Number of directions.
-    pub q: usize,
-    /// Smoothing radius μ.
-    pub mu: f64,
-    /// Forward or central difference.
-    pub difference: Difference,
-    /// Gaussian or sphere directions.
-    pub direction: Direction,
-    /// Evaluate queries on our own kernels ([`crate::fast::Engine::rge`]), threads over
-    /// directions, each direction drawn from its own seed. Used for f32 objectives with a layer
-    /// graph; otherwise (and when `false`) candle forwards with directions drawn in sequence.
-    pub fast: bool,
-}
-
-impl Rge {
-    /// Check the settings once.
-    pub fn new(q: usize, mu: f64, difference: Difference, direction: Direction) -> Result<Self> {
-        if q == 0 {
-            return Err(Error::Config("--q must be at least 1".into()));
-        }
-        check_mu(mu)?;
-        Ok(Rge {
-            q,
-            mu,
-            difference,
-            direction,
-            fast: false,
-        })
-    }
-    /// Choose the query path (see [`Rge::fast`]).
-    pub fn with_fast(mut self, fast: bool) -> Self {
-        self.fast = fast;
-        self
-    }
-}
-
 fn check_mu(mu: f64) -> Result<()> {
     if !(mu.is_finite() && mu > 0.0) {
-        return Err(Error::Config(format!(
-            "--mu must be a positive number, got {mu}"
-        )));
+        return Err(Error::invalid(
+            Setting::Mu,
+            format!("must be a positive number, got {mu}"),
+        ));
     }
     Ok(())
 }
 
 /// The fast engine's base forward on the objective's batch at f32 `params`; the batch's
 /// batch-norm statistics go to the objective (for running statistics).
-fn fast_engine<'a>(f: &'a dyn FastCapable, params: &Tensor) -> Result<crate::fast::Engine<'a>> {
-    let (x, y) = f.batch_host()?;
+fn fast_engine<'a>(f: &'a dyn FastCapable, params: &Tensor) -> Result<fast::Engine<'a>> {
+    let (x, n) = f.batch_host()?;
     let p32 = params.to_vec1::<f32>()?;
-    let engine = crate::fast::Engine::new(f.model(), &p32, &x, &y)?;
+    let engine = fast::Engine::new(f.model(), &p32, &x, n, f.head())?;
     f.record_bn_stats(engine.bn_batch_stats());
     Ok(engine)
+}
+
+/// The objective's layer graph, when the precision allows our (f32) kernels.
+fn graph_path<'a>(obj: &'a dyn Objective, params: &Tensor) -> Option<&'a dyn FastCapable> {
+    if params.dtype() != DType::F32 {
+        return None;
+    }
+    obj.fast()
 }
 
 fn host(t: &Tensor) -> Result<Vec<f64>> {
@@ -131,9 +174,106 @@ fn to_tensor(v: &[f64], like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_slice(v, v.len(), like.device())?.to_dtype(like.dtype())?)
 }
 
+/// Randomized gradient estimator with `q` directions.
+///
+/// Direction `i` is drawn from its own seed (the `i`-th draw of the step's generator), so
+/// directions are regenerated instead of stored (MeZO's trick), every engine draws the same
+/// directions, and the estimate does not depend on the thread count.
+#[derive(Clone, Debug)]
+pub struct Rge {
+    /// Number of directions.
+    pub q: usize,
+    /// Smoothing radius μ.
+    pub mu: f64,
+    /// Forward or central difference.
+    pub difference: Difference,
+    /// Gaussian or sphere directions.
+    pub direction: Direction,
+    /// Kept for configuration symmetry with CGE: every RGE query perturbs every layer, so all
+    /// engines run full forwards — on our kernels for objectives with a layer graph and f32
+    /// parameters, otherwise through the objective's own batched `losses`.
+    pub engine: QueryEngine,
+}
+
+/// Directions per group: partial sums of a group are added in group order.
+const RGE_GROUP: usize = 8;
+
+impl Rge {
+    /// Check the settings once.
+    pub fn new(q: usize, mu: f64, difference: Difference, direction: Direction) -> Result<Self> {
+        if q == 0 {
+            return Err(Error::invalid(Setting::Directions, "must be at least 1"));
+        }
+        check_mu(mu)?;
+        Ok(Rge {
+            q,
+            mu,
+            difference,
+            direction,
+            engine: QueryEngine::Fast,
+        })
+    }
+    /// Choose the query engine.
+    pub fn with_engine(mut self, engine: QueryEngine) -> Self {
+        self.engine = engine;
+        self
+    }
+
+    /// `(1/q) Σ c_i u_i` and the queries made (without the base), on the objective's `losses`.
+    fn generic(&self, obj: &dyn Objective, theta: &[f64], f0: f64, seeds: &[u64]) -> Result<(Vec<f64>, u64)> {
+        let d = theta.len();
+        let (mu, diff, dir) = (self.mu, self.difference, self.direction);
+        let group_sum = |group: &[u64]| -> Result<Vec<f64>> {
+            let dirs: Vec<Vec<f64>> = group
+                .iter()
+                .map(|&s| draw_direction(d, dir, &mut StdRng::seed_from_u64(s)))
+                .collect();
+            let signs: &[f64] = match diff {
+                Difference::Forward => &[1.0],
+                Difference::Central => &[1.0, -1.0],
+            };
+            let points: Vec<Vec<f64>> = dirs
+                .iter()
+                .flat_map(|u| {
+                    signs.iter().map(move |&sg| {
+                        theta.iter().zip(u).map(|(t, ui)| t + sg * mu * ui).collect()
+                    })
+                })
+                .collect();
+            let refs: Vec<&[f64]> = points.iter().map(|p| p.as_slice()).collect();
+            let l = obj.losses(&refs)?;
+            let mut g = vec![0.0f64; d];
+            for (i, u) in dirs.iter().enumerate() {
+                let coef = match diff {
+                    Difference::Forward => (l[i] - f0) / mu,
+                    Difference::Central => (l[2 * i] - l[2 * i + 1]) / (2.0 * mu),
+                };
+                for (gi, ui) in g.iter_mut().zip(u) {
+                    *gi += coef * ui;
+                }
+            }
+            Ok(g)
+        };
+        let mut g = vec![0.0f64; d];
+        // A bounded number of groups in flight (partial sums are d long each).
+        let span = RGE_GROUP * 4 * rayon::current_num_threads().max(1);
+        for seeds in seeds.chunks(span) {
+            let parts: Result<Vec<Vec<f64>>> = seeds.par_chunks(RGE_GROUP).map(group_sum).collect();
+            for part in parts? {
+                for (gi, v) in g.iter_mut().zip(part) {
+                    *gi += v;
+                }
+            }
+        }
+        let inv_q = 1.0 / seeds.len().max(1) as f64;
+        g.iter_mut().for_each(|v| *v *= inv_q);
+        Ok((g, diff.queries_per_point() * seeds.len() as u64))
+    }
+}
+
 impl GradientEstimator for Rge {
     fn name(&self) -> String {
-        format!("rge(q={}{})", self.q, if self.fast { ", fast" } else { "" })
+        format!("rge(q={})", self.q)
     }
     fn estimate(
         &mut self,
@@ -141,10 +281,9 @@ impl GradientEstimator for Rge {
         params: &Tensor,
         rng: &mut StdRng,
     ) -> Result<Estimate> {
-        let d = params.dims1()?;
-        if let (true, Some(f), DType::F32) = (self.fast, obj.fast(), params.dtype()) {
+        let seeds: Vec<u64> = (0..self.q).map(|_| rng.random()).collect();
+        if let Some(f) = graph_path(obj, params) {
             let engine = fast_engine(f, params)?;
-            let seeds: Vec<u64> = (0..self.q).map(|_| rng.random()).collect();
             let (g, q) = engine.rge(&seeds, self.mu, self.difference, self.direction)?;
             return Ok(Estimate {
                 loss: engine.base_mean_loss(),
@@ -152,50 +291,15 @@ impl GradientEstimator for Rge {
                 queries: q + 1,
             });
         }
-        let f0 = obj.base_loss(params)?;
-        let mut queries = 1;
-        let mut g = vec![0.0f64; d];
-        for _ in 0..self.q {
-            let u = draw_direction(d, self.direction, rng);
-            let ut = to_tensor(&u, params)?;
-            let plus = obj.loss(&(params + (&ut * self.mu)?)?)?;
-            let coef = match self.difference {
-                Difference::Forward => {
-                    queries += 1;
-                    (plus - f0) / self.mu
-                }
-                Difference::Central => {
-                    let minus = obj.loss(&(params - (&ut * self.mu)?)?)?;
-                    queries += 2;
-                    (plus - minus) / (2.0 * self.mu)
-                }
-            };
-            for (gi, ui) in g.iter_mut().zip(&u) {
-                *gi += coef * ui;
-            }
-        }
-        let inv_q = 1.0 / self.q as f64;
-        g.iter_mut().for_each(|v| *v *= inv_q);
+        let theta = host(params)?;
+        let f0 = obj.base_loss(&theta)?;
+        let (g, q) = self.generic(obj, &theta, f0, &seeds)?;
         Ok(Estimate {
             loss: f0,
             grad: to_tensor(&g, params)?,
-            queries,
+            queries: q + 1,
         })
     }
-}
-
-/// How CGE evaluates its queries. All engines give the same numbers (up to float rounding).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum CgeEngine {
-    /// One full forward per coordinate.
-    Naive,
-    /// Feature reuse: resume the forward at the layer that reads the perturbed weight.
-    Reuse,
-    /// Delta propagation on our own kernels ([`crate::fast`]), f32, threads over queries.
-    /// Falls back to `Reuse` for objectives without a layer graph and for f64 parameters.
-    #[default]
-    Fast,
 }
 
 /// Coordinate-wise gradient estimator over all coordinates or a subset.
@@ -206,14 +310,14 @@ pub struct Cge {
     /// Forward or central difference.
     pub difference: Difference,
     /// Query engine.
-    pub engine: CgeEngine,
+    pub engine: QueryEngine,
     /// Sorted flat coordinates to estimate; `None` = every coordinate.
     pub coords: Option<Vec<usize>>,
 }
 
 impl Cge {
     /// Dense CGE.
-    pub fn new(mu: f64, difference: Difference, engine: CgeEngine) -> Result<Self> {
+    pub fn new(mu: f64, difference: Difference, engine: QueryEngine) -> Result<Self> {
         check_mu(mu)?;
         Ok(Cge {
             mu,
@@ -235,18 +339,76 @@ impl Cge {
     }
     /// Queries of an estimate over `n` coordinates (plus the base query).
     pub fn queries_for(&self, n: usize) -> u64 {
-        let n = n as u64;
-        match self.difference {
-            Difference::Forward => n + 1,
-            Difference::Central => 2 * n + 1,
-        }
+        self.difference.queries_per_point() * n as u64 + 1
     }
 
-    fn diff(&self, f0: f64, mut eval: impl FnMut(f64) -> Result<f64>) -> Result<(f64, u64)> {
-        Ok(match self.difference {
-            Difference::Forward => ((eval(self.mu)? - f0) / self.mu, 1),
-            Difference::Central => ((eval(self.mu)? - eval(-self.mu)?) / (2.0 * self.mu), 2),
-        })
+    /// Finite differences over `coords` with the objective's batched `losses`: each worker
+    /// perturbs one coordinate of its own copies of `θ` and restores it (no per-query copy).
+    fn generic(&self, obj: &dyn Objective, theta: &[f64], f0: f64, coords: &[usize]) -> Result<Vec<f64>> {
+        let (mu, diff) = (self.mu, self.difference);
+        let signs: &[f64] = match diff {
+            Difference::Forward => &[1.0],
+            Difference::Central => &[1.0, -1.0],
+        };
+        let per_call = (QUERY_BATCH / signs.len()).max(1);
+        let chunks: Vec<Vec<f64>> = coords
+            .par_chunks(per_call)
+            .map_init(
+                || vec![theta.to_vec(); per_call * signs.len()],
+                |slots, chunk| -> Result<Vec<f64>> {
+                    let used = chunk.len() * signs.len();
+                    for (k, &i) in chunk.iter().enumerate() {
+                        for (s, &sg) in signs.iter().enumerate() {
+                            slots[k * signs.len() + s][i] = theta[i] + sg * mu;
+                        }
+                    }
+                    let refs: Vec<&[f64]> = slots[..used].iter().map(|p| p.as_slice()).collect();
+                    let l = obj.losses(&refs);
+                    for (k, &i) in chunk.iter().enumerate() {
+                        for s in 0..signs.len() {
+                            slots[k * signs.len() + s][i] = theta[i];
+                        }
+                    }
+                    let l = l?;
+                    Ok((0..chunk.len())
+                        .map(|k| match diff {
+                            Difference::Forward => (l[k] - f0) / mu,
+                            Difference::Central => (l[2 * k] - l[2 * k + 1]) / (2.0 * mu),
+                        })
+                        .collect())
+                },
+            )
+            .collect::<Result<_>>()?;
+        Ok(chunks.into_iter().flatten().collect())
+    }
+
+    /// Feature reuse on candle tensors: resume at the node that reads each coordinate.
+    fn reuse(&self, r: &dyn crate::objective::Resumable, obj: &dyn Objective, params: &Tensor, coords: &[usize]) -> Result<(f64, Vec<f64>)> {
+        let (f0, cache) = r.prepare(params)?;
+        let layout = obj.layout();
+        let (mu, diff) = (self.mu, self.difference);
+        let g: Vec<f64> = coords
+            .par_iter()
+            .map(|&i| -> Result<f64> {
+                let e = layout.entry_of(i).ok_or_else(|| {
+                    Error::Shape(format!("coordinate {i} outside the layout"))
+                })?;
+                let entry = &layout.entries[e];
+                let mut w = host(&cache.views[e].flatten_all()?)?;
+                let j = i - entry.offset;
+                let orig = w[j];
+                let mut at = |delta: f64| -> Result<f64> {
+                    w[j] = orig + delta;
+                    let t = to_tensor(&w, params)?.reshape(entry.shape.as_slice())?;
+                    r.loss_with(&cache, e, &t)
+                };
+                Ok(match diff {
+                    Difference::Forward => (at(mu)? - f0) / mu,
+                    Difference::Central => (at(mu)? - at(-mu)?) / (2.0 * mu),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok((f0, g))
     }
 }
 
@@ -264,13 +426,11 @@ impl GradientEstimator for Cge {
         _rng: &mut StdRng,
     ) -> Result<Estimate> {
         let d = params.dims1()?;
-        if let Some(c) = &self.coords {
-            if let Some(&last) = c.last() {
-                if last >= d {
-                    return Err(Error::Shape(format!(
-                        "CGE coordinate {last} out of range for {d} parameters"
-                    )));
-                }
+        if let Some(&last) = self.coords.as_ref().and_then(|c| c.last()) {
+            if last >= d {
+                return Err(Error::Shape(format!(
+                    "CGE coordinate {last} out of range for {d} parameters"
+                )));
             }
         }
         let all: Vec<usize>;
@@ -282,74 +442,29 @@ impl GradientEstimator for Cge {
             }
         };
         let mut g = vec![0.0f64; d];
-        let mut queries = 1u64;
-        if let (CgeEngine::Fast, Some(f), DType::F32) = (self.engine, obj.fast(), params.dtype()) {
+        let queries = self.queries_for(coords.len());
+        if let Some(f) = graph_path(obj, params) {
             let engine = fast_engine(f, params)?;
-            let (gs, q) = engine.cge(
-                coords,
-                self.mu,
-                self.difference,
-                crate::fast::QueryMode::Fast,
-            )?;
+            let (gs, _) = engine.cge(coords, self.mu, self.difference, self.engine)?;
             for (&i, v) in coords.iter().zip(gs) {
                 g[i] = v;
             }
             return Ok(Estimate {
                 loss: engine.base_mean_loss(),
                 grad: to_tensor(&g, params)?,
-                queries: q + 1,
+                queries,
             });
         }
-        let resumable = match self.engine {
-            CgeEngine::Reuse | CgeEngine::Fast => obj.resumable(),
-            CgeEngine::Naive => None,
+        let (f0, gs) = match (self.engine, obj.resumable()) {
+            (QueryEngine::Reuse | QueryEngine::Fast, Some(r)) => self.reuse(r, obj, params, coords)?,
+            _ => {
+                let theta = host(params)?;
+                let f0 = obj.base_loss(&theta)?;
+                (f0, self.generic(obj, &theta, f0, coords)?)
+            }
         };
-        let f0;
-        match resumable {
-            None => {
-                f0 = obj.base_loss(params)?;
-                let mut theta = host(params)?;
-                for &i in coords {
-                    let orig = theta[i];
-                    let (gi, q) = self.diff(f0, |delta| {
-                        theta[i] = orig + delta;
-                        let l = obj.loss(&to_tensor(&theta, params)?);
-                        theta[i] = orig;
-                        l
-                    })?;
-                    g[i] = gi;
-                    queries += q;
-                }
-            }
-            Some(r) => {
-                let (base, cache) = r.prepare(params)?;
-                f0 = base;
-                let layout = obj.layout();
-                let mut start = 0;
-                while start < coords.len() {
-                    let e = layout.entry_of(coords[start]).ok_or_else(|| {
-                        Error::Shape(format!("coordinate {} outside the layout", coords[start]))
-                    })?;
-                    let entry = &layout.entries[e];
-                    let end = start
-                        + coords[start..].partition_point(|&i| i < entry.offset + entry.len());
-                    let mut w = host(&cache.views[e].flatten_all()?)?;
-                    let shape = entry.shape.as_slice();
-                    for &i in &coords[start..end] {
-                        let j = i - entry.offset;
-                        let orig = w[j];
-                        let (gi, q) = self.diff(f0, |delta| {
-                            w[j] = orig + delta;
-                            let t = to_tensor(&w, params)?.reshape(shape)?;
-                            w[j] = orig;
-                            r.loss_with(&cache, e, &t)
-                        })?;
-                        g[i] = gi;
-                        queries += q;
-                    }
-                    start = end;
-                }
-            }
+        for (&i, v) in coords.iter().zip(gs) {
+            g[i] = v;
         }
         Ok(Estimate {
             loss: f0,

@@ -19,7 +19,9 @@ pub mod model;
 pub mod objective;
 pub mod optim;
 pub mod query;
+pub mod seed;
 pub mod sparsity;
+pub mod task;
 pub mod trainer;
 
 pub use error::{Error, Result};

@@ -349,6 +349,13 @@ impl Model {
         }
     }
 
+    /// Values in one sample's output.
+    pub fn output_len(&self) -> usize {
+        self.register_shapes()
+            .last()
+            .map_or(0, |s| s.iter().product())
+    }
+
     /// Number of parameters.
     pub fn num_params(&self) -> usize {
         self.layout.len()

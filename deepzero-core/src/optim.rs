@@ -1,6 +1,6 @@
 //! Optimizers that take a gradient from any source, and the learning-rate schedule.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Setting};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -51,16 +51,16 @@ impl OptimizerConfig {
     /// Validate and build.
     pub fn build(&self) -> Result<Box<dyn Optimizer>> {
         if !(0.0..1.0).contains(&self.momentum) {
-            return Err(Error::Config(format!(
-                "--momentum must be in [0, 1), got {}",
-                self.momentum
-            )));
+            return Err(Error::invalid(
+                Setting::Momentum,
+                format!("must be in [0, 1), got {}", self.momentum),
+            ));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return Err(Error::Config(format!(
-                "--weight-decay must be ≥ 0, got {}",
-                self.weight_decay
-            )));
+            return Err(Error::invalid(
+                Setting::WeightDecay,
+                format!("must be ≥ 0, got {}", self.weight_decay),
+            ));
         }
         Ok(match self.kind {
             OptimizerKind::Sgd => Box::new(Sgd {

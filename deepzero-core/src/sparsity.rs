@@ -24,12 +24,15 @@
 //! assert_eq!(sampler.coords().len(), 49 + 18 + 64);
 //! ```
 
-use crate::error::{Error, Result};
-use crate::estimator::{Backprop, Cge, Estimate, GradientEstimator, Rge};
+use crate::error::{Error, Result, Setting};
+use crate::estimator::{
+    Backprop, Cge, Estimate, EstimatorConfig, EstimatorKind, GradientEstimator, Rge,
+};
 use crate::layout::{ParamEntry, ParamLayout};
 use crate::model::{tensor_to_vec, Model};
 use crate::objective::Objective;
-use crate::trainer::derive_seed;
+use crate::task::{Task, PRUNE_STREAM};
+use crate::seed::derive_seed;
 use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
@@ -99,28 +102,29 @@ impl Default for PruneConfig {
     }
 }
 
-/// Check a sparsity value; the message names the flag.
+/// Check a sparsity value.
 pub fn check_sparsity(sparsity: f64) -> Result<()> {
     if !(0.0..1.0).contains(&sparsity) {
-        return Err(Error::Config(format!(
-            "--sparsity must be in [0, 1), got {sparsity}"
-        )));
+        return Err(Error::invalid(
+            Setting::Sparsity,
+            format!("must be in [0, 1), got {sparsity}"),
+        ));
     }
     Ok(())
 }
 
 impl PruneConfig {
-    /// Check ranges; messages name the flag.
+    /// Check ranges.
     pub fn validate(&self) -> Result<()> {
         check_sparsity(self.sparsity)?;
         if self.q == 0 {
-            return Err(Error::Config("--q must be at least 1".into()));
+            return Err(Error::invalid(Setting::Directions, "must be at least 1"));
         }
         if !(self.mu.is_finite() && self.mu > 0.0) {
-            return Err(Error::Config(format!(
-                "--mu must be a positive number, got {}",
-                self.mu
-            )));
+            return Err(Error::invalid(
+                Setting::Mu,
+                format!("must be a positive number, got {}", self.mu),
+            ));
         }
         Ok(())
     }
@@ -396,14 +400,18 @@ impl<'a> WeightSubspace<'a> {
 
     fn full(&self, sub: &Tensor) -> Result<Tensor> {
         let v = tensor_to_vec(sub)?;
-        if v.len() != self.layout.len() {
+        self.check_len(v.len())?;
+        self.tensor(&self.embed(&v))
+    }
+
+    fn check_len(&self, n: usize) -> Result<()> {
+        if n != self.layout.len() {
             return Err(Error::Shape(format!(
-                "subspace vector has {} entries, expected {}",
-                v.len(),
+                "subspace vector has {n} entries, expected {}",
                 self.layout.len()
             )));
         }
-        self.tensor(&self.embed(&v))
+        Ok(())
     }
 }
 
@@ -411,8 +419,17 @@ impl Objective for WeightSubspace<'_> {
     fn layout(&self) -> &ParamLayout {
         &self.layout
     }
-    fn loss(&self, params: &Tensor) -> Result<f64> {
-        self.inner.loss(&self.full(params)?)
+    fn loss(&self, params: &[f64]) -> Result<f64> {
+        self.check_len(params.len())?;
+        self.inner.loss(&self.embed(params))
+    }
+    fn losses(&self, points: &[&[f64]]) -> Result<Vec<f64>> {
+        let full: Vec<Vec<f64>> = points
+            .iter()
+            .map(|p| self.check_len(p.len()).map(|_| self.embed(p)))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&[f64]> = full.iter().map(|p| p.as_slice()).collect();
+        self.inner.losses(&refs)
     }
     fn loss_and_grad(&self, params: &Tensor) -> Result<Option<(f64, Tensor)>> {
         match self.inner.loss_and_grad(&self.full(params)?)? {
@@ -638,7 +655,7 @@ impl CoordinateSampler {
         sparse_all: bool,
     ) -> Result<Self> {
         if interval == 0 {
-            return Err(Error::Config("--mask-interval must be at least 1".into()));
+            return Err(Error::invalid(Setting::MaskInterval, "must be at least 1"));
         }
         let weight = ratios.resolve(layout)?;
         let other = ratios.keep_fraction();
@@ -942,4 +959,76 @@ fn ranks(v: &[f64]) -> Vec<f64> {
         i = j + 1;
     }
     r
+}
+
+/// Score the initial parameters `init` of `model` on the task's pruning objective (for
+/// classification, a class-balanced sample as one batch) and derive the layer ratios.
+/// Deterministic in `seed`.
+pub fn prune_task(
+    model: &Model,
+    task: &dyn Task,
+    init: &Tensor,
+    config: &PruneConfig,
+    seed: u64,
+) -> Result<Pruning> {
+    config.validate()?;
+    let obj = task.pruning_objective(seed)?;
+    let mut rng = StdRng::seed_from_u64(derive_seed(seed, &[PRUNE_STREAM, 1]));
+    prune(model, obj.as_ref(), init, config, &mut rng)
+}
+
+/// Sparse training settings besides the layer ratios.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SparseConfig {
+    /// Epochs between redraws of the coordinate sets.
+    pub mask_interval: usize,
+    /// Sample biases and batch-norm parameters too.
+    pub sparse_all: bool,
+    /// Train the pruned network (fixed weight mask) with backprop instead.
+    pub prune_weights: bool,
+}
+
+impl Default for SparseConfig {
+    fn default() -> Self {
+        SparseConfig {
+            mask_interval: 5,
+            sparse_all: false,
+            prune_weights: false,
+        }
+    }
+}
+
+/// The estimator of a sparse run (DeepZero Algorithm 1): sparse CGE over the per-layer random
+/// coordinate sets, backprop with the same sparse gradient masks, or — with `prune_weights` —
+/// backprop on the pruned network (weights with the largest `|score|` kept where `scores` are
+/// given, else a random mask). RGE has no sparse form.
+pub fn sparse_estimator(
+    est: &EstimatorConfig,
+    layout: &ParamLayout,
+    ratios: &LayerRatios,
+    scores: Option<&[f64]>,
+    config: &SparseConfig,
+    seed: u64,
+) -> Result<Box<dyn GradientEstimator>> {
+    if config.prune_weights {
+        if est.kind != EstimatorKind::Fo {
+            return Err(Error::invalid(
+                Setting::Estimator,
+                "training the pruned network (fixed weight mask) needs backprop",
+            ));
+        }
+        let keep = weight_mask(layout, ratios, scores, seed)?;
+        return Ok(Box::new(PrunedBackprop::new(keep)));
+    }
+    let sampler = CoordinateSampler::new(layout, ratios, config.mask_interval, config.sparse_all)?;
+    Ok(match est.kind {
+        EstimatorKind::Cge => Box::new(SparseCge::new(est.cge()?, sampler)),
+        EstimatorKind::Fo => Box::new(SparseBackprop::new(sampler)),
+        EstimatorKind::Rge => {
+            return Err(Error::invalid(
+                Setting::Estimator,
+                "sparse training applies to CGE (sparse CGE) or backprop (sparse gradients), not RGE",
+            ))
+        }
+    })
 }

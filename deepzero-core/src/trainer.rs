@@ -1,41 +1,34 @@
-//! One training loop for every estimator.
+//! One training loop for every task and every estimator.
 //!
-//! The trainer draws batches, asks the estimator for a gradient of the batch objective, applies
-//! the optimizer with the scheduled learning rate, evaluates after each epoch and reports to an
-//! [`Observer`]. It does not know how gradients are made.
+//! Per epoch the trainer asks the [`Task`] for each step's objective, the estimator for a
+//! gradient of it, applies the optimizer with the scheduled learning rate, evaluates the task and
+//! reports to an [`Observer`] (which checkpoints). It knows neither how gradients are made nor
+//! what is being learned.
 
-use crate::data::{epoch_batches, gather, Augment, Dataset};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Setting};
 use crate::estimator::GradientEstimator;
-use crate::model::{per_sample_cross_entropy, BnState, Mode, Model, Precision};
-use crate::objective::ClassifierObjective;
 use crate::optim::{Optimizer, OptimizerConfig, Schedule};
-use candle_core::{DType, Device, Tensor, D};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
+use crate::seed::step_rng;
+use crate::task::{Metrics, Task};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::time::Instant;
 
-/// Settings of the loop itself (the estimator is configured separately).
+pub use crate::seed::derive_seed;
+pub use crate::task::{batch_tensors, evaluate};
+
+/// Settings of the loop itself (the task and the estimator are configured separately).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
     /// Epochs.
     pub epochs: usize,
-    /// Training batch size.
-    pub batch_size: usize,
-    /// Batch size for evaluation.
-    pub eval_batch_size: usize,
     /// Peak learning rate.
     pub lr: f64,
     /// Linear warm-up epochs before cosine decay.
     pub warmup_epochs: usize,
     /// Optimizer.
     pub optimizer: OptimizerConfig,
-    /// Training-time augmentation.
-    pub augment: Option<Augment>,
-    /// Numeric precision.
-    pub precision: Precision,
     /// Seed of every random choice (init, order, directions).
     pub seed: u64,
 }
@@ -44,60 +37,148 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             epochs: 20,
-            batch_size: 64,
-            eval_batch_size: 500,
             lr: 0.1,
             warmup_epochs: 0,
             optimizer: OptimizerConfig::default(),
-            augment: None,
-            precision: Precision::F32,
             seed: 0,
         }
     }
 }
 
 impl TrainConfig {
-    /// Check ranges; messages name the flag.
+    /// Check ranges.
     pub fn validate(&self) -> Result<()> {
         if self.epochs == 0 {
-            return Err(Error::Config("--epochs must be at least 1".into()));
-        }
-        if self.batch_size == 0 || self.eval_batch_size == 0 {
-            return Err(Error::Config("--batch-size must be at least 1".into()));
+            return Err(Error::invalid(Setting::Epochs, "must be at least 1"));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(Error::Config(format!(
-                "--lr must be positive, got {}",
-                self.lr
-            )));
+            return Err(Error::invalid(
+                Setting::LearningRate,
+                format!("must be positive, got {}", self.lr),
+            ));
         }
         if self.warmup_epochs >= self.epochs && self.warmup_epochs > 0 {
-            return Err(Error::Config(format!(
-                "--warmup-epochs ({}) must be smaller than --epochs ({})",
-                self.warmup_epochs, self.epochs
-            )));
+            return Err(Error::invalid(
+                Setting::WarmupEpochs,
+                format!(
+                    "({}) must be smaller than the number of epochs ({})",
+                    self.warmup_epochs, self.epochs
+                ),
+            ));
         }
         Ok(())
     }
 }
 
-/// Figures of one finished epoch (one line of `metrics.jsonl`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Figures of one finished epoch (one line of `metrics.jsonl`): `epoch`, `train_loss`, the task's
+/// metrics in its order, `queries`, `seconds`, `lr`, as one flat JSON object.
+#[derive(Clone, Debug, PartialEq)]
 pub struct EpochMetrics {
     /// 1-based epoch.
     pub epoch: usize,
-    /// Mean training loss over the epoch's batches (at the pre-update parameters).
+    /// Mean training loss over the epoch's steps (at the pre-update parameters).
     pub train_loss: f64,
-    /// Test loss (eval mode).
-    pub test_loss: f64,
-    /// Test accuracy in [0, 1].
-    pub test_accuracy: f64,
+    /// The task's evaluation.
+    pub metrics: Metrics,
     /// Queries used so far (cumulative).
     pub queries: u64,
     /// Training seconds so far (cumulative, evaluation excluded).
     pub seconds: f64,
     /// Learning rate at the epoch's last step.
     pub lr: f64,
+}
+
+impl EpochMetrics {
+    /// A figure by name: `train_loss`, `queries`, `seconds`, `lr`, `epoch` or a task metric.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        match name {
+            "epoch" => Some(self.epoch as f64),
+            "train_loss" => Some(self.train_loss),
+            "queries" => Some(self.queries as f64),
+            "seconds" => Some(self.seconds),
+            "lr" => Some(self.lr),
+            _ => self
+                .metrics
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| *v),
+        }
+    }
+}
+
+const FIXED: [&str; 5] = ["epoch", "train_loss", "queries", "seconds", "lr"];
+
+impl Serialize for EpochMetrics {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(5 + self.metrics.len()))?;
+        m.serialize_entry("epoch", &self.epoch)?;
+        m.serialize_entry("train_loss", &self.train_loss)?;
+        for (k, v) in &self.metrics {
+            m.serialize_entry(k, v)?;
+        }
+        m.serialize_entry("queries", &self.queries)?;
+        m.serialize_entry("seconds", &self.seconds)?;
+        m.serialize_entry("lr", &self.lr)?;
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for EpochMetrics {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = EpochMetrics;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of epoch figures")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<EpochMetrics, A::Error> {
+                use serde::de::Error as _;
+                let mut fixed: HashMap<&str, serde_json::Value> = HashMap::new();
+                let mut metrics = Vec::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    match FIXED.iter().find(|f| **f == k) {
+                        Some(f) => {
+                            fixed.insert(f, map.next_value()?);
+                        }
+                        None => {
+                            // Non-finite figures are written as null.
+                            let v: Option<f64> = map.next_value()?;
+                            metrics.push((k, v.unwrap_or(f64::NAN)));
+                        }
+                    }
+                }
+                let num = |k: &str| -> std::result::Result<f64, A::Error> {
+                    match fixed.get(k) {
+                        Some(serde_json::Value::Null) => Ok(f64::NAN),
+                        Some(v) => v
+                            .as_f64()
+                            .ok_or_else(|| A::Error::custom(format!("`{k}` is not a number"))),
+                        None => Err(A::Error::missing_field(
+                            FIXED.iter().find(|f| **f == k).expect("fixed key"),
+                        )),
+                    }
+                };
+                let int = |k: &str| -> std::result::Result<u64, A::Error> {
+                    fixed.get(k).and_then(|v| v.as_u64()).ok_or_else(|| {
+                        A::Error::custom(format!("`{k}` is missing or not a whole number"))
+                    })
+                };
+                Ok(EpochMetrics {
+                    epoch: int("epoch")? as usize,
+                    train_loss: num("train_loss")?,
+                    metrics,
+                    queries: int("queries")?,
+                    seconds: num("seconds")?,
+                    lr: num("lr")?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Progress within an epoch.
@@ -109,7 +190,7 @@ pub struct StepInfo {
     pub step: usize,
     /// Steps in the epoch.
     pub steps: usize,
-    /// Loss of this step's batch.
+    /// Loss of this step's objective.
     pub loss: f64,
     /// Queries so far (cumulative).
     pub queries: u64,
@@ -124,8 +205,8 @@ pub struct TrainState {
     pub epoch: usize,
     /// Flat parameters.
     pub params: Tensor,
-    /// Batch-norm running statistics.
-    pub bn: BnState,
+    /// The task's own state ([`Task::state`]; batch-norm running statistics for classification).
+    pub task: serde_json::Value,
     /// Optimizer state.
     pub optimizer: HashMap<String, Tensor>,
     /// Queries so far.
@@ -134,6 +215,21 @@ pub struct TrainState {
     pub seconds: f64,
     /// Metrics of completed epochs.
     pub history: Vec<EpochMetrics>,
+}
+
+impl TrainState {
+    /// A fresh run at `params`.
+    pub fn new(params: Tensor) -> TrainState {
+        TrainState {
+            epoch: 0,
+            params,
+            task: serde_json::Value::Null,
+            optimizer: HashMap::new(),
+            queries: 0,
+            seconds: 0.0,
+            history: Vec::new(),
+        }
+    }
 }
 
 /// Receives progress; the CLI uses it for progress bars, metrics files and checkpoints.
@@ -150,89 +246,18 @@ pub trait Observer {
 pub struct Silent;
 impl Observer for Silent {}
 
-/// Derive an independent seed from a base seed and a stream of integers (SplitMix64).
-pub fn derive_seed(seed: u64, stream: &[u64]) -> u64 {
-    let mut z = seed;
-    for &s in stream {
-        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_add(s);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-    }
-    z
-}
-
-/// Copy samples into tensors `x [B, C, H, W]` (given dtype) and `y [B]` (u32).
-pub fn batch_tensors(
-    ds: &Dataset,
-    idx: &[usize],
-    augment: Option<(&Augment, &mut StdRng)>,
-    dtype: DType,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let (xs, ys) = gather(ds, idx, augment);
-    let x = Tensor::from_vec(xs, (idx.len(), ds.channels, ds.height, ds.width), device)?
-        .to_dtype(dtype)?;
-    let y = Tensor::from_vec(
-        ys.into_iter().map(u32::from).collect::<Vec<u32>>(),
-        idx.len(),
-        device,
-    )?;
-    Ok((x, y))
-}
-
-/// Mean loss and accuracy of the model on a data set, batch norm in eval mode.
-pub fn evaluate(
-    model: &Model,
-    params: &Tensor,
-    bn: &BnState,
-    ds: &Dataset,
-    batch_size: usize,
-) -> Result<(f64, f64)> {
-    if ds.is_empty() {
-        return Err(Error::Config("evaluation data set is empty".into()));
-    }
-    let views = model.param_views(params)?;
-    let (mut loss, mut correct) = (0.0f64, 0usize);
-    let idx: Vec<usize> = (0..ds.len()).collect();
-    for chunk in idx.chunks(batch_size) {
-        let (x, y) = batch_tensors(ds, chunk, None, params.dtype(), params.device())?;
-        let logits = model.forward(&views, &x, Mode::Eval(bn))?;
-        loss += per_sample_cross_entropy(&logits, &y)?
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-        let pred = logits.argmax(D::Minus1)?;
-        correct += pred
-            .eq(&y)?
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()? as usize;
-    }
-    Ok((loss / ds.len() as f64, correct as f64 / ds.len() as f64))
-}
-
 /// The training loop.
 pub struct Trainer<'a> {
-    /// The network.
-    pub model: &'a Model,
-    /// Training data (normalised).
-    pub train: &'a Dataset,
-    /// Test data (normalised).
-    pub test: &'a Dataset,
     /// Loop settings.
     pub config: &'a TrainConfig,
 }
 
 impl Trainer<'_> {
-    /// Steps per epoch (the last partial batch is kept).
-    pub fn steps_per_epoch(&self) -> usize {
-        self.train.len().div_ceil(self.config.batch_size)
-    }
-
-    /// Train from `state` (fresh or restored) to `config.epochs`.
+    /// Train `task` from `state` (fresh or restored) to `config.epochs`. A restored state's task
+    /// state is loaded into the task first.
     pub fn run(
         &self,
+        task: &mut dyn Task,
         state: &mut TrainState,
         estimator: &mut dyn GradientEstimator,
         optimizer: &mut dyn Optimizer,
@@ -240,45 +265,49 @@ impl Trainer<'_> {
     ) -> Result<()> {
         let cfg = self.config;
         cfg.validate()?;
-        if self.train.is_empty() {
-            return Err(Error::Config(
-                "training data set is empty (check --train-limit)".into(),
-            ));
+        let d = task.layout().len();
+        if state.params.dims() != [d] {
+            return Err(Error::Shape(format!(
+                "parameter vector has shape {:?}, the task trains {d} parameters",
+                state.params.dims()
+            )));
         }
-        let steps = self.steps_per_epoch();
+        if !state.task.is_null() {
+            task.load_state(&state.task)?;
+        }
+        let steps = task.steps_per_epoch();
+        if steps == 0 {
+            return Err(Error::Config("the task has no steps per epoch".into()));
+        }
         let schedule = Schedule {
             lr: cfg.lr,
             warmup_epochs: cfg.warmup_epochs,
             epochs: cfg.epochs,
             steps_per_epoch: steps,
         };
-        let device = state.params.device().clone();
-        let dtype = state.params.dtype();
         for epoch in state.epoch..cfg.epochs {
             estimator.on_epoch_start(epoch, cfg.seed, &mut state.params)?;
+            task.begin_epoch(epoch, cfg.seed)?;
             let started = Instant::now();
             let base_seconds = state.seconds;
-            let batches = epoch_batches(
-                self.train.len(),
-                cfg.batch_size,
-                cfg.seed,
-                epoch,
-                true,
-                false,
-            );
-            let mut aug_rng = StdRng::seed_from_u64(derive_seed(cfg.seed, &[1, epoch as u64]));
             let mut loss_sum = 0.0;
             let mut lr = cfg.lr;
-            for (s, idx) in batches.iter().enumerate() {
-                let augment = cfg.augment.as_ref().map(|a| (a, &mut aug_rng));
-                let (x, y) = batch_tensors(self.train, idx, augment, dtype, &device)?;
-                let obj = ClassifierObjective::new(self.model, x, y)?;
-                let mut rng =
-                    StdRng::seed_from_u64(derive_seed(cfg.seed, &[2, epoch as u64, s as u64]));
-                let est = estimator.estimate(&obj, &state.params, &mut rng)?;
-                if let Some(stats) = obj.take_bn_stats() {
-                    state.bn.update(&stats);
+            for s in 0..steps {
+                let (est, bn) = {
+                    let obj = task.objective(epoch, s, cfg.seed)?;
+                    let mut rng = step_rng(cfg.seed, epoch, s);
+                    let est = estimator.estimate(obj.as_ref(), &state.params, &mut rng)?;
+                    (est, obj.take_bn_stats())
+                };
+                if !est.loss.is_finite() {
+                    return Err(Error::Diverged(format!(
+                        "the loss is {} at epoch {}, step {}; lower the learning rate (or μ)",
+                        est.loss,
+                        epoch + 1,
+                        s + 1
+                    )));
                 }
+                task.end_step(bn)?;
                 lr = schedule.lr_at(epoch * steps + s);
                 optimizer.step(&mut state.params, &est.grad, lr)?;
                 state.queries += est.queries;
@@ -294,24 +323,18 @@ impl Trainer<'_> {
                 });
             }
             state.seconds = base_seconds + started.elapsed().as_secs_f64();
-            let (test_loss, test_accuracy) = evaluate(
-                self.model,
-                &state.params,
-                &state.bn,
-                self.test,
-                cfg.eval_batch_size,
-            )?;
+            let metrics = task.evaluate(&state.params)?;
             let m = EpochMetrics {
                 epoch: epoch + 1,
-                train_loss: loss_sum / batches.len() as f64,
-                test_loss,
-                test_accuracy,
+                train_loss: loss_sum / steps as f64,
+                metrics,
                 queries: state.queries,
                 seconds: state.seconds,
                 lr,
             };
             state.epoch = epoch + 1;
             state.optimizer = optimizer.state();
+            state.task = task.state()?;
             state.history.push(m.clone());
             observer.on_epoch_end(&m, state)?;
         }

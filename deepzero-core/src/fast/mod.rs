@@ -79,7 +79,16 @@ fn bad(msg: String) -> Error {
 
 impl<'a> Engine<'a> {
     /// Run the base forward on `x` (`[N, C, H, W]`, batch-major f32) with `labels`.
-    pub fn new(model: &'a Model, params: &[f32], x: &[f32], labels: &[u32]) -> Result<Engine<'a>> {
+    pub fn new(
+        model: &'a Model,
+        params: &[f32],
+        x: &[f32],
+        _n: usize,
+        head: &crate::head::Head,
+    ) -> Result<Engine<'a>> {
+        let crate::head::Head::CrossEntropy(labels) = head else {
+            return Err(bad("output heads are not supported yet".into()));
+        };
         let [c, h, w] = model.input_shape;
         let n = labels.len();
         if params.len() != model.num_params() {
@@ -740,8 +749,13 @@ impl<'a> Engine<'a> {
         coords: &[usize],
         mu: f64,
         difference: Difference,
-        mode: QueryMode,
+        mode: crate::query::QueryEngine,
     ) -> Result<(Vec<f64>, u64)> {
+        let mode = match mode {
+            crate::query::QueryEngine::Naive => QueryMode::Naive,
+            crate::query::QueryEngine::Reuse => QueryMode::Reuse,
+            crate::query::QueryEngine::Fast => QueryMode::Fast,
+        };
         let m = mu as f32;
         let g: Result<Vec<f64>> = coords
             .par_iter()
