@@ -4,7 +4,8 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use deepzero_core::estimator::{
-    draw_direction, Backprop, Cge, CgeEngine, Difference, Direction, GradientEstimator, Rge,
+    draw_direction, Backprop, Cge, Difference, Direction, GradientEstimator, QueryEngine, Rge,
+    QUERY_BATCH,
 };
 use deepzero_core::layout::{ParamKind, ParamLayout};
 use deepzero_core::model::{params_tensor, tensor_to_vec, Model, ModelSpec, Precision};
@@ -56,7 +57,7 @@ impl Setup {
         })
     }
     fn objective(&self) -> Result<ClassifierObjective<'_>> {
-        Ok(ClassifierObjective::new(
+        Ok(ClassifierObjective::classifier(
             &self.model,
             self.x.clone(),
             self.y.clone(),
@@ -115,7 +116,7 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// CGE (central, f64, μ = 1e-6) on `coords` against backprop: cosine and relative error.
-fn check_cge(s: &Setup, coords: Option<Vec<usize>>, engine: CgeEngine) -> Result<Vec<f64>> {
+fn check_cge(s: &Setup, coords: Option<Vec<usize>>, engine: QueryEngine) -> Result<Vec<f64>> {
     let truth = s.truth()?;
     let obj = s.objective()?;
     let mut cge = Cge::new(1e-6, Difference::Central, engine)?;
@@ -156,7 +157,7 @@ fn cge_central_f64_matches_backprop_mlp() -> Result<()> {
         8,
         Precision::F64,
     )?;
-    check_cge(&s, None, CgeEngine::Reuse)?;
+    check_cge(&s, None, QueryEngine::Reuse)?;
     Ok(())
 }
 
@@ -185,8 +186,8 @@ fn cge_central_f64_matches_backprop_cnn() -> Result<()> {
         ],
         40,
     );
-    let reuse = check_cge(&s, Some(coords.clone()), CgeEngine::Reuse)?;
-    let naive = check_cge(&s, Some(coords), CgeEngine::Naive)?;
+    let reuse = check_cge(&s, Some(coords.clone()), QueryEngine::Reuse)?;
+    let naive = check_cge(&s, Some(coords), QueryEngine::Naive)?;
     let d = max_abs_diff(&reuse, &naive);
     assert!(d <= 1e-9, "naive vs reuse: {d}");
     Ok(())
@@ -214,7 +215,7 @@ fn conv_bias_before_batch_norm_has_zero_gradient() -> Result<()> {
         );
     }
     let obj = s.objective()?;
-    let e = Cge::new(1e-3, Difference::Central, CgeEngine::Reuse)?
+    let e = Cge::new(1e-3, Difference::Central, QueryEngine::Reuse)?
         .with_coords(biases.clone())
         .estimate(&obj, &s.params, &mut rng(0))?;
     let g = tensor_to_vec(&e.grad)?;
@@ -248,8 +249,8 @@ fn cge_central_f64_matches_backprop_resnet20_and_engines_agree() -> Result<()> {
         8,
     );
     assert!(coords.len() >= 90 && coords.len() <= 110);
-    let reuse = check_cge(&s, Some(coords.clone()), CgeEngine::Reuse)?;
-    let naive = check_cge(&s, Some(coords), CgeEngine::Naive)?;
+    let reuse = check_cge(&s, Some(coords.clone()), QueryEngine::Reuse)?;
+    let naive = check_cge(&s, Some(coords), QueryEngine::Naive)?;
     let d = max_abs_diff(&reuse, &naive);
     assert!(d <= 1e-9, "naive vs reuse: {d}");
     Ok(())
@@ -266,7 +267,7 @@ fn cge_forward_f32_is_close_on_mlp() -> Result<()> {
     )?;
     let truth = s.truth()?;
     let obj = s.objective()?;
-    let e = Cge::new(5e-3, Difference::Forward, CgeEngine::Reuse)?.estimate(
+    let e = Cge::new(5e-3, Difference::Forward, QueryEngine::Reuse)?.estimate(
         &obj,
         &s.params,
         &mut rng(0),
@@ -322,7 +323,7 @@ fn cge_fast_engine_agrees_with_reuse_in_f32() -> Result<()> {
         let coords = s.coords(&names, 12);
         let truth = pick(&s.truth()?, &coords);
         let mut out = Vec::new();
-        for engine in [CgeEngine::Reuse, CgeEngine::Fast] {
+        for engine in [QueryEngine::Reuse, QueryEngine::Fast] {
             let obj = s.objective()?;
             let mut cge = Cge::new(5e-3, Difference::Forward, engine)?.with_coords(coords.clone());
             let e = cge.estimate(&obj, &s.params, &mut rng(0))?;
@@ -379,8 +380,8 @@ fn cge_fast_engine_f64_equals_reuse() -> Result<()> {
         Precision::F64,
     )?;
     let obj = s.objective()?;
-    let mut a = Cge::new(1e-6, Difference::Central, CgeEngine::Reuse)?;
-    let mut b = Cge::new(1e-6, Difference::Central, CgeEngine::Fast)?;
+    let mut a = Cge::new(1e-6, Difference::Central, QueryEngine::Reuse)?;
+    let mut b = Cge::new(1e-6, Difference::Central, QueryEngine::Fast)?;
     let ga = a.estimate(&obj, &s.params, &mut rng(0))?;
     let gb = b.estimate(&obj, &s.params, &mut rng(0))?;
     assert_eq!(gb.grad.dtype(), DType::F64);
@@ -410,7 +411,7 @@ fn query_counts() -> Result<()> {
         (Difference::Forward, 5 + 1, d as u64 + 1),
         (Difference::Central, 2 * 5 + 1, 2 * d as u64 + 1),
     ] {
-        for engine in [CgeEngine::Naive, CgeEngine::Reuse] {
+        for engine in [QueryEngine::Naive, QueryEngine::Reuse] {
             let mut sub = Cge::new(1e-4, diff, engine)?.with_coords(coords.clone());
             assert_eq!(sub.queries_per_step(d), want_sub);
             assert_eq!(
@@ -443,12 +444,12 @@ fn query_counts() -> Result<()> {
 #[test]
 fn invalid_settings_are_rejected() -> Result<()> {
     for mu in [0.0, -1e-3, f64::NAN, f64::INFINITY] {
-        let e = Cge::new(mu, Difference::Forward, CgeEngine::Reuse).unwrap_err();
-        assert!(e.to_string().contains("--mu"), "{e}");
+        let e = Cge::new(mu, Difference::Forward, QueryEngine::Reuse).unwrap_err();
+        assert!(e.to_string().contains("μ"), "{e}");
         assert!(Rge::new(1, mu, Difference::Forward, Direction::Gaussian).is_err());
     }
     let e = Rge::new(0, 1e-3, Difference::Forward, Direction::Gaussian).unwrap_err();
-    assert!(e.to_string().contains("--q"), "{e}");
+    assert!(e.to_string().contains("RGE directions"), "{e}");
     // A coordinate beyond the parameter vector.
     let s = Setup::new(
         ModelSpec::Mlp { hidden: vec![2] },
@@ -459,7 +460,7 @@ fn invalid_settings_are_rejected() -> Result<()> {
     )?;
     let obj = s.objective()?;
     let d = s.model.num_params();
-    for engine in [CgeEngine::Naive, CgeEngine::Reuse] {
+    for engine in [QueryEngine::Naive, QueryEngine::Reuse] {
         let mut cge = Cge::new(1e-3, Difference::Forward, engine)?.with_coords(vec![0, d]);
         assert!(cge.estimate(&obj, &s.params, &mut rng(0)).is_err());
     }
@@ -615,9 +616,8 @@ impl Objective for Quadratic {
     fn layout(&self) -> &ParamLayout {
         &self.layout
     }
-    fn loss(&self, params: &Tensor) -> deepzero_core::Result<f64> {
-        let t = tensor_to_vec(params)?;
-        Ok(self.a.iter().zip(&t).map(|(a, x)| a * x * x).sum())
+    fn loss(&self, t: &[f64]) -> deepzero_core::Result<f64> {
+        Ok(self.a.iter().zip(t).map(|(a, x)| a * x * x).sum())
     }
 }
 
@@ -632,7 +632,7 @@ fn quadratic() -> Result<(Quadratic, Vec<f64>, Tensor)> {
 fn backprop_on_black_box_is_an_error() -> Result<()> {
     let (q, _, t) = quadratic()?;
     let e = Backprop.estimate(&q, &t, &mut rng(0)).unwrap_err();
-    assert!(e.to_string().contains("--estimator"), "{e}");
+    assert!(e.to_string().contains("black box"), "{e}");
     Ok(())
 }
 
@@ -642,7 +642,7 @@ fn backprop_on_black_box_is_an_error() -> Result<()> {
 fn cge_on_quadratic_matches_analytic_gradient() -> Result<()> {
     let (q, theta, t) = quadratic()?;
     let truth = q.grad(&theta);
-    for engine in [CgeEngine::Naive, CgeEngine::Reuse] {
+    for engine in [QueryEngine::Naive, QueryEngine::Reuse] {
         for mu in [1e-2, 1e-1] {
             let e = Cge::new(mu, Difference::Central, engine)?.estimate(&q, &t, &mut rng(0))?;
             let g = tensor_to_vec(&e.grad)?;
@@ -657,7 +657,7 @@ fn cge_on_quadratic_matches_analytic_gradient() -> Result<()> {
                     g[i]
                 );
             }
-            assert!((e.loss - q.loss(&t)?).abs() == 0.0);
+            assert!((e.loss - q.loss(&theta)?).abs() == 0.0);
         }
     }
     Ok(())
@@ -712,7 +712,7 @@ fn rge_fast_matches_candle_f64_with_the_same_directions() -> Result<()> {
         let d = s32.model.num_params();
         let (q, mu) = (5, 1e-2);
         for difference in [Difference::Forward, Difference::Central] {
-            let mut rge = Rge::new(q, mu, difference, Direction::Gaussian)?.with_fast(true);
+            let mut rge = Rge::new(q, mu, difference, Direction::Gaussian)?.with_engine(QueryEngine::Fast);
             let e = rge.estimate(&s32.objective()?, &s32.params, &mut rng(9))?;
             let per = if difference == Difference::Forward {
                 1
@@ -731,9 +731,9 @@ fn rge_fast_matches_candle_f64_with_the_same_directions() -> Result<()> {
                     .zip(u)
                     .map(|(t, v)| t + sign * mu * v)
                     .collect();
-                Ok(obj.loss(&Tensor::from_vec(p, d, &Device::Cpu)?)?)
+                Ok(obj.loss(&p)?)
             };
-            let f0 = obj.loss(&s64.params)?;
+            let f0 = obj.loss(&theta)?;
             let mut want = vec![0.0; d];
             for &seed in &seeds {
                 let u = draw_direction(d, Direction::Gaussian, &mut rng(seed));
@@ -779,7 +779,7 @@ fn rge_fast_does_not_depend_on_thread_count() -> Result<()> {
             .build()?;
         pool.install(|| {
             let mut rge =
-                Rge::new(37, 5e-3, Difference::Forward, Direction::Gaussian)?.with_fast(true);
+                Rge::new(37, 5e-3, Difference::Forward, Direction::Gaussian)?.with_engine(QueryEngine::Fast);
             let e = rge.estimate(&s.objective()?, &s.params, &mut rng(4))?;
             Ok(tensor_to_vec(&e.grad)?)
         })
@@ -787,5 +787,131 @@ fn rge_fast_does_not_depend_on_thread_count() -> Result<()> {
     let one = run(1)?;
     assert_eq!(one, run(3)?);
     assert!(one.iter().any(|&v| v != 0.0));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// generic objectives: threads and batched queries
+// ---------------------------------------------------------------------------------------
+
+/// A black box: a rounded, clipped function the estimators cannot look into; it records the
+/// sizes of the batched calls it receives.
+struct BlackBox {
+    layout: ParamLayout,
+    calls: std::sync::Mutex<Vec<usize>>,
+}
+
+impl BlackBox {
+    fn new(d: usize) -> Self {
+        let mut layout = ParamLayout::default();
+        layout.push("theta", ParamKind::Weight, vec![d], 0);
+        BlackBox {
+            layout,
+            calls: Default::default(),
+        }
+    }
+    fn value(&self, t: &[f64]) -> f64 {
+        let s: f64 = t
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (1.0 + i as f64 * 0.01) * (x - 0.3).powi(2) + (x * (i as f64 + 1.0)).sin())
+            .sum();
+        (s * 1e9).round() / 1e9
+    }
+}
+
+impl Objective for BlackBox {
+    fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+    fn loss(&self, t: &[f64]) -> deepzero_core::Result<f64> {
+        Ok(self.value(t))
+    }
+    fn losses(&self, points: &[&[f64]]) -> deepzero_core::Result<Vec<f64>> {
+        self.calls.lock().unwrap().push(points.len());
+        Ok(points.iter().map(|p| self.value(p)).collect())
+    }
+}
+
+/// Generic-objective CGE and RGE give bitwise-identical estimates on 1 and 2 threads; CGE hands
+/// the black box batches of queries, never one whole-vector copy per query.
+#[test]
+fn generic_objective_estimates_do_not_depend_on_thread_count() -> Result<()> {
+    let d = 203;
+    let theta: Vec<f64> = (0..d).map(|i| (i as f64 * 0.37).cos()).collect();
+    let t = params_tensor(&theta, Precision::F64, &Device::Cpu)?;
+    type Make<'a> = &'a (dyn Fn() -> Box<dyn GradientEstimator> + Sync);
+    let run = |threads: usize, make: Make| -> Result<(Vec<f64>, Vec<usize>)> {
+        let bb = BlackBox::new(d);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+        let g = pool.install(|| -> Result<Vec<f64>> {
+            let mut est = make();
+            Ok(tensor_to_vec(&est.estimate(&bb, &t, &mut rng(3))?.grad)?)
+        })?;
+        let calls = bb.calls.lock().unwrap().clone();
+        Ok((g, calls))
+    };
+    for diff in [Difference::Forward, Difference::Central] {
+        let cge = Cge::new(1e-4, diff, QueryEngine::Fast)?;
+        let make = || Box::new(cge.clone()) as Box<dyn GradientEstimator>;
+        let (one, calls) = run(1, &make)?;
+        let (two, _) = run(2, &make)?;
+        assert_eq!(one, two, "CGE {diff:?}: estimates differ between 1 and 2 threads");
+        // Batched calls of QUERY_BATCH queries (the last one shorter), d·(1 or 2) queries in all.
+        let per = if diff == Difference::Central { 2 } else { 1 };
+        assert_eq!(calls.iter().sum::<usize>(), per * d);
+        assert!(calls.iter().all(|&c| c <= QUERY_BATCH && c > 0), "{calls:?}");
+        assert!(calls.iter().filter(|&&c| c == QUERY_BATCH).count() >= calls.len() - 2, "{calls:?}");
+        // And the estimate is the finite difference of the black box.
+        let bb = BlackBox::new(d);
+        let f0 = bb.value(&theta);
+        for i in [0, 57, d - 1] {
+            let mut p = theta.clone();
+            p[i] += 1e-4;
+            let want = match diff {
+                Difference::Forward => (bb.value(&p) - f0) / 1e-4,
+                Difference::Central => {
+                    let mut m = theta.clone();
+                    m[i] -= 1e-4;
+                    (bb.value(&p) - bb.value(&m)) / 2e-4
+                }
+            };
+            assert_eq!(one[i], want, "coordinate {i}");
+        }
+        let rge = Rge::new(40, 1e-3, diff, Direction::Gaussian)?;
+        let make = || Box::new(rge.clone()) as Box<dyn GradientEstimator>;
+        let (a, _) = run(1, &make)?;
+        let (b, _) = run(2, &make)?;
+        assert_eq!(a, b, "RGE {diff:?}: estimates differ between 1 and 2 threads");
+    }
+    Ok(())
+}
+
+/// RGE on our kernels and RGE through the objective's own queries draw the same directions.
+#[test]
+fn rge_engines_draw_the_same_directions() -> Result<()> {
+    let s = Setup::new(
+        ModelSpec::SimpleCnn { depth: 1, width: 4 },
+        [1, 8, 8],
+        10,
+        5,
+        Precision::F32,
+    )?;
+    let obj = s.objective()?;
+    let mut fast = Rge::new(6, 1e-2, Difference::Central, Direction::Gaussian)?;
+    let a = tensor_to_vec(&fast.estimate(&obj, &s.params, &mut rng(8))?.grad)?;
+    // The same objective seen as a black box (no layer graph): candle forwards.
+    struct Opaque<'a>(&'a dyn Objective);
+    impl Objective for Opaque<'_> {
+        fn layout(&self) -> &ParamLayout {
+            self.0.layout()
+        }
+        fn loss(&self, p: &[f64]) -> deepzero_core::Result<f64> {
+            self.0.loss(p)
+        }
+    }
+    let b = tensor_to_vec(&fast.estimate(&Opaque(&obj), &s.params, &mut rng(8))?.grad)?;
+    let err = rel_err(&a, &b);
+    assert!(err < 1e-3, "relative difference {err}");
     Ok(())
 }

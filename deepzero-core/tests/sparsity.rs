@@ -4,7 +4,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use deepzero_core::data::{self, Dataset, DatasetKind, Normalization};
-use deepzero_core::estimator::{Backprop, Cge, CgeEngine, Difference, GradientEstimator, Rge};
+use deepzero_core::estimator::{Backprop, Cge, Difference, GradientEstimator, QueryEngine, Rge};
 use deepzero_core::layout::{ParamKind, ParamLayout};
 use deepzero_core::model::{params_tensor, tensor_to_vec, Model, ModelSpec, Precision};
 use deepzero_core::objective::{ClassifierObjective, Objective};
@@ -17,7 +17,7 @@ use deepzero_core::sparsity::{
 use deepzero_core::trainer::batch_tensors;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 // ---------------------------------------------------------------------------------------
 // helpers
@@ -58,7 +58,7 @@ impl Setup {
         })
     }
     fn objective(&self) -> Result<ClassifierObjective<'_>> {
-        Ok(ClassifierObjective::new(
+        Ok(ClassifierObjective::classifier(
             &self.model,
             self.x.clone(),
             self.y.clone(),
@@ -79,19 +79,19 @@ fn weights_of(layout: &ParamLayout, v: &[f64]) -> Vec<f64> {
 /// Counts the objective's calls; `loss_and_grad` panics (ZO methods must not use it).
 struct ForwardOnly<'a> {
     inner: &'a dyn Objective,
-    losses: Cell<u64>,
+    losses: AtomicU64,
 }
 
 impl Objective for ForwardOnly<'_> {
     fn layout(&self) -> &ParamLayout {
         self.inner.layout()
     }
-    fn loss(&self, params: &Tensor) -> deepzero_core::Result<f64> {
-        self.losses.set(self.losses.get() + 1);
+    fn loss(&self, params: &[f64]) -> deepzero_core::Result<f64> {
+        self.losses.fetch_add(1, Ordering::Relaxed);
         self.inner.loss(params)
     }
-    fn base_loss(&self, params: &Tensor) -> deepzero_core::Result<f64> {
-        self.losses.set(self.losses.get() + 1);
+    fn base_loss(&self, params: &[f64]) -> deepzero_core::Result<f64> {
+        self.losses.fetch_add(1, Ordering::Relaxed);
         self.inner.base_loss(params)
     }
     fn loss_and_grad(&self, _params: &Tensor) -> deepzero_core::Result<Option<(f64, Tensor)>> {
@@ -174,9 +174,8 @@ impl Objective for Quadratic {
     fn layout(&self) -> &ParamLayout {
         &self.layout
     }
-    fn loss(&self, params: &Tensor) -> deepzero_core::Result<f64> {
-        let t = tensor_to_vec(params)?;
-        Ok(0.5 * t.iter().zip(self.mul(&t)).map(|(x, y)| x * y).sum::<f64>())
+    fn loss(&self, t: &[f64]) -> deepzero_core::Result<f64> {
+        Ok(0.5 * t.iter().zip(self.mul(t)).map(|(x, y)| x * y).sum::<f64>())
     }
     fn loss_and_grad(&self, params: &Tensor) -> deepzero_core::Result<Option<(f64, Tensor)>> {
         let t = tensor_to_vec(params)?;
@@ -196,7 +195,7 @@ fn zo_grasp_uses_forward_passes_only() -> Result<()> {
     let inner = s.objective()?;
     let obj = ForwardOnly {
         inner: &inner,
-        losses: Cell::new(0),
+        losses: AtomicU64::new(0),
     };
     let config = PruneConfig {
         method: PruneMethod::ZoGrasp,
@@ -207,7 +206,7 @@ fn zo_grasp_uses_forward_passes_only() -> Result<()> {
     let p = prune(&s.model, &obj, &s.params, &config, &mut rng(3))?;
     // Two RGE estimates of q directions plus a base query each, counted by the estimator.
     assert_eq!(p.ratios.queries, 2 * (12 + 1));
-    assert_eq!(obj.losses.get(), p.ratios.queries);
+    assert_eq!(obj.losses.load(Ordering::Relaxed), p.ratios.queries);
     let scores = p.scores.expect("zo-grasp has per-weight scores");
     // Only weights are scored.
     for e in &s.model.layout.entries {
@@ -344,15 +343,21 @@ fn global_keep_takes_the_largest_magnitudes_across_layers() -> Result<()> {
 }
 
 #[test]
-fn sparsity_errors_name_the_flag() {
+fn sparsity_errors_name_the_setting() {
+    use deepzero_core::error::{Error, Setting};
     let model = Model::build(&cnn(), [1, 8, 8], 10).unwrap();
-    let e = LayerRatios::uniform(&model, 1.2).unwrap_err().to_string();
-    assert!(e.contains("--sparsity must be in [0, 1), got 1.2"), "{e}");
+    let e = LayerRatios::uniform(&model, 1.2).unwrap_err();
+    assert!(
+        matches!(&e, Error::Invalid { setting: Setting::Sparsity, .. }),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("sparsity must be in [0, 1), got 1.2"), "{e}");
     let r = LayerRatios::uniform(&model, 0.5).unwrap();
-    let e = CoordinateSampler::new(&model.layout, &r, 0, false)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("--mask-interval"), "{e}");
+    let e = CoordinateSampler::new(&model.layout, &r, 0, false).unwrap_err();
+    assert!(
+        matches!(&e, Error::Invalid { setting: Setting::MaskInterval, .. }),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -490,7 +495,7 @@ fn sparse_cge_estimates_only_the_sampled_coordinates() -> Result<()> {
     let obj = s.objective()?;
     let ratios = LayerRatios::uniform(&s.model, 0.95)?;
     let sampler = CoordinateSampler::new(&s.model.layout, &ratios, 5, false)?;
-    let cge = Cge::new(1e-4, Difference::Forward, CgeEngine::Reuse)?;
+    let cge = Cge::new(1e-4, Difference::Forward, QueryEngine::Reuse)?;
     let mut est = SparseCge::new(cge.clone(), sampler);
     let mut params = s.params.clone();
     assert!(

@@ -5,16 +5,16 @@ use candle_core::{DType, Device, Tensor};
 use deepzero_core::checkpoint;
 use deepzero_core::data::{load, Dataset, DatasetKind, Normalization};
 use deepzero_core::estimator::{
-    Backprop, Cge, CgeEngine, Difference, Direction, GradientEstimator, Rge,
+    Backprop, Cge, Difference, Direction, GradientEstimator, QueryEngine, Rge,
 };
 use deepzero_core::model::{params_tensor, tensor_to_vec, BnState, Model, ModelSpec, Precision};
 use deepzero_core::optim::{Optimizer, OptimizerConfig, OptimizerKind, Schedule};
+use deepzero_core::task::{ClassificationConfig, ClassificationTask, Task};
 use deepzero_core::trainer::{
-    derive_seed, evaluate, EpochMetrics, Observer, Silent, TrainConfig, TrainState, Trainer,
+    evaluate, EpochMetrics, Observer, Silent, TrainConfig, TrainState, Trainer,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 // ---------------------------------------------------------------------------------------
@@ -64,30 +64,36 @@ fn digits(train_limit: Option<usize>) -> Result<(Dataset, Dataset)> {
 }
 
 fn fresh_state(model: &Model, seed: u64, precision: Precision) -> Result<TrainState> {
-    let init = model.init_params(&mut StdRng::seed_from_u64(derive_seed(seed, &[0])));
-    Ok(TrainState {
-        epoch: 0,
-        params: params_tensor(&init, precision, &Device::Cpu)?,
-        bn: model.new_bn_state(),
-        optimizer: HashMap::new(),
-        queries: 0,
-        seconds: 0.0,
-        history: Vec::new(),
-    })
+    let init = deepzero_core::seed::initial_params(model, seed);
+    Ok(TrainState::new(params_tensor(&init, precision, &Device::Cpu)?))
 }
 
-fn config(epochs: usize, batch_size: usize, lr: f64, seed: u64) -> TrainConfig {
+fn config(epochs: usize, lr: f64, seed: u64) -> TrainConfig {
     TrainConfig {
         epochs,
-        batch_size,
-        eval_batch_size: 500,
         lr,
         warmup_epochs: 0,
         optimizer: OptimizerConfig::default(),
-        augment: None,
-        precision: Precision::F32,
         seed,
     }
+}
+
+/// Classification of `train` in batches of `batch_size`, evaluated on `test`.
+fn classify<'a>(
+    model: &'a Model,
+    train: &'a Dataset,
+    test: &'a Dataset,
+    batch_size: usize,
+) -> Result<ClassificationTask<'a>> {
+    Ok(ClassificationTask::new(
+        model,
+        train,
+        test,
+        ClassificationConfig {
+            batch_size,
+            ..Default::default()
+        },
+    )?)
 }
 
 /// Epoch, train loss, test loss, test accuracy, queries, learning rate.
@@ -100,8 +106,8 @@ fn timeless(h: &[EpochMetrics]) -> Vec<Row> {
             (
                 m.epoch,
                 m.train_loss,
-                m.test_loss,
-                m.test_accuracy,
+                m.get("test_loss").expect("test loss"),
+                m.get("test_accuracy").expect("test accuracy"),
                 m.queries,
                 m.lr,
             )
@@ -244,11 +250,12 @@ fn schedule_warmup_then_cosine() {
 // ---------------------------------------------------------------------------------------
 
 fn tmp_files(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir)
+    std::fs::read_dir(dir.join(checkpoint::DIR))
         .expect("readable dir")
         .map(|e| e.expect("entry").path())
         .filter(|p| {
-            p.to_string_lossy().ends_with(".tmp") || p.extension().is_some_and(|e| e == "tmp")
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(".tmp"))
         })
         .collect()
 }
@@ -284,8 +291,10 @@ fn checkpoint_round_trip() -> Result<()> {
         .map(|epoch| EpochMetrics {
             epoch,
             train_loss: rng.random::<f64>() * 2.3,
-            test_loss: rng.random::<f64>() * 2.3,
-            test_accuracy: rng.random(),
+            metrics: vec![
+                ("test_loss".into(), rng.random::<f64>() * 2.3),
+                ("test_accuracy".into(), rng.random()),
+            ],
             queries: 12_345 * epoch as u64,
             seconds: rng.random::<f64>() * 100.0,
             lr: rng.random::<f64>() * 0.1,
@@ -294,7 +303,7 @@ fn checkpoint_round_trip() -> Result<()> {
     let state = TrainState {
         epoch: 2,
         params: params.clone(),
-        bn: bn.clone(),
+        task: serde_json::json!({ "bn": bn }),
         optimizer: opt.state(),
         queries: 24_690,
         seconds: rng.random::<f64>() * 200.0,
@@ -306,8 +315,9 @@ fn checkpoint_round_trip() -> Result<()> {
         "{:?}",
         tmp_files(dir.path())
     );
-    assert!(dir.path().join(checkpoint::TENSORS_FILE).is_file());
-    assert!(dir.path().join(checkpoint::STATE_FILE).is_file());
+    let unit = dir.path().join(checkpoint::DIR).join("epoch-000002");
+    assert!(unit.join(checkpoint::TENSORS_FILE).is_file());
+    assert!(unit.join(checkpoint::STATE_FILE).is_file());
 
     let back = checkpoint::load(dir.path(), &Device::Cpu)?;
     assert_eq!(back.epoch, 2);
@@ -316,13 +326,14 @@ fn checkpoint_round_trip() -> Result<()> {
     assert_eq!(back.params.dtype(), DType::F32);
     assert_eq!(back.params.to_vec1::<f32>()?, params.to_vec1::<f32>()?);
     // Exact f64 round trip: resuming must not perturb running statistics or metrics.
-    let (bn_same, history_same) = (back.bn == bn, back.history == history);
+    let back_bn: BnState = serde_json::from_value(back.task["bn"].clone())?;
+    let (bn_same, history_same) = (back_bn == bn, back.history == history);
     assert!(
         bn_same && history_same,
         "f64 values changed in the checkpoint round trip: batch-norm statistics same: \
          {bn_same}, metrics same: {history_same}\nsaved {:?}\nloaded {:?}",
         (&bn, &history),
-        (&back.bn, &back.history)
+        (&back_bn, &back.history)
     );
     let mut keys: Vec<&String> = back.optimizer.keys().collect();
     keys.sort();
@@ -343,9 +354,15 @@ fn checkpoint_round_trip() -> Result<()> {
     // Saving again over an existing checkpoint replaces it.
     let mut later = state.clone();
     later.epoch = 3;
+    later.history.push(later.history[1].clone());
     checkpoint::save(dir.path(), &later)?;
     assert_eq!(checkpoint::load(dir.path(), &Device::Cpu)?.epoch, 3);
     assert!(tmp_files(dir.path()).is_empty());
+    // Only the newest checkpoint is kept.
+    let kept: Vec<_> = std::fs::read_dir(dir.path().join(checkpoint::DIR))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<_>>()?;
+    assert_eq!(kept, ["epoch-000003"]);
     Ok(())
 }
 
@@ -368,19 +385,14 @@ fn checkpoint_load_from_empty_dir_is_a_clear_error() -> Result<()> {
 fn first_order_training_learns_digits() -> Result<()> {
     let (train, test) = digits(None)?;
     let model = Model::build(&ModelSpec::Mlp { hidden: vec![32] }, [1, 8, 8], 10)?;
-    let cfg = config(3, 32, 0.1, 0);
-    let trainer = Trainer {
-        model: &model,
-        train: &train,
-        test: &test,
-        config: &cfg,
-    };
+    let cfg = config(3, 0.1, 0);
+    let mut task = classify(&model, &train, &test, 32)?;
     let mut state = fresh_state(&model, 0, Precision::F32)?;
     let mut opt = cfg.optimizer.build()?;
-    trainer.run(&mut state, &mut Backprop, opt.as_mut(), &mut Silent)?;
+    Trainer { config: &cfg }.run(&mut task, &mut state, &mut Backprop, opt.as_mut(), &mut Silent)?;
     assert_eq!(state.epoch, 3);
     assert_eq!(state.history.len(), 3);
-    let steps = trainer.steps_per_epoch() as u64;
+    let steps = task.steps_per_epoch() as u64;
     assert_eq!(steps, train.len().div_ceil(32) as u64);
     assert_eq!(
         state.queries,
@@ -392,16 +404,16 @@ fn first_order_training_learns_digits() -> Result<()> {
         assert_eq!(m.queries, (i as u64 + 1) * steps);
     }
     let last = state.history.last().expect("history");
-    assert!(
-        last.test_accuracy >= 0.85,
-        "test accuracy {}",
-        last.test_accuracy
-    );
+    let acc = last.get("test_accuracy").expect("accuracy");
+    assert!(acc >= 0.85, "test accuracy {acc}");
     assert!(last.train_loss < state.history[0].train_loss);
     // The recorded figures are the evaluation of the final parameters.
-    let (loss, acc) = evaluate(&model, &state.params, &state.bn, &test, 100)?;
-    assert_eq!(acc, last.test_accuracy);
-    assert!((loss - last.test_loss).abs() < 1e-9);
+    let (loss, acc2) = evaluate(&model, &state.params, task.bn_state(), &test, 100)?;
+    assert_eq!(acc2, acc);
+    assert!((loss - last.get("test_loss").expect("loss")).abs() < 1e-9);
+    // The checkpointed task state is the task's.
+    let bn: BnState = serde_json::from_value(state.task["bn"].clone())?;
+    assert_eq!(&bn, task.bn_state());
     Ok(())
 }
 
@@ -410,19 +422,14 @@ fn cge_training_improves_digits() -> Result<()> {
     let (train, test) = digits(Some(256))?;
     assert_eq!(train.len(), 256);
     let model = Model::build(&ModelSpec::Mlp { hidden: vec![16] }, [1, 8, 8], 10)?;
-    let cfg = config(1, 32, 0.1, 1);
-    let trainer = Trainer {
-        model: &model,
-        train: &train,
-        test: &test,
-        config: &cfg,
-    };
+    let cfg = config(1, 0.1, 1);
+    let mut task = classify(&model, &train, &test, 32)?;
     let mut state = fresh_state(&model, 1, Precision::F32)?;
-    let (_, before) = evaluate(&model, &state.params, &state.bn, &test, 500)?;
-    let mut cge = Cge::new(5e-3, Difference::Forward, CgeEngine::Reuse)?;
+    let (_, before) = evaluate(&model, &state.params, task.bn_state(), &test, 500)?;
+    let mut cge = Cge::new(5e-3, Difference::Forward, QueryEngine::Reuse)?;
     let mut opt = cfg.optimizer.build()?;
-    trainer.run(&mut state, &mut cge, opt.as_mut(), &mut Silent)?;
-    let after = state.history[0].test_accuracy;
+    Trainer { config: &cfg }.run(&mut task, &mut state, &mut cge, opt.as_mut(), &mut Silent)?;
+    let after = state.history[0].get("test_accuracy").expect("accuracy");
     assert!(after >= before + 0.1, "test accuracy {before} → {after}");
     assert_eq!(state.queries, 8 * (model.num_params() as u64 + 1));
     Ok(())
@@ -431,17 +438,12 @@ fn cge_training_improves_digits() -> Result<()> {
 fn rge_run(seed: u64, init_seed: u64) -> Result<TrainState> {
     let (train, test) = digits(Some(128))?;
     let model = Model::build(&ModelSpec::Mlp { hidden: vec![8] }, [1, 8, 8], 10)?;
-    let cfg = config(1, 32, 0.05, seed);
-    let trainer = Trainer {
-        model: &model,
-        train: &train,
-        test: &test,
-        config: &cfg,
-    };
+    let cfg = config(1, 0.05, seed);
+    let mut task = classify(&model, &train, &test, 32)?;
     let mut state = fresh_state(&model, init_seed, Precision::F32)?;
     let mut rge = Rge::new(4, 5e-3, Difference::Forward, Direction::Gaussian)?;
     let mut opt = cfg.optimizer.build()?;
-    trainer.run(&mut state, &mut rge, opt.as_mut(), &mut Silent)?;
+    Trainer { config: &cfg }.run(&mut task, &mut state, &mut rge, opt.as_mut(), &mut Silent)?;
     Ok(state)
 }
 
@@ -477,19 +479,14 @@ impl Observer for SaveAt {
 fn check_resume(kind: OptimizerKind) -> Result<()> {
     let (train, test) = digits(Some(160))?;
     let model = Model::build(&ModelSpec::SimpleCnn { depth: 1, width: 4 }, [1, 8, 8], 10)?;
-    let mut cfg = config(2, 32, 0.05, 11);
+    let mut cfg = config(2, 0.05, 11);
     cfg.optimizer.kind = kind;
     cfg.lr = if kind == OptimizerKind::Adam {
         0.01
     } else {
         0.05
     };
-    let trainer = Trainer {
-        model: &model,
-        train: &train,
-        test: &test,
-        config: &cfg,
-    };
+    let trainer = Trainer { config: &cfg };
     let estimator = || Rge::new(3, 5e-3, Difference::Forward, Direction::Gaussian);
     let dir = tempfile::tempdir()?;
 
@@ -499,7 +496,8 @@ fn check_resume(kind: OptimizerKind) -> Result<()> {
         dir: dir.path().to_path_buf(),
         at: 1,
     };
-    trainer.run(&mut straight, &mut estimator()?, opt.as_mut(), &mut obs)?;
+    let mut task = classify(&model, &train, &test, 32)?;
+    trainer.run(&mut task, &mut straight, &mut estimator()?, opt.as_mut(), &mut obs)?;
     assert_eq!(straight.epoch, 2);
 
     let mut resumed = checkpoint::load(dir.path(), &Device::Cpu)?;
@@ -508,7 +506,9 @@ fn check_resume(kind: OptimizerKind) -> Result<()> {
     let mut opt = cfg.optimizer.build()?;
     opt.load_state(&resumed.optimizer)?;
     let mut est: Box<dyn GradientEstimator> = Box::new(estimator()?);
-    trainer.run(&mut resumed, est.as_mut(), opt.as_mut(), &mut Silent)?;
+    // A fresh task: its batch-norm statistics come from the checkpoint.
+    let mut task = classify(&model, &train, &test, 32)?;
+    trainer.run(&mut task, &mut resumed, est.as_mut(), opt.as_mut(), &mut Silent)?;
     assert_eq!(resumed.epoch, 2);
     assert_eq!(
         resumed.params.to_vec1::<f32>()?,
@@ -517,7 +517,7 @@ fn check_resume(kind: OptimizerKind) -> Result<()> {
     );
     assert_eq!(resumed.queries, straight.queries);
     assert_eq!(
-        resumed.bn, straight.bn,
+        resumed.task, straight.task,
         "{kind:?}: batch-norm statistics differ"
     );
     assert_eq!(timeless(&resumed.history), timeless(&straight.history));
@@ -534,35 +534,103 @@ fn resume_is_bit_identical_adam() -> Result<()> {
     check_resume(OptimizerKind::Adam)
 }
 
+/// Saves after every epoch; after epoch `fail_at` the save is interrupted at `stop` and the run
+/// stops there, as a kill would stop it.
+struct InterruptAt {
+    dir: PathBuf,
+    fail_at: usize,
+    stop: checkpoint::Interruption,
+}
+
+impl Observer for InterruptAt {
+    fn on_epoch_end(&mut self, m: &EpochMetrics, state: &TrainState) -> deepzero_core::Result<()> {
+        let stop = (m.epoch == self.fail_at).then_some(self.stop);
+        checkpoint::save_interrupted(&self.dir, state, stop)
+    }
+}
+
+/// A checkpoint interrupted between its parts: resume sees the old checkpoint or the new one,
+/// never a mix, and finishes with the parameters of an uninterrupted run.
+#[test]
+fn interrupted_checkpoint_resumes_to_the_uninterrupted_result() -> Result<()> {
+    let (train, test) = digits(Some(96))?;
+    let model = Model::build(&ModelSpec::SimpleCnn { depth: 1, width: 4 }, [1, 8, 8], 10)?;
+    let cfg = config(3, 0.05, 21);
+    let trainer = Trainer { config: &cfg };
+    let cge = || Cge::new(5e-3, Difference::Forward, QueryEngine::Fast);
+    let run = |state: &mut TrainState, obs: &mut dyn Observer| -> Result<()> {
+        let mut task = classify(&model, &train, &test, 32)?;
+        let mut opt = cfg.optimizer.build()?;
+        opt.load_state(&state.optimizer)?;
+        trainer.run(&mut task, state, &mut cge()?, opt.as_mut(), obs)?;
+        Ok(())
+    };
+    let mut straight = fresh_state(&model, 21, Precision::F32)?;
+    run(&mut straight, &mut Silent)?;
+
+    use checkpoint::Interruption::*;
+    for (stop, expect_epoch) in [(AfterTensors, 1), (BeforeCommit, 1), (BeforeCleanup, 2)] {
+        let dir = tempfile::tempdir()?;
+        let mut state = fresh_state(&model, 21, Precision::F32)?;
+        let mut obs = InterruptAt {
+            dir: dir.path().to_path_buf(),
+            fail_at: 2,
+            stop,
+        };
+        let e = run(&mut state, &mut obs).unwrap_err().to_string();
+        assert!(e.contains("interrupted"), "{stop:?}: {e}");
+        let mut back = checkpoint::load(dir.path(), &Device::Cpu)?;
+        assert_eq!(back.epoch, expect_epoch, "{stop:?}");
+        assert_eq!(back.history.len(), expect_epoch, "{stop:?}");
+        assert_eq!(
+            back.history,
+            straight.history[..expect_epoch]
+                .iter()
+                .map(|m| EpochMetrics {
+                    seconds: back.history[m.epoch - 1].seconds,
+                    ..m.clone()
+                })
+                .collect::<Vec<_>>(),
+            "{stop:?}: the checkpoint's metrics are not those of its epoch"
+        );
+        run(&mut back, &mut SaveAt { dir: dir.path().to_path_buf(), at: 3 })?;
+        assert_eq!(
+            back.params.to_vec1::<f32>()?,
+            straight.params.to_vec1::<f32>()?,
+            "{stop:?}: parameters differ from the uninterrupted run"
+        );
+        // The finished run's checkpoint is the only one left, with no temporary leftovers.
+        assert_eq!(checkpoint::load(dir.path(), &Device::Cpu)?.epoch, 3);
+        assert!(tmp_files(dir.path()).is_empty(), "{stop:?}");
+    }
+    Ok(())
+}
+
 #[test]
 fn trainer_rejects_bad_config() -> Result<()> {
     let (train, test) = digits(Some(32))?;
     let model = Model::build(&ModelSpec::Mlp { hidden: vec![4] }, [1, 8, 8], 10)?;
-    for (cfg, flag) in [
-        (config(0, 32, 0.1, 0), "--epochs"),
-        (config(1, 0, 0.1, 0), "--batch-size"),
-        (config(1, 32, 0.0, 0), "--lr"),
+    for (cfg, setting) in [
+        (config(0, 0.1, 0), "number of epochs"),
+        (config(1, 0.0, 0), "learning rate"),
         (
             TrainConfig {
                 warmup_epochs: 2,
-                ..config(2, 32, 0.1, 0)
+                ..config(2, 0.1, 0)
             },
-            "--warmup-epochs",
+            "warm-up epochs",
         ),
     ] {
-        let trainer = Trainer {
-            model: &model,
-            train: &train,
-            test: &test,
-            config: &cfg,
-        };
+        let mut task = classify(&model, &train, &test, 32)?;
         let mut state = fresh_state(&model, 0, Precision::F32)?;
         let mut opt = sgd(0.9, 0.0)?;
-        let e = trainer
-            .run(&mut state, &mut Backprop, opt.as_mut(), &mut Silent)
+        let e = Trainer { config: &cfg }
+            .run(&mut task, &mut state, &mut Backprop, opt.as_mut(), &mut Silent)
             .unwrap_err()
             .to_string();
-        assert!(e.contains(flag), "{e}");
+        assert!(e.contains(setting), "{e}");
     }
+    let e = classify(&model, &train, &test, 0).err().expect("batch size 0").to_string();
+    assert!(e.contains("batch size"), "{e}");
     Ok(())
 }
