@@ -4,9 +4,9 @@ use crate::common::{build_model, load_data, set_threads, DataArg, DataOpts, Mode
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use deepzero_core::estimator::{Cge, Difference, GradientEstimator, QueryEngine};
-use deepzero_core::head::Head;
 use deepzero_core::fast::kernels::{self, Act};
 use deepzero_core::fast::{query_costs, Engine};
+use deepzero_core::head::Head;
 use deepzero_core::model::{params_tensor, tensor_to_vec, Model, Precision};
 use deepzero_core::objective::ClassifierObjective;
 use deepzero_core::trainer::batch_tensors;
@@ -22,6 +22,8 @@ pub enum BenchCommand {
     Cge(CgeBenchArgs),
     /// Throughput of the convolution and linear kernels per layer shape vs the matmul rate.
     Kernels(KernelBenchArgs),
+    /// Threaded speedup of CGE on a black-box objective (no layer graph) of a given query cost.
+    Objective(crate::bench_objective::ObjectiveBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -111,6 +113,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             }
         }
         BenchCommand::Kernels(a) => bench_kernels(&a)?,
+        BenchCommand::Objective(a) => crate::bench_objective::run(&a)?,
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! progress and writes run directories (config, metrics, summary, plots, checkpoints).
 
 mod bench;
+mod bench_objective;
 mod common;
 mod experiment;
 mod gradcheck;
@@ -70,6 +71,11 @@ fn main() {
         Command::Experiment(cmd) => experiment::run(cmd),
     };
     if let Err(e) = result {
+        // Core names settings in its own words; say which flag it was.
+        let e = match e.downcast::<deepzero_core::Error>() {
+            Ok(core) => common::flag_error(core),
+            Err(other) => other,
+        };
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -1,8 +1,8 @@
 //! `deepzero train`: one run, one directory.
 
 use crate::common::{
-    build_model, flag_error, initial_params, load_data, set_threads, DataOpts, DeviceArg,
-    DtypeArg, EstimatorOpts, ModelOpts, SparsityOpts,
+    build_model, flag_error, initial_params, load_data, set_threads, DataOpts, DeviceArg, DtypeArg,
+    EstimatorOpts, ModelOpts, SparsityOpts,
 };
 use crate::report::{self, LineChart, Series};
 use anyhow::{bail, Context, Result};

@@ -101,17 +101,18 @@ fn train_writes_a_complete_run_directory() -> Result<()> {
         "accuracy.svg",
         "loss.png",
         "loss.svg",
-        "checkpoint.safetensors",
-        "checkpoint.json",
+        "checkpoints/epoch-000002/tensors.safetensors",
+        "checkpoints/epoch-000002/state.json",
     ] {
         let p = run.join(f);
         ensure!(p.is_file(), "{} missing", p.display());
         ensure!(std::fs::metadata(&p)?.len() > 0, "{} is empty", p.display());
     }
-    // No temporary files left behind.
-    for e in std::fs::read_dir(&run)? {
+    // No temporary files left behind, and only the newest checkpoint.
+    for e in std::fs::read_dir(&run)?.chain(std::fs::read_dir(run.join("checkpoints"))?) {
         let name = e?.file_name().to_string_lossy().into_owned();
         ensure!(!name.contains(".tmp"), "leftover temporary file {name}");
+        ensure!(name != "epoch-000001", "the older checkpoint was kept");
     }
     let png = std::fs::read(run.join("accuracy.png"))?;
     ensure!(png.starts_with(b"\x89PNG"), "accuracy.png is not a PNG");
@@ -267,11 +268,11 @@ fn train_resume_continues_from_the_checkpoint() -> Result<()> {
     Ok(())
 }
 
-/// RGE runs on deepzero's kernels by default; a run saved before `--rge-engine` existed resumes
-/// on candle (its directions are drawn differently), and `--resume` takes `--threads` from the
+/// One `--engine` flag for CGE and RGE (`--cge-engine` still accepted); a run saved with the
+/// older `cge_engine` / `rge_engine` keys resumes, and `--resume` takes `--threads` from the
 /// resuming command.
 #[test]
-fn rge_engine_default_and_old_configs() -> Result<()> {
+fn engine_flag_and_old_configs() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let run = tmp.path().join("run");
     let run_s = run.to_str().context("utf-8 path")?;
@@ -283,23 +284,31 @@ fn rge_engine_default_and_old_configs() -> Result<()> {
         "rge",
         "--q",
         "3",
+        "--cge-engine",
+        "naive",
         "--out",
         run_s,
     ];
     args.extend(SMALL);
     let o = ok(tmp.path(), &args)?;
-    ensure!(stderr(&o).contains("rge(q=3, fast)"), "{}", stderr(&o));
+    ensure!(stderr(&o).contains("rge(q=3)"), "{}", stderr(&o));
     let mut cfg = read_json(&run.join("config.json"))?;
-    ensure!(cfg["estimator"]["rge_engine"] == "fast", "{cfg}");
-    cfg["estimator"]
+    ensure!(cfg["estimator"]["engine"] == "naive", "{cfg}");
+    let est = cfg["estimator"]
         .as_object_mut()
-        .context("estimator config is an object")?
-        .remove("rge_engine");
+        .context("estimator config is an object")?;
+    est.remove("engine");
+    est.insert("cge_engine".into(), Value::from("fast"));
+    est.insert("rge_engine".into(), Value::from("candle"));
     cfg["epochs"] = Value::from(2);
     std::fs::write(run.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
     let o = ok(tmp.path(), &["train", "--resume", run_s, "--threads", "2"])?;
     let err = stderr(&o);
-    ensure!(err.contains("rge(q=3)") && !err.contains("fast"), "{err}");
+    ensure!(
+        err.contains("resuming") && err.contains("rge(q=3)"),
+        "{err}"
+    );
+    ensure!(read_json(&run.join("summary.json"))?["epochs"] == 2);
     Ok(())
 }
 

@@ -108,7 +108,11 @@ pub fn save(run_dir: &Path, state: &TrainState) -> Result<()> {
 }
 
 /// [`save`], stopping (with an error) at `stop`: what a kill at that moment leaves behind.
-pub fn save_interrupted(run_dir: &Path, state: &TrainState, stop: Option<Interruption>) -> Result<()> {
+pub fn save_interrupted(
+    run_dir: &Path,
+    state: &TrainState,
+    stop: Option<Interruption>,
+) -> Result<()> {
     let root = run_dir.join(DIR);
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
     let name = name_of(state.epoch);
@@ -119,7 +123,9 @@ pub fn save_interrupted(run_dir: &Path, state: &TrainState, stop: Option<Interru
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let interrupted = |at: Interruption| -> Result<()> {
         if stop == Some(at) {
-            return Err(Error::Config(format!("checkpoint save interrupted ({at:?})")));
+            return Err(Error::Config(format!(
+                "checkpoint save interrupted ({at:?})"
+            )));
         }
         Ok(())
     };

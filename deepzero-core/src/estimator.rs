@@ -129,7 +129,11 @@ impl GradientEstimator for Backprop {
         _rng: &mut StdRng,
     ) -> Result<Estimate> {
         match obj.loss_and_grad(params)? {
-            Some((loss, grad)) => Ok(Estimate { loss, grad, queries: 1 }),
+            Some((loss, grad)) => Ok(Estimate {
+                loss,
+                grad,
+                queries: 1,
+            }),
             None => Err(Error::invalid(
                 Setting::Estimator,
                 "backprop needs a gradient, and this objective is a black box; use CGE or RGE",
@@ -220,7 +224,13 @@ impl Rge {
     }
 
     /// `(1/q) Σ c_i u_i` and the queries made (without the base), on the objective's `losses`.
-    fn generic(&self, obj: &dyn Objective, theta: &[f64], f0: f64, seeds: &[u64]) -> Result<(Vec<f64>, u64)> {
+    fn generic(
+        &self,
+        obj: &dyn Objective,
+        theta: &[f64],
+        f0: f64,
+        seeds: &[u64],
+    ) -> Result<(Vec<f64>, u64)> {
         let d = theta.len();
         let (mu, diff, dir) = (self.mu, self.difference, self.direction);
         let group_sum = |group: &[u64]| -> Result<Vec<f64>> {
@@ -236,7 +246,11 @@ impl Rge {
                 .iter()
                 .flat_map(|u| {
                     signs.iter().map(move |&sg| {
-                        theta.iter().zip(u).map(|(t, ui)| t + sg * mu * ui).collect()
+                        theta
+                            .iter()
+                            .zip(u)
+                            .map(|(t, ui)| t + sg * mu * ui)
+                            .collect()
                     })
                 })
                 .collect();
@@ -344,7 +358,13 @@ impl Cge {
 
     /// Finite differences over `coords` with the objective's batched `losses`: each worker
     /// perturbs one coordinate of its own copies of `θ` and restores it (no per-query copy).
-    fn generic(&self, obj: &dyn Objective, theta: &[f64], f0: f64, coords: &[usize]) -> Result<Vec<f64>> {
+    fn generic(
+        &self,
+        obj: &dyn Objective,
+        theta: &[f64],
+        f0: f64,
+        coords: &[usize],
+    ) -> Result<Vec<f64>> {
         let (mu, diff) = (self.mu, self.difference);
         let signs: &[f64] = match diff {
             Difference::Forward => &[1.0],
@@ -383,16 +403,22 @@ impl Cge {
     }
 
     /// Feature reuse on candle tensors: resume at the node that reads each coordinate.
-    fn reuse(&self, r: &dyn crate::objective::Resumable, obj: &dyn Objective, params: &Tensor, coords: &[usize]) -> Result<(f64, Vec<f64>)> {
+    fn reuse(
+        &self,
+        r: &dyn crate::objective::Resumable,
+        obj: &dyn Objective,
+        params: &Tensor,
+        coords: &[usize],
+    ) -> Result<(f64, Vec<f64>)> {
         let (f0, cache) = r.prepare(params)?;
         let layout = obj.layout();
         let (mu, diff) = (self.mu, self.difference);
         let g: Vec<f64> = coords
             .par_iter()
             .map(|&i| -> Result<f64> {
-                let e = layout.entry_of(i).ok_or_else(|| {
-                    Error::Shape(format!("coordinate {i} outside the layout"))
-                })?;
+                let e = layout
+                    .entry_of(i)
+                    .ok_or_else(|| Error::Shape(format!("coordinate {i} outside the layout")))?;
                 let entry = &layout.entries[e];
                 let mut w = host(&cache.views[e].flatten_all()?)?;
                 let j = i - entry.offset;
@@ -456,7 +482,9 @@ impl GradientEstimator for Cge {
             });
         }
         let (f0, gs) = match (self.engine, obj.resumable()) {
-            (QueryEngine::Reuse | QueryEngine::Fast, Some(r)) => self.reuse(r, obj, params, coords)?,
+            (QueryEngine::Reuse | QueryEngine::Fast, Some(r)) => {
+                self.reuse(r, obj, params, coords)?
+            }
             _ => {
                 let theta = host(params)?;
                 let f0 = obj.base_loss(&theta)?;

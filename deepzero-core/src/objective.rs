@@ -183,7 +183,8 @@ impl<'a> ModelObjective<'a> {
             .model
             .forward_cached(&views, &x, Mode::Train, Some(&mut stats))?;
         *self.stats.lock().expect("stats lock") = Some(stats);
-        let loss = self.mean_losses(std::slice::from_ref(regs.last().expect("output register")))?[0];
+        let loss =
+            self.mean_losses(std::slice::from_ref(regs.last().expect("output register")))?[0];
         Ok((loss, ReuseCache { views, regs }))
     }
 }
@@ -197,7 +198,10 @@ impl Objective for ModelObjective<'_> {
     }
     fn losses(&self, points: &[&[f64]]) -> Result<Vec<f64>> {
         // One head call for all the points: a black box behind the head answers one batch.
-        let outs: Vec<Tensor> = points.iter().map(|p| self.forward(p)).collect::<Result<_>>()?;
+        let outs: Vec<Tensor> = points
+            .iter()
+            .map(|p| self.forward(p))
+            .collect::<Result<_>>()?;
         self.mean_losses(&outs)
     }
     fn base_loss(&self, params: &[f64]) -> Result<f64> {

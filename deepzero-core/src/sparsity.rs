@@ -31,8 +31,8 @@ use crate::estimator::{
 use crate::layout::{ParamEntry, ParamLayout};
 use crate::model::{tensor_to_vec, Model};
 use crate::objective::Objective;
-use crate::task::{Task, PRUNE_STREAM};
 use crate::seed::derive_seed;
+use crate::task::{Task, PRUNE_STREAM};
 use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
@@ -1024,11 +1024,9 @@ pub fn sparse_estimator(
     Ok(match est.kind {
         EstimatorKind::Cge => Box::new(SparseCge::new(est.cge()?, sampler)),
         EstimatorKind::Fo => Box::new(SparseBackprop::new(sampler)),
-        EstimatorKind::Rge => {
-            return Err(Error::invalid(
-                Setting::Estimator,
-                "sparse training applies to CGE (sparse CGE) or backprop (sparse gradients), not RGE",
-            ))
-        }
+        EstimatorKind::Rge => return Err(Error::invalid(
+            Setting::Estimator,
+            "sparse training applies to CGE (sparse CGE) or backprop (sparse gradients), not RGE",
+        )),
     })
 }

@@ -203,12 +203,23 @@ impl<'a> ClassificationTask<'a> {
         Device::Cpu
     }
 
-    fn objective_on(&self, ds: &Dataset, idx: &[usize], aug: Option<&mut StdRng>) -> Result<ModelObjective<'a>> {
+    fn objective_on(
+        &self,
+        ds: &Dataset,
+        idx: &[usize],
+        aug: Option<&mut StdRng>,
+    ) -> Result<ModelObjective<'a>> {
         let augment = match (&self.config.augment, aug) {
             (Some(a), Some(rng)) => Some((a, rng)),
             _ => None,
         };
-        let (x, y) = batch_tensors(ds, idx, augment, self.config.precision.dtype(), &self.device())?;
+        let (x, y) = batch_tensors(
+            ds,
+            idx,
+            augment,
+            self.config.precision.dtype(),
+            &self.device(),
+        )?;
         ModelObjective::classifier(self.model, x, y)
     }
 }
@@ -221,7 +232,14 @@ impl Task for ClassificationTask<'_> {
         self.train.len().div_ceil(self.config.batch_size)
     }
     fn begin_epoch(&mut self, epoch: usize, seed: u64) -> Result<()> {
-        let b = epoch_batches(self.train.len(), self.config.batch_size, seed, epoch, true, false);
+        let b = epoch_batches(
+            self.train.len(),
+            self.config.batch_size,
+            seed,
+            epoch,
+            true,
+            false,
+        );
         self.batches = Some((epoch, b));
         Ok(())
     }
@@ -235,7 +253,11 @@ impl Task for ClassificationTask<'_> {
             }
         };
         let mut aug = stream_rng(seed, &[1, epoch as u64, step as u64]);
-        Ok(Box::new(self.objective_on(self.train, idx, Some(&mut aug))?))
+        Ok(Box::new(self.objective_on(
+            self.train,
+            idx,
+            Some(&mut aug),
+        )?))
     }
     fn end_step(&mut self, bn: Option<BnBatchStats>) -> Result<()> {
         if let Some(s) = bn {
@@ -284,11 +306,18 @@ impl Task for ClassificationTask<'_> {
                 "samples per class of the pruning batch must be at least 1".into(),
             ));
         }
-        let sample = self
-            .train
-            .balanced_sample(self.config.prune_per_class, derive_seed(seed, &[PRUNE_STREAM, 0]));
+        let sample = self.train.balanced_sample(
+            self.config.prune_per_class,
+            derive_seed(seed, &[PRUNE_STREAM, 0]),
+        );
         let idx: Vec<usize> = (0..sample.len()).collect();
-        let (x, y) = batch_tensors(&sample, &idx, None, self.config.precision.dtype(), &self.device())?;
+        let (x, y) = batch_tensors(
+            &sample,
+            &idx,
+            None,
+            self.config.precision.dtype(),
+            &self.device(),
+        )?;
         Ok(Box::new(ModelObjective::classifier(self.model, x, y)?))
     }
 }

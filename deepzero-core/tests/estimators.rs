@@ -712,7 +712,8 @@ fn rge_fast_matches_candle_f64_with_the_same_directions() -> Result<()> {
         let d = s32.model.num_params();
         let (q, mu) = (5, 1e-2);
         for difference in [Difference::Forward, Difference::Central] {
-            let mut rge = Rge::new(q, mu, difference, Direction::Gaussian)?.with_engine(QueryEngine::Fast);
+            let mut rge =
+                Rge::new(q, mu, difference, Direction::Gaussian)?.with_engine(QueryEngine::Fast);
             let e = rge.estimate(&s32.objective()?, &s32.params, &mut rng(9))?;
             let per = if difference == Difference::Forward {
                 1
@@ -778,8 +779,8 @@ fn rge_fast_does_not_depend_on_thread_count() -> Result<()> {
             .num_threads(threads)
             .build()?;
         pool.install(|| {
-            let mut rge =
-                Rge::new(37, 5e-3, Difference::Forward, Direction::Gaussian)?.with_engine(QueryEngine::Fast);
+            let mut rge = Rge::new(37, 5e-3, Difference::Forward, Direction::Gaussian)?
+                .with_engine(QueryEngine::Fast);
             let e = rge.estimate(&s.objective()?, &s.params, &mut rng(4))?;
             Ok(tensor_to_vec(&e.grad)?)
         })
@@ -814,7 +815,9 @@ impl BlackBox {
         let s: f64 = t
             .iter()
             .enumerate()
-            .map(|(i, x)| (1.0 + i as f64 * 0.01) * (x - 0.3).powi(2) + (x * (i as f64 + 1.0)).sin())
+            .map(|(i, x)| {
+                (1.0 + i as f64 * 0.01) * (x - 0.3).powi(2) + (x * (i as f64 + 1.0)).sin()
+            })
             .sum();
         (s * 1e9).round() / 1e9
     }
@@ -843,7 +846,9 @@ fn generic_objective_estimates_do_not_depend_on_thread_count() -> Result<()> {
     type Make<'a> = &'a (dyn Fn() -> Box<dyn GradientEstimator> + Sync);
     let run = |threads: usize, make: Make| -> Result<(Vec<f64>, Vec<usize>)> {
         let bb = BlackBox::new(d);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?;
         let g = pool.install(|| -> Result<Vec<f64>> {
             let mut est = make();
             Ok(tensor_to_vec(&est.estimate(&bb, &t, &mut rng(3))?.grad)?)
@@ -856,12 +861,21 @@ fn generic_objective_estimates_do_not_depend_on_thread_count() -> Result<()> {
         let make = || Box::new(cge.clone()) as Box<dyn GradientEstimator>;
         let (one, calls) = run(1, &make)?;
         let (two, _) = run(2, &make)?;
-        assert_eq!(one, two, "CGE {diff:?}: estimates differ between 1 and 2 threads");
+        assert_eq!(
+            one, two,
+            "CGE {diff:?}: estimates differ between 1 and 2 threads"
+        );
         // Batched calls of QUERY_BATCH queries (the last one shorter), d·(1 or 2) queries in all.
         let per = if diff == Difference::Central { 2 } else { 1 };
         assert_eq!(calls.iter().sum::<usize>(), per * d);
-        assert!(calls.iter().all(|&c| c <= QUERY_BATCH && c > 0), "{calls:?}");
-        assert!(calls.iter().filter(|&&c| c == QUERY_BATCH).count() >= calls.len() - 2, "{calls:?}");
+        assert!(
+            calls.iter().all(|&c| c <= QUERY_BATCH && c > 0),
+            "{calls:?}"
+        );
+        assert!(
+            calls.iter().filter(|&&c| c == QUERY_BATCH).count() >= calls.len() - 2,
+            "{calls:?}"
+        );
         // And the estimate is the finite difference of the black box.
         let bb = BlackBox::new(d);
         let f0 = bb.value(&theta);
@@ -882,7 +896,10 @@ fn generic_objective_estimates_do_not_depend_on_thread_count() -> Result<()> {
         let make = || Box::new(rge.clone()) as Box<dyn GradientEstimator>;
         let (a, _) = run(1, &make)?;
         let (b, _) = run(2, &make)?;
-        assert_eq!(a, b, "RGE {diff:?}: estimates differ between 1 and 2 threads");
+        assert_eq!(
+            a, b,
+            "RGE {diff:?}: estimates differ between 1 and 2 threads"
+        );
     }
     Ok(())
 }

@@ -348,14 +348,30 @@ fn sparsity_errors_name_the_setting() {
     let model = Model::build(&cnn(), [1, 8, 8], 10).unwrap();
     let e = LayerRatios::uniform(&model, 1.2).unwrap_err();
     assert!(
-        matches!(&e, Error::Invalid { setting: Setting::Sparsity, .. }),
+        matches!(
+            &e,
+            Error::Invalid {
+                setting: Setting::Sparsity,
+                ..
+            }
+        ),
         "{e:?}"
     );
-    assert!(e.to_string().contains("sparsity must be in [0, 1), got 1.2"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("sparsity must be in [0, 1), got 1.2"),
+        "{e}"
+    );
     let r = LayerRatios::uniform(&model, 0.5).unwrap();
     let e = CoordinateSampler::new(&model.layout, &r, 0, false).unwrap_err();
     assert!(
-        matches!(&e, Error::Invalid { setting: Setting::MaskInterval, .. }),
+        matches!(
+            &e,
+            Error::Invalid {
+                setting: Setting::MaskInterval,
+                ..
+            }
+        ),
         "{e:?}"
     );
 }

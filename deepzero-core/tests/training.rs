@@ -65,7 +65,11 @@ fn digits(train_limit: Option<usize>) -> Result<(Dataset, Dataset)> {
 
 fn fresh_state(model: &Model, seed: u64, precision: Precision) -> Result<TrainState> {
     let init = deepzero_core::seed::initial_params(model, seed);
-    Ok(TrainState::new(params_tensor(&init, precision, &Device::Cpu)?))
+    Ok(TrainState::new(params_tensor(
+        &init,
+        precision,
+        &Device::Cpu,
+    )?))
 }
 
 fn config(epochs: usize, lr: f64, seed: u64) -> TrainConfig {
@@ -389,7 +393,13 @@ fn first_order_training_learns_digits() -> Result<()> {
     let mut task = classify(&model, &train, &test, 32)?;
     let mut state = fresh_state(&model, 0, Precision::F32)?;
     let mut opt = cfg.optimizer.build()?;
-    Trainer { config: &cfg }.run(&mut task, &mut state, &mut Backprop, opt.as_mut(), &mut Silent)?;
+    Trainer { config: &cfg }.run(
+        &mut task,
+        &mut state,
+        &mut Backprop,
+        opt.as_mut(),
+        &mut Silent,
+    )?;
     assert_eq!(state.epoch, 3);
     assert_eq!(state.history.len(), 3);
     let steps = task.steps_per_epoch() as u64;
@@ -497,7 +507,13 @@ fn check_resume(kind: OptimizerKind) -> Result<()> {
         at: 1,
     };
     let mut task = classify(&model, &train, &test, 32)?;
-    trainer.run(&mut task, &mut straight, &mut estimator()?, opt.as_mut(), &mut obs)?;
+    trainer.run(
+        &mut task,
+        &mut straight,
+        &mut estimator()?,
+        opt.as_mut(),
+        &mut obs,
+    )?;
     assert_eq!(straight.epoch, 2);
 
     let mut resumed = checkpoint::load(dir.path(), &Device::Cpu)?;
@@ -508,7 +524,13 @@ fn check_resume(kind: OptimizerKind) -> Result<()> {
     let mut est: Box<dyn GradientEstimator> = Box::new(estimator()?);
     // A fresh task: its batch-norm statistics come from the checkpoint.
     let mut task = classify(&model, &train, &test, 32)?;
-    trainer.run(&mut task, &mut resumed, est.as_mut(), opt.as_mut(), &mut Silent)?;
+    trainer.run(
+        &mut task,
+        &mut resumed,
+        est.as_mut(),
+        opt.as_mut(),
+        &mut Silent,
+    )?;
     assert_eq!(resumed.epoch, 2);
     assert_eq!(
         resumed.params.to_vec1::<f32>()?,
@@ -593,7 +615,13 @@ fn interrupted_checkpoint_resumes_to_the_uninterrupted_result() -> Result<()> {
                 .collect::<Vec<_>>(),
             "{stop:?}: the checkpoint's metrics are not those of its epoch"
         );
-        run(&mut back, &mut SaveAt { dir: dir.path().to_path_buf(), at: 3 })?;
+        run(
+            &mut back,
+            &mut SaveAt {
+                dir: dir.path().to_path_buf(),
+                at: 3,
+            },
+        )?;
         assert_eq!(
             back.params.to_vec1::<f32>()?,
             straight.params.to_vec1::<f32>()?,
@@ -625,12 +653,21 @@ fn trainer_rejects_bad_config() -> Result<()> {
         let mut state = fresh_state(&model, 0, Precision::F32)?;
         let mut opt = sgd(0.9, 0.0)?;
         let e = Trainer { config: &cfg }
-            .run(&mut task, &mut state, &mut Backprop, opt.as_mut(), &mut Silent)
+            .run(
+                &mut task,
+                &mut state,
+                &mut Backprop,
+                opt.as_mut(),
+                &mut Silent,
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains(setting), "{e}");
     }
-    let e = classify(&model, &train, &test, 0).err().expect("batch size 0").to_string();
+    let e = classify(&model, &train, &test, 0)
+        .err()
+        .expect("batch size 0")
+        .to_string();
     assert!(e.contains("batch size"), "{e}");
     Ok(())
 }

@@ -19,9 +19,9 @@
 pub mod kernels;
 
 use crate::error::{Error, Result};
-use crate::query::{draw_direction, Difference, Direction};
 use crate::layout::ParamKind;
 use crate::model::{BnBatchStats, Model, Op, BN_EPS};
+use crate::query::{draw_direction, Difference, Direction};
 use kernels::{Act, ConvGeom};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
