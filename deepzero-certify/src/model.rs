@@ -1,0 +1,141 @@
+//! [`ModelClassifier`]: a deepzero-core network as a black box.
+
+use candle_core::{DType, Device, Tensor};
+use deepzero_core::data::Normalization;
+use deepzero_core::model::{BnState, Mode, Model};
+
+use crate::classifier::{check_batch, BlackBox, QueryCounter};
+use crate::error::{Error, Result};
+
+/// Images per forward pass when a query batch is larger (bounds memory).
+pub const MODEL_CHUNK: usize = 256;
+
+/// A deepzero-core model with its parameters, evaluated in eval mode (batch norm uses the
+/// running statistics), behind the [`BlackBox`] interface.
+///
+/// The black box receives pixels in [0, 1] plus noise; the per-channel normalisation
+/// `(x − mean[c]) / std[c]` the model was trained with is applied inside.
+pub struct ModelClassifier {
+    model: Model,
+    params: Tensor,
+    bn: BnState,
+    norm: Normalization,
+    queries: QueryCounter,
+}
+
+impl ModelClassifier {
+    /// From host parameters (converted to f32 on the CPU).
+    pub fn new(model: Model, params: &[f64], bn: BnState, norm: Normalization) -> Result<Self> {
+        let params =
+            Tensor::from_slice(params, params.len(), &Device::Cpu)?.to_dtype(DType::F32)?;
+        Self::from_tensor(model, params, bn, norm)
+    }
+
+    /// From a flat parameter tensor (its dtype and device are used for the forward passes).
+    pub fn from_tensor(
+        model: Model,
+        params: Tensor,
+        bn: BnState,
+        norm: Normalization,
+    ) -> Result<Self> {
+        if params.dims() != [model.num_params()] {
+            return Err(Error::Shape(format!(
+                "model {} has {} parameters, the parameter tensor has shape {:?}",
+                model.name,
+                model.num_params(),
+                params.dims()
+            )));
+        }
+        let channels = model.input_shape[0];
+        if norm.mean.len() != channels || norm.std.len() != channels {
+            return Err(Error::Config(format!(
+                "normalisation has {} means and {} stds, model {} takes {channels} channels",
+                norm.mean.len(),
+                norm.std.len(),
+                model.name
+            )));
+        }
+        if let Some(s) = norm.std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(Error::Config(format!(
+                "normalisation std must be positive and finite, got {s}"
+            )));
+        }
+        if let Some(m) = norm.mean.iter().find(|m| !m.is_finite()) {
+            return Err(Error::Config(format!(
+                "normalisation mean must be finite, got {m}"
+            )));
+        }
+        let bn_ok = bn.mean.len() == model.bn_channels.len()
+            && bn.var.len() == model.bn_channels.len()
+            && model
+                .bn_channels
+                .iter()
+                .zip(bn.mean.iter().zip(&bn.var))
+                .all(|(&c, (m, v))| m.len() == c && v.len() == c);
+        if !bn_ok {
+            return Err(Error::Shape(format!(
+                "batch-norm state does not fit model {}: it needs running means and variances \
+                 for channels {:?}",
+                model.name, model.bn_channels
+            )));
+        }
+        Ok(ModelClassifier {
+            model,
+            params,
+            bn,
+            norm,
+            queries: QueryCounter::default(),
+        })
+    }
+
+    /// The wrapped model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    fn forward_chunk(&self, views: &[Tensor], images: &[f32], n: usize) -> Result<Vec<f32>> {
+        let [c, h, w] = self.model.input_shape;
+        let plane = h * w;
+        let mut x = images.to_vec();
+        for (k, pixels) in x.chunks_exact_mut(plane).enumerate() {
+            let (mean, std) = (self.norm.mean[k % c], self.norm.std[k % c]);
+            for v in pixels {
+                *v = (*v - mean) / std;
+            }
+        }
+        let x = Tensor::from_vec(x, (n, c, h, w), self.params.device())?
+            .to_dtype(self.params.dtype())?;
+        let logits = self.model.forward(views, &x, Mode::Eval(&self.bn))?;
+        Ok(logits
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+}
+
+impl BlackBox for ModelClassifier {
+    fn input_shape(&self) -> [usize; 3] {
+        self.model.input_shape
+    }
+
+    fn num_classes(&self) -> Result<usize> {
+        Ok(self.model.num_classes)
+    }
+
+    fn logits(&self, images: &[f32], n: usize) -> Result<Vec<f32>> {
+        check_batch(images, n, self.model.input_shape)?;
+        let views = self.model.param_views(&self.params)?;
+        let per_image: usize = self.model.input_shape.iter().product();
+        let mut out = Vec::with_capacity(n * self.model.num_classes);
+        for chunk in images.chunks(MODEL_CHUNK * per_image.max(1)) {
+            let m = chunk.len() / per_image.max(1);
+            out.extend(self.forward_chunk(&views, chunk, m)?);
+        }
+        self.queries.add(n);
+        Ok(out)
+    }
+
+    fn queries(&self) -> u64 {
+        self.queries.get()
+    }
+}
