@@ -118,7 +118,9 @@ fn check_mu(mu: f64) -> Result<()> {
 fn fast_engine<'a>(f: &'a dyn FastCapable, params: &Tensor) -> Result<crate::fast::Engine<'a>> {
     let (x, y) = f.batch_host()?;
     let p32 = params.to_vec1::<f32>()?;
-    let engine = crate::fast::Engine::new(f.model(), &p32, &x, &y)?;
+    let n = y.len();
+    let head = crate::head::Head::CrossEntropy(y);
+    let engine = crate::fast::Engine::new(f.model(), &p32, &x, n, &head)?;
     f.record_bn_stats(engine.bn_batch_stats());
     Ok(engine)
 }
@@ -289,7 +291,7 @@ impl GradientEstimator for Cge {
                 coords,
                 self.mu,
                 self.difference,
-                crate::fast::QueryMode::Fast,
+                crate::query::QueryEngine::Fast,
             )?;
             for (&i, v) in coords.iter().zip(gs) {
                 g[i] = v;

@@ -45,7 +45,13 @@ impl Head {
 
     /// Per-sample losses of `queries` blocks of `n` outputs of `len` values each (batch-major,
     /// f64), as [`OutputLossFn`] describes; checks what the closure returns.
-    pub fn losses(&self, outputs: &[f64], queries: usize, n: usize, len: usize) -> Result<Vec<f64>> {
+    pub fn losses(
+        &self,
+        outputs: &[f64],
+        queries: usize,
+        n: usize,
+        len: usize,
+    ) -> Result<Vec<f64>> {
         if outputs.len() != queries * n * len {
             return Err(Error::Shape(format!(
                 "head: {} output values for {queries} queries of {n} samples × {len}",

@@ -6,7 +6,8 @@ use candle_core::{DType, Device, Tensor};
 use deepzero_core::estimator::{Cge, CgeEngine, Difference, GradientEstimator};
 use deepzero_core::layout::ParamKind;
 use deepzero_core::model::{
-    params_tensor, tensor_to_vec, Mode, Model, ModelSpec, Op, Precision, BN_EPS,
+    params_tensor, tensor_to_vec, BatchNorm, Conv2d, Linear, MaxPool, Mode, Model, ModelSpec, Op,
+    Precision, BN_EPS,
 };
 use deepzero_core::objective::{ClassifierObjective, Objective};
 use rand::rngs::StdRng;
@@ -189,10 +190,10 @@ fn layout_offsets_contiguous_and_entry_of_boundaries() -> Result<()> {
             // The node an entry names reads it.
             let node = &m.nodes[e.node];
             let reads = match &node.op {
-                Op::Linear { weight, bias } | Op::Conv2d { weight, bias, .. } => {
+                Op::Linear(Linear { weight, bias }) | Op::Conv2d(Conv2d { weight, bias, .. }) => {
                     *weight == i || *bias == Some(i)
                 }
-                Op::BatchNorm { scale, shift, .. } => *scale == i || *shift == i,
+                Op::BatchNorm(BatchNorm { scale, shift, .. }) => *scale == i || *shift == i,
                 _ => false,
             };
             assert!(reads, "entry {} is not read by node {}", e.name, node.name);
@@ -350,7 +351,7 @@ fn batch_norm_train_mode_normalises_with_batch_statistics() -> Result<()> {
     let m = Model::build(&cnn(2, 6), [3, 16, 16], 10)?;
     let k = first_bn_node(&m);
     let (scale, shift) = match m.nodes[k].op {
-        Op::BatchNorm { scale, shift, .. } => (scale, shift),
+        Op::BatchNorm(BatchNorm { scale, shift, .. }) => (scale, shift),
         _ => unreachable!(),
     };
     let x = gaussian_batch(4, [3, 16, 16], 11)?;
@@ -423,7 +424,7 @@ fn batch_norm_eval_mode_with_fresh_state_is_affine() -> Result<()> {
     let m = Model::build(&cnn(2, 6), [3, 16, 16], 10)?;
     let k = first_bn_node(&m);
     let (scale, shift) = match m.nodes[k].op {
-        Op::BatchNorm { scale, shift, .. } => (scale, shift),
+        Op::BatchNorm(BatchNorm { scale, shift, .. }) => (scale, shift),
         _ => unreachable!(),
     };
     let (pv, p) = with_random_bn(&m, 9)?;
@@ -514,7 +515,7 @@ fn max_pool_forward_and_gradient_on_ties() -> Result<()> {
     let pool = m
         .nodes
         .iter()
-        .position(|n| matches!(n.op, Op::MaxPool(2)))
+        .position(|n| matches!(n.op, Op::MaxPool(MaxPool(2))))
         .expect("pool node");
     let (_, p) = init(&m, 0)?;
     let views = m.param_views(&p)?;
