@@ -119,14 +119,19 @@ impl BlackBox for ModelClassifier {
     }
 
     fn num_classes(&self) -> Result<usize> {
-        Ok(self.model.num_classes)
+        self.model.num_classes().ok_or_else(|| {
+            Error::Config(format!(
+                "model {} has an image-shaped output, not class scores",
+                self.model.name
+            ))
+        })
     }
 
     fn logits(&self, images: &[f32], n: usize) -> Result<Vec<f32>> {
         check_batch(images, n, self.model.input_shape)?;
         let views = self.model.param_views(&self.params)?;
         let per_image: usize = self.model.input_shape.iter().product();
-        let mut out = Vec::with_capacity(n * self.model.num_classes);
+        let mut out = Vec::with_capacity(n * self.model.output_len());
         for chunk in images.chunks(MODEL_CHUNK * per_image.max(1)) {
             let m = chunk.len() / per_image.max(1);
             out.extend(self.forward_chunk(&views, chunk, m)?);

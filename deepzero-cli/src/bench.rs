@@ -3,12 +3,13 @@
 use crate::common::{build_model, load_data, set_threads, DataArg, DataOpts, ModelArg, ModelOpts};
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use deepzero_core::estimator::{Cge, Difference, GradientEstimator, QueryEngine};
+use deepzero_core::estimator::{Cge, Difference, GradientEstimator};
 use deepzero_core::fast::kernels::{self, Act};
-use deepzero_core::fast::{query_costs, Engine};
+use deepzero_core::fast::{step_cost, Engine};
 use deepzero_core::head::Head;
-use deepzero_core::model::{params_tensor, tensor_to_vec, Model, Precision};
+use deepzero_core::model::{circular_pad, params_tensor, tensor_to_vec, Model, Padding, Precision};
 use deepzero_core::objective::ClassifierObjective;
+use deepzero_core::query::QueryEngine;
 use deepzero_core::trainer::batch_tensors;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -163,6 +164,7 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
     let (model, train) = model_for(a.model, a.depth, a.width, a.dataset, a.seed)?;
     let d = model.num_params();
     let init = deepzero_core::seed::initial_params(&model, a.seed);
+    // The batch and the coordinates: a stream of their own.
     let mut rng = deepzero_core::seed::stream_rng(a.seed, &[3]);
     let idx = sample(&mut rng, train.len(), a.batch.min(train.len())).into_vec();
     let device = candle_core::Device::Cpu;
@@ -182,7 +184,7 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
     };
     check.sort_unstable();
 
-    let engine = Engine::new(&model, &p32, &xh, yh.len(), &Head::CrossEntropy(yh.clone()))?;
+    let engine = Engine::new(&model, &p32, &xh, yh.len(), &Head::CrossEntropy(yh))?;
     let time = |cs: &[usize], mode: QueryEngine| -> Result<(Vec<f64>, f64)> {
         let t = Instant::now();
         let (g, q) = engine.cge(cs, a.mu, Difference::Forward, mode)?;
@@ -207,14 +209,7 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
         .fold(0.0, f64::max);
 
     // Cost model over the same coordinates.
-    let (mut cn, mut cr, mut cf) = (0.0, 0.0, 0.0);
-    for &i in &coords {
-        let e = model.layout.entry_of(i).expect("coordinate in range");
-        let (n, r, f) = query_costs(&model, e);
-        cn += n;
-        cr += r;
-        cf += f;
-    }
+    let (cn, cr, cf) = step_cost(&model, &coords)?;
     let flops_fast = 2.0 * cf * a.batch as f64;
     let _ = fast_all;
     Ok(CgeBench {
@@ -273,76 +268,65 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
     set_threads(a.threads);
     let threads = rayon::current_num_threads();
     let (model, _) = model_for(a.model, None, None, None, 0)?;
-    let costs = model.node_costs();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let mut shapes = vec![model.input_shape.to_vec()];
     let mut rows = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for (k, node) in model.nodes.iter().enumerate() {
-        let s = shapes[node.inputs[0]].clone();
-        let out_shape = match &node.op {
-            deepzero_core::model::Op::Conv2d {
-                weight,
-                stride,
-                padding,
-                ..
-            } => {
-                let sh = &model.layout.entries[*weight].shape;
-                let (co, ci, kk) = (sh[0], sh[1], sh[2]);
-                let oh = (s[1] + 2 * padding - kk) / stride + 1;
-                let key = format!("{ci}->{co} k{kk} s{stride} {}x{}", s[1], s[2]);
-                if seen.insert(key.clone()) {
-                    let x: Vec<f32> = (0..a.batch * ci * s[1] * s[2])
-                        .map(|_| rng.random::<f32>())
-                        .collect();
-                    let w: Vec<f32> = (0..co * ci * kk * kk)
-                        .map(|_| rng.random::<f32>())
-                        .collect();
-                    let act = Act::from_nchw(&x, a.batch, ci, s[1], s[2]);
-                    let flops = 2.0 * costs[k] as f64 * a.batch as f64;
-                    // ours: one conv per thread at once (as queries run).
-                    let reps = 3;
-                    let t = Instant::now();
-                    (0..threads).into_par_iter().for_each(|_| {
-                        for _ in 0..reps {
-                            std::hint::black_box(kernels::conv(
-                                &act, &w, co, None, kk, *stride, *padding,
-                            ));
-                        }
-                    });
-                    let ours = flops * (reps * threads) as f64 / t.elapsed().as_secs_f64() / 1e9;
-                    let dev = candle_core::Device::Cpu;
-                    let xt =
-                        candle_core::Tensor::from_vec(x.clone(), (a.batch, ci, s[1], s[2]), &dev)?;
-                    let wt = candle_core::Tensor::from_vec(w.clone(), (co, ci, kk, kk), &dev)?;
-                    let _ = xt.conv2d(&wt, *padding, *stride, 1, 1)?;
-                    let t = Instant::now();
-                    for _ in 0..reps {
-                        std::hint::black_box(xt.conv2d(&wt, *padding, *stride, 1, 1)?);
-                    }
-                    let candle = flops * reps as f64 / t.elapsed().as_secs_f64() / 1e9;
-                    rows.push(KernelRow {
-                        layer: node.name.clone(),
-                        shape: key,
-                        ours_gflops: ours,
-                        candle_gflops: candle,
-                    });
-                }
-                vec![co, oh, oh]
+    for layer in model.conv_layers() {
+        let (ci, co, kk, stride, padding) = (
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel,
+            layer.stride,
+            layer.padding,
+        );
+        let (h, w) = (layer.height, layer.width);
+        let circular = layer.padding_mode == Padding::Circular;
+        let key = format!(
+            "{ci}->{co} k{kk} s{stride} {h}x{w}{}",
+            if circular { " circ" } else { "" }
+        );
+        if !seen.insert(key.clone()) {
+            continue;
+        }
+        let x: Vec<f32> = (0..a.batch * ci * h * w)
+            .map(|_| rng.random::<f32>())
+            .collect();
+        let wt: Vec<f32> = (0..co * ci * kk * kk)
+            .map(|_| rng.random::<f32>())
+            .collect();
+        let act = Act::from_nchw(&x, a.batch, ci, h, w);
+        let flops = 2.0 * layer.cost as f64 * a.batch as f64;
+        // ours: one conv per thread at once (as queries run).
+        let reps = 3;
+        let t = Instant::now();
+        (0..threads).into_par_iter().for_each(|_| {
+            for _ in 0..reps {
+                std::hint::black_box(kernels::conv(
+                    &act, &wt, co, None, kk, stride, padding, circular,
+                ));
             }
-            deepzero_core::model::Op::MaxPool(kk) | deepzero_core::model::Op::AvgPool(kk) => {
-                vec![s[0], s[1] / kk, s[2] / kk]
-            }
-            deepzero_core::model::Op::GlobalAvgPool | deepzero_core::model::Op::Flatten => {
-                vec![s.iter().product(), 1, 1]
-            }
-            deepzero_core::model::Op::Linear { weight, .. } => {
-                vec![model.layout.entries[*weight].shape[0], 1, 1]
-            }
-            deepzero_core::model::Op::ShortcutA { pad } => vec![s[0] + 2 * pad, s[1] / 2, s[2] / 2],
-            _ => s.clone(),
-        };
-        shapes.push(out_shape);
+        });
+        let ours = flops * (reps * threads) as f64 / t.elapsed().as_secs_f64() / 1e9;
+        let dev = candle_core::Device::Cpu;
+        let mut xt = candle_core::Tensor::from_vec(x.clone(), (a.batch, ci, h, w), &dev)?;
+        let mut pad = padding;
+        if circular {
+            xt = circular_pad(&xt, padding)?;
+            pad = 0;
+        }
+        let wtt = candle_core::Tensor::from_vec(wt.clone(), (co, ci, kk, kk), &dev)?;
+        let _ = xt.conv2d(&wtt, pad, stride, 1, 1)?;
+        let t = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(xt.conv2d(&wtt, pad, stride, 1, 1)?);
+        }
+        let candle = flops * reps as f64 / t.elapsed().as_secs_f64() / 1e9;
+        rows.push(KernelRow {
+            layer: layer.name.clone(),
+            shape: key,
+            ours_gflops: ours,
+            candle_gflops: candle,
+        });
     }
     let sgemm = sgemm_gflops(threads);
     if a.json {

@@ -232,10 +232,10 @@ impl EstimatorOpts {
         }
     }
     pub fn build(&self) -> Result<Box<dyn GradientEstimator>> {
-        Ok(self.config().build().map_err(flag_error)?)
+        self.config().build().map_err(flag_error)
     }
     pub fn cge(&self) -> Result<Cge> {
-        Ok(self.config().cge().map_err(flag_error)?)
+        self.config().cge().map_err(flag_error)
     }
 }
 

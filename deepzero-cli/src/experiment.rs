@@ -201,7 +201,7 @@ impl Runner {
             s
         } else {
             eprintln!("{tag}: training → {}", dir.display());
-            if self.resume && deepzero_core::checkpoint::exists(&dir) {
+            if self.resume && deepzero_core::checkpoint::exists(dir) {
                 args.resume = Some(dir.to_path_buf());
             } else {
                 args.out = Some(dir.to_path_buf());

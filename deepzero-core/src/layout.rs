@@ -23,6 +23,17 @@ impl ParamKind {
     }
 }
 
+/// How a parameter tensor is initialised ([`crate::model::Model::init_params`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Init {
+    /// By kind: Kaiming-normal weights, zero biases and shifts, unit batch-norm scales.
+    #[default]
+    Default,
+    /// All zeros (a last layer that makes a fresh model output exactly zero).
+    Zeros,
+}
+
 /// One parameter tensor inside the flat vector.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParamEntry {
@@ -36,6 +47,9 @@ pub struct ParamEntry {
     pub offset: usize,
     /// Index of the graph node that reads this tensor.
     pub node: usize,
+    /// How the tensor is initialised.
+    #[serde(default)]
+    pub init: Init,
 }
 
 impl ParamEntry {
@@ -84,6 +98,7 @@ impl ParamLayout {
             shape,
             offset,
             node,
+            init: Init::Default,
         });
         self.entries.len() - 1
     }

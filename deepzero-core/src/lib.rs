@@ -14,6 +14,7 @@ pub mod error;
 pub mod estimator;
 pub mod fast;
 pub mod head;
+pub mod layers;
 pub mod layout;
 pub mod model;
 pub mod objective;

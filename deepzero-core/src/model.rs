@@ -7,7 +7,8 @@
 //! feature reuse in coordinate-wise estimation builds on ([`Model::resume`]).
 
 use crate::error::{Error, Result};
-use crate::layout::{ParamKind, ParamLayout};
+use crate::layers::{CandleCtx, Shapes, TensorParams};
+use crate::layout::{Init, ParamKind, ParamLayout};
 use candle_core::{DType, Device, Tensor, D};
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
@@ -18,39 +19,10 @@ pub const BN_EPS: f64 = 1e-5;
 /// Batch-norm running-statistics momentum (PyTorch default).
 pub const BN_MOMENTUM: f64 = 0.1;
 
-/// One operation of the graph. Parameter fields are indices into [`ParamLayout::entries`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Op {
-    /// `y = x Wᵀ + b` on `[N, F]` input.
-    Linear { weight: usize, bias: Option<usize> },
-    /// 2-D convolution, square kernel, NCHW.
-    Conv2d {
-        weight: usize,
-        bias: Option<usize>,
-        stride: usize,
-        padding: usize,
-    },
-    /// Batch norm over channels (dim 1); `stats` indexes the running statistics.
-    BatchNorm {
-        scale: usize,
-        shift: usize,
-        stats: usize,
-    },
-    /// max(x, 0).
-    Relu,
-    /// Max pooling, kernel = stride.
-    MaxPool(usize),
-    /// Average pooling, kernel = stride.
-    AvgPool(usize),
-    /// Mean over the spatial dims: `[N, C, H, W] -> [N, C]`.
-    GlobalAvgPool,
-    /// `[N, ...] -> [N, F]`.
-    Flatten,
-    /// Sum of the two inputs.
-    Add,
-    /// ResNet option-A shortcut: spatial subsample by 2, zero-pad `pad` channels on each side.
-    ShortcutA { pad: usize },
-}
+pub use crate::layers::{
+    circular_pad, conv2d, Add, AvgPool, BatchNorm, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool,
+    Op, Padding, Relu, ShortcutA, Sub, Tanh,
+};
 
 /// A node: an operation and the registers it reads.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -73,6 +45,38 @@ pub enum ModelSpec {
     SimpleCnn { depth: usize, width: usize },
     /// ResNet-20 (option-A shortcuts) for 32×32 images.
     Resnet20,
+    /// DnCNN-style denoiser (image to image, same channels in and out): conv+ReLU,
+    /// (depth − 2) × conv+BN+ReLU, conv; the output is the residual `x − net(x)`. 3×3 kernels,
+    /// zero padding.
+    Dncnn { depth: usize, width: usize },
+    /// Correction network for fields on a periodic grid (image to image): circularly padded
+    /// `kernel × kernel` convolutions, an input conv, `blocks` residual blocks
+    /// (conv-act-conv + skip, act), an output conv to `out_channels` channels that starts at
+    /// zero, so a fresh network is the zero correction.
+    CorrectionCnn {
+        width: usize,
+        blocks: usize,
+        #[serde(default = "default_correction_kernel")]
+        kernel: usize,
+        out_channels: usize,
+        #[serde(default)]
+        activation: Activation,
+    },
+}
+
+fn default_correction_kernel() -> usize {
+    5
+}
+
+/// Element-wise nonlinearity of a spec'd model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// max(x, 0).
+    #[default]
+    Relu,
+    /// tanh.
+    Tanh,
 }
 
 /// Running batch-norm statistics (eval mode), one entry per batch-norm node.
@@ -129,122 +133,303 @@ pub struct Model {
     pub layout: ParamLayout,
     /// `[C, H, W]` of one input.
     pub input_shape: [usize; 3],
-    /// Number of output classes.
-    pub num_classes: usize,
+    /// Shape of one sample's output: `[K]` for a classifier, `[C, H, W]` for an image.
+    pub output_shape: Vec<usize>,
     /// Channel count of each batch-norm node, in `stats` order.
     pub bn_channels: Vec<usize>,
 }
 
-struct Builder {
+/// A convolution's settings for [`GraphBuilder::conv`]: `out` channels, a square `kernel`,
+/// "same" padding (`kernel / 2`), stride 1, a bias and zero padding unless changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvSpec {
+    /// Output channels.
+    pub out: usize,
+    /// Kernel size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// With a bias.
+    pub bias: bool,
+    /// Zero or circular padding.
+    pub padding: Padding,
+}
+
+impl ConvSpec {
+    /// `out` channels, `kernel × kernel`, stride 1, bias, zero padding.
+    pub fn new(out: usize, kernel: usize) -> Self {
+        ConvSpec {
+            out,
+            kernel,
+            stride: 1,
+            bias: true,
+            padding: Padding::Zeros,
+        }
+    }
+    /// Set the stride.
+    pub fn stride(mut self, stride: usize) -> Self {
+        self.stride = stride;
+        self
+    }
+    /// With or without a bias.
+    pub fn bias(mut self, bias: bool) -> Self {
+        self.bias = bias;
+        self
+    }
+    /// Zero or circular padding.
+    pub fn padding(mut self, padding: Padding) -> Self {
+        self.padding = padding;
+        self
+    }
+}
+
+/// Builds a model graph over one flat parameter layout. Nodes are added in execution order;
+/// every method returns the register the new node writes (register 0 is the model input,
+/// [`GraphBuilder::INPUT`]) and checks shapes as it goes, so a graph that builds also runs.
+/// After an error, drop the builder.
+///
+/// ```
+/// use deepzero_core::model::{ConvSpec, GraphBuilder, Padding};
+/// let mut b = GraphBuilder::new([2, 8, 8]).unwrap();
+/// let h = b.conv("conv1", GraphBuilder::INPUT, ConvSpec::new(4, 3).padding(Padding::Circular)).unwrap();
+/// let h = b.tanh("act1", h).unwrap();
+/// let out = b.conv("out", h, ConvSpec::new(1, 3).padding(Padding::Circular)).unwrap();
+/// b.zero_init(out).unwrap();
+/// let model = b.finish("tiny-correction");
+/// assert_eq!(model.output_shape, vec![1, 8, 8]);
+/// ```
+pub struct GraphBuilder {
     nodes: Vec<Node>,
     layout: ParamLayout,
     bn_channels: Vec<usize>,
+    shapes: Vec<Vec<usize>>,
+    input_shape: [usize; 3],
 }
 
-impl Builder {
-    fn new() -> Self {
-        Builder {
+impl GraphBuilder {
+    /// The register holding the model input.
+    pub const INPUT: usize = 0;
+
+    /// A graph for inputs of shape `[C, H, W]`.
+    pub fn new(input_shape: [usize; 3]) -> Result<Self> {
+        let [c, h, w] = input_shape;
+        if c == 0 || h == 0 || w == 0 {
+            return Err(Error::Config(format!(
+                "model input {c}x{h}x{w}: every dimension must be positive"
+            )));
+        }
+        Ok(GraphBuilder {
             nodes: Vec::new(),
             layout: ParamLayout::default(),
             bn_channels: Vec::new(),
-        }
+            shapes: vec![input_shape.to_vec()],
+            input_shape,
+        })
     }
+
+    /// Shape of register `r` for one sample.
+    pub fn shape(&self, r: usize) -> &[usize] {
+        &self.shapes[r]
+    }
+
     /// Register written by the last node (0 if none).
-    fn last(&self) -> usize {
+    pub fn last(&self) -> usize {
         self.nodes.len()
     }
-    fn push(&mut self, name: &str, op: Op, inputs: Vec<usize>) -> usize {
+
+    /// Append a node (any [`Op`]) reading `inputs`; checks the registers and the shapes.
+    pub fn push(&mut self, name: &str, op: Op, inputs: Vec<usize>) -> Result<usize> {
+        let layer = op.layer();
+        if inputs.len() != layer.arity() {
+            return Err(Error::Config(format!(
+                "{name}: reads {} registers, needs {}",
+                inputs.len(),
+                layer.arity()
+            )));
+        }
+        if let Some(&r) = inputs.iter().find(|&&r| r > self.nodes.len()) {
+            return Err(Error::Config(format!(
+                "{name}: register {r} is not written yet (last is {})",
+                self.nodes.len()
+            )));
+        }
+        let ins: Vec<&[usize]> = inputs.iter().map(|&r| self.shapes[r].as_slice()).collect();
+        let out = layer.shape(name, &ins, &self.layout)?;
+        self.shapes.push(out);
         self.nodes.push(Node {
             name: name.to_string(),
             op,
             inputs,
         });
-        self.nodes.len()
+        Ok(self.nodes.len())
     }
-    fn linear(&mut self, name: &str, x: usize, fan_in: usize, out: usize) -> usize {
+
+    fn param(&mut self, name: &str, suffix: &str, kind: ParamKind, shape: Vec<usize>) -> usize {
         let node = self.nodes.len();
-        let weight = self.layout.push(
-            format!("{name}.weight"),
-            ParamKind::Weight,
-            vec![out, fan_in],
-            node,
-        );
-        let bias = Some(
-            self.layout
-                .push(format!("{name}.bias"), ParamKind::Bias, vec![out], node),
-        );
-        self.push(name, Op::Linear { weight, bias }, vec![x])
+        self.layout
+            .push(format!("{name}.{suffix}"), kind, shape, node)
     }
-    #[allow(clippy::too_many_arguments)]
-    fn conv(
-        &mut self,
-        name: &str,
-        x: usize,
-        cin: usize,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        bias: bool,
-    ) -> usize {
-        let node = self.nodes.len();
-        let weight = self.layout.push(
-            format!("{name}.weight"),
-            ParamKind::Weight,
-            vec![cout, cin, k, k],
-            node,
-        );
-        let bias = bias.then(|| {
-            self.layout
-                .push(format!("{name}.bias"), ParamKind::Bias, vec![cout], node)
+
+    /// Fully connected layer with bias to `out` features (input: `[F]` features).
+    pub fn linear(&mut self, name: &str, x: usize, out: usize) -> Result<usize> {
+        let fan_in = match self.shapes.get(x).map(|s| s.as_slice()) {
+            Some([f]) => *f,
+            s => {
+                return Err(Error::Config(format!(
+                    "{name}: a linear layer needs [F] features, register {x} is {s:?}"
+                )))
+            }
+        };
+        let weight = self.param(name, "weight", ParamKind::Weight, vec![out, fan_in]);
+        let bias = Some(self.param(name, "bias", ParamKind::Bias, vec![out]));
+        self.push(name, Op::Linear(Linear { weight, bias }), vec![x])
+    }
+
+    /// Convolution with "same" padding `kernel / 2` (see [`ConvSpec`]).
+    pub fn conv(&mut self, name: &str, x: usize, spec: ConvSpec) -> Result<usize> {
+        let cin = self.channels(name, x)?;
+        if spec.out == 0 || spec.kernel == 0 || spec.stride == 0 {
+            return Err(Error::Config(format!(
+                "{name}: channels, kernel and stride must be positive, got {spec:?}"
+            )));
+        }
+        let k = spec.kernel;
+        let weight = self.param(name, "weight", ParamKind::Weight, vec![spec.out, cin, k, k]);
+        let bias = spec
+            .bias
+            .then(|| self.param(name, "bias", ParamKind::Bias, vec![spec.out]));
+        let op = Op::Conv2d(Conv2d {
+            weight,
+            bias,
+            stride: spec.stride,
+            padding: k / 2,
+            padding_mode: spec.padding,
         });
-        self.push(
-            name,
-            Op::Conv2d {
-                weight,
-                bias,
-                stride,
-                padding: k / 2,
-            },
-            vec![x],
-        )
+        self.push(name, op, vec![x])
     }
-    fn bn(&mut self, name: &str, x: usize, c: usize) -> usize {
-        let node = self.nodes.len();
-        let scale = self
-            .layout
-            .push(format!("{name}.weight"), ParamKind::BnScale, vec![c], node);
-        let shift = self
-            .layout
-            .push(format!("{name}.bias"), ParamKind::BnShift, vec![c], node);
+
+    fn channels(&self, name: &str, x: usize) -> Result<usize> {
+        match self.shapes.get(x).map(|s| s.as_slice()) {
+            Some([c, _, _]) => Ok(*c),
+            s => Err(Error::Config(format!(
+                "{name}: needs an image [C, H, W], register {x} is {s:?}"
+            ))),
+        }
+    }
+
+    /// Batch norm over the channels of `x` (scale 1, shift 0 at init).
+    pub fn batch_norm(&mut self, name: &str, x: usize) -> Result<usize> {
+        let c = match self.shapes.get(x).and_then(|s| s.first()) {
+            Some(&c) => c,
+            None => {
+                return Err(Error::Config(format!(
+                    "{name}: register {x} is not written yet"
+                )))
+            }
+        };
+        let scale = self.param(name, "weight", ParamKind::BnScale, vec![c]);
+        let shift = self.param(name, "bias", ParamKind::BnShift, vec![c]);
         let stats = self.bn_channels.len();
         self.bn_channels.push(c);
         self.push(
             name,
-            Op::BatchNorm {
+            Op::BatchNorm(BatchNorm {
                 scale,
                 shift,
                 stats,
-            },
+            }),
             vec![x],
         )
     }
-    fn relu(&mut self, name: &str, x: usize) -> usize {
-        self.push(name, Op::Relu, vec![x])
+
+    /// max(x, 0).
+    pub fn relu(&mut self, name: &str, x: usize) -> Result<usize> {
+        self.push(name, Op::Relu(Relu), vec![x])
     }
-    fn finish(self, name: String, input_shape: [usize; 3], num_classes: usize) -> Model {
+
+    /// tanh(x).
+    pub fn tanh(&mut self, name: &str, x: usize) -> Result<usize> {
+        self.push(name, Op::Tanh(Tanh), vec![x])
+    }
+
+    /// The given nonlinearity.
+    pub fn activation(&mut self, name: &str, x: usize, act: Activation) -> Result<usize> {
+        match act {
+            Activation::Relu => self.relu(name, x),
+            Activation::Tanh => self.tanh(name, x),
+        }
+    }
+
+    /// Max pooling, kernel = stride = `k`.
+    pub fn max_pool(&mut self, name: &str, x: usize, k: usize) -> Result<usize> {
+        self.push(name, Op::MaxPool(MaxPool(k)), vec![x])
+    }
+
+    /// Average pooling, kernel = stride = `k`.
+    pub fn avg_pool(&mut self, name: &str, x: usize, k: usize) -> Result<usize> {
+        self.push(name, Op::AvgPool(AvgPool(k)), vec![x])
+    }
+
+    /// Mean over the spatial dims.
+    pub fn global_avg_pool(&mut self, name: &str, x: usize) -> Result<usize> {
+        self.push(name, Op::GlobalAvgPool(GlobalAvgPool), vec![x])
+    }
+
+    /// Features `[C·H·W]`.
+    pub fn flatten(&mut self, name: &str, x: usize) -> Result<usize> {
+        self.push(name, Op::Flatten(Flatten), vec![x])
+    }
+
+    /// `a + b`.
+    pub fn add(&mut self, name: &str, a: usize, b: usize) -> Result<usize> {
+        self.push(name, Op::Add(Add), vec![a, b])
+    }
+
+    /// `a − b`.
+    pub fn sub(&mut self, name: &str, a: usize, b: usize) -> Result<usize> {
+        self.push(name, Op::Sub(Sub), vec![a, b])
+    }
+
+    /// Residual to the model input, `x − net(x)` (DnCNN): `net` must have the input's shape.
+    pub fn residual_to_input(&mut self, name: &str, net: usize) -> Result<usize> {
+        self.sub(name, Self::INPUT, net)
+    }
+
+    /// ResNet option-A shortcut: subsample by 2, `pad` zero channels on each side.
+    pub fn shortcut_a(&mut self, name: &str, x: usize, pad: usize) -> Result<usize> {
+        self.push(name, Op::ShortcutA(ShortcutA { pad }), vec![x])
+    }
+
+    /// Every parameter of the node that writes register `r` starts at zero
+    /// ([`Init::Zeros`]): a zero-initialised last layer makes a fresh model output zero.
+    pub fn zero_init(&mut self, r: usize) -> Result<()> {
+        if r == 0 || r > self.nodes.len() {
+            return Err(Error::Config(format!(
+                "zero_init: register {r} is not written by a node"
+            )));
+        }
+        for e in self.nodes[r - 1].op.params() {
+            self.layout.entries[e].init = Init::Zeros;
+        }
+        Ok(())
+    }
+
+    /// The model; its output is the last node's register.
+    pub fn finish(self, name: impl Into<String>) -> Model {
         Model {
-            name,
+            name: name.into(),
+            output_shape: self.shapes.last().cloned().unwrap_or_default(),
             nodes: self.nodes,
             layout: self.layout,
-            input_shape,
-            num_classes,
+            input_shape: self.input_shape,
             bn_channels: self.bn_channels,
         }
     }
 }
 
 impl Model {
-    /// Build a model for inputs of shape `[C, H, W]` and `num_classes` outputs.
+    /// Build a classifier for inputs of shape `[C, H, W]` and `num_classes` outputs
+    /// (`Mlp`, `SimpleCnn`, `Resnet20`; image-to-image specs use [`Model::build_image`]).
     pub fn build(spec: &ModelSpec, input_shape: [usize; 3], num_classes: usize) -> Result<Model> {
         let [c, h, w] = input_shape;
         if c == 0 || h == 0 || w == 0 || num_classes < 2 {
@@ -252,7 +437,7 @@ impl Model {
                 "model input {c}x{h}x{w} with {num_classes} classes: need a non-empty input and at least 2 classes"
             )));
         }
-        let mut b = Builder::new();
+        let mut b = GraphBuilder::new(input_shape)?;
         match spec {
             ModelSpec::Mlp { hidden } => {
                 if hidden.contains(&0) {
@@ -260,20 +445,14 @@ impl Model {
                         "--width: MLP hidden widths must be positive".into(),
                     ));
                 }
-                let mut x = b.push("flatten", Op::Flatten, vec![0]);
-                let mut fan_in = c * h * w;
+                let mut x = b.flatten("flatten", 0)?;
                 for (i, &width) in hidden.iter().enumerate() {
-                    x = b.linear(&format!("fc{}", i + 1), x, fan_in, width);
-                    x = b.relu(&format!("relu{}", i + 1), x);
-                    fan_in = width;
+                    x = b.linear(&format!("fc{}", i + 1), x, width)?;
+                    x = b.relu(&format!("relu{}", i + 1), x)?;
                 }
-                b.linear(&format!("fc{}", hidden.len() + 1), x, fan_in, num_classes);
+                b.linear(&format!("fc{}", hidden.len() + 1), x, num_classes)?;
                 let widths: Vec<String> = hidden.iter().map(|w| w.to_string()).collect();
-                Ok(b.finish(
-                    format!("mlp-{}", widths.join("-")),
-                    input_shape,
-                    num_classes,
-                ))
+                Ok(b.finish(format!("mlp-{}", widths.join("-"))))
             }
             ModelSpec::SimpleCnn { depth, width } => {
                 if *depth == 0 || *width == 0 {
@@ -283,7 +462,6 @@ impl Model {
                 }
                 let (mut hh, mut ww) = (h, w);
                 let mut x = 0;
-                let mut cin = c;
                 for d in 1..=*depth {
                     if hh < 2 || ww < 2 {
                         return Err(Error::Config(format!(
@@ -292,17 +470,16 @@ impl Model {
                             d - 1
                         )));
                     }
-                    x = b.conv(&format!("conv{d}"), x, cin, *width, 3, 1, true);
-                    x = b.bn(&format!("bn{d}"), x, *width);
-                    x = b.relu(&format!("relu{d}"), x);
-                    x = b.push(&format!("pool{d}"), Op::MaxPool(2), vec![x]);
+                    x = b.conv(&format!("conv{d}"), x, ConvSpec::new(*width, 3))?;
+                    x = b.batch_norm(&format!("bn{d}"), x)?;
+                    x = b.relu(&format!("relu{d}"), x)?;
+                    x = b.max_pool(&format!("pool{d}"), x, 2)?;
                     hh /= 2;
                     ww /= 2;
-                    cin = *width;
                 }
-                x = b.push("gap", Op::GlobalAvgPool, vec![x]);
-                b.linear("fc", x, cin, num_classes);
-                Ok(b.finish(format!("cnn-d{depth}-w{width}"), input_shape, num_classes))
+                x = b.global_avg_pool("gap", x)?;
+                b.linear("fc", x, num_classes)?;
+                Ok(b.finish(format!("cnn-d{depth}-w{width}")))
             }
             ModelSpec::Resnet20 => {
                 if h < 4 || w < 4 || h % 4 != 0 || w % 4 != 0 {
@@ -310,50 +487,112 @@ impl Model {
                         "ResNet-20 needs height and width divisible by 4 (it downsamples twice by 2 with option-A shortcuts), got {h}x{w}"
                     )));
                 }
-                let mut x = b.conv("conv1", 0, c, 16, 3, 1, false);
-                x = b.bn("bn1", x, 16);
-                x = b.relu("relu1", x);
+                let mut x = b.conv("conv1", 0, ConvSpec::new(16, 3).bias(false))?;
+                x = b.batch_norm("bn1", x)?;
+                x = b.relu("relu1", x)?;
                 let mut cin = 16;
                 for (stage, &cout) in [16usize, 32, 64].iter().enumerate() {
                     for block in 0..3 {
                         let stride = if stage > 0 && block == 0 { 2 } else { 1 };
                         let p = format!("layer{}.{}", stage + 1, block);
                         let input = x;
-                        let mut y =
-                            b.conv(&format!("{p}.conv1"), input, cin, cout, 3, stride, false);
-                        y = b.bn(&format!("{p}.bn1"), y, cout);
-                        y = b.relu(&format!("{p}.relu1"), y);
-                        y = b.conv(&format!("{p}.conv2"), y, cout, cout, 3, 1, false);
-                        y = b.bn(&format!("{p}.bn2"), y, cout);
+                        let conv = ConvSpec::new(cout, 3).bias(false);
+                        let mut y = b.conv(&format!("{p}.conv1"), input, conv.stride(stride))?;
+                        y = b.batch_norm(&format!("{p}.bn1"), y)?;
+                        y = b.relu(&format!("{p}.relu1"), y)?;
+                        y = b.conv(&format!("{p}.conv2"), y, conv)?;
+                        y = b.batch_norm(&format!("{p}.bn2"), y)?;
                         let short = if stride != 1 || cin != cout {
-                            b.push(
-                                &format!("{p}.shortcut"),
-                                Op::ShortcutA {
-                                    pad: (cout - cin) / 2,
-                                },
-                                vec![input],
-                            )
+                            b.shortcut_a(&format!("{p}.shortcut"), input, (cout - cin) / 2)?
                         } else {
                             input
                         };
-                        let s = b.push(&format!("{p}.add"), Op::Add, vec![y, short]);
-                        x = b.relu(&format!("{p}.relu2"), s);
+                        let s = b.add(&format!("{p}.add"), y, short)?;
+                        x = b.relu(&format!("{p}.relu2"), s)?;
                         cin = cout;
                     }
                 }
-                x = b.push("gap", Op::GlobalAvgPool, vec![x]);
-                let _ = b.last();
-                b.linear("fc", x, 64, num_classes);
-                Ok(b.finish("resnet20".into(), input_shape, num_classes))
+                x = b.global_avg_pool("gap", x)?;
+                b.linear("fc", x, num_classes)?;
+                Ok(b.finish("resnet20"))
             }
+            ModelSpec::Dncnn { .. } | ModelSpec::CorrectionCnn { .. } => Err(Error::Config(
+                format!("{spec:?} maps images to images; build it with Model::build_image"),
+            )),
         }
     }
 
-    /// Values in one sample's output.
+    /// Build an image-to-image model (`Dncnn`, `CorrectionCnn`) for inputs of shape `[C, H, W]`.
+    pub fn build_image(spec: &ModelSpec, input_shape: [usize; 3]) -> Result<Model> {
+        let [c, h, w] = input_shape;
+        let mut b = GraphBuilder::new(input_shape)?;
+        match spec {
+            ModelSpec::Dncnn { depth, width } => {
+                if *depth < 2 || *width == 0 {
+                    return Err(Error::Config(format!(
+                        "DnCNN needs depth >= 2 and a positive width, got depth {depth}, width {width}"
+                    )));
+                }
+                let mut x = b.conv("conv1", 0, ConvSpec::new(*width, 3))?;
+                x = b.relu("relu1", x)?;
+                for d in 2..*depth {
+                    x = b.conv(&format!("conv{d}"), x, ConvSpec::new(*width, 3).bias(false))?;
+                    x = b.batch_norm(&format!("bn{d}"), x)?;
+                    x = b.relu(&format!("relu{d}"), x)?;
+                }
+                let noise = b.conv(&format!("conv{depth}"), x, ConvSpec::new(c, 3).bias(false))?;
+                b.residual_to_input("residual", noise)?;
+                Ok(b.finish(format!("dncnn-d{depth}-w{width}")))
+            }
+            ModelSpec::CorrectionCnn {
+                width,
+                blocks,
+                kernel,
+                out_channels,
+                activation,
+            } => {
+                if *width == 0 || *out_channels == 0 || *kernel == 0 || kernel % 2 == 0 {
+                    return Err(Error::Config(format!(
+                        "correction CNN needs a positive width and output channels and an odd kernel, got width {width}, out {out_channels}, kernel {kernel}"
+                    )));
+                }
+                if kernel / 2 > h || kernel / 2 > w {
+                    return Err(Error::Config(format!(
+                        "correction CNN: a {kernel}x{kernel} kernel wraps more than once around a {h}x{w} grid"
+                    )));
+                }
+                let conv = |out| ConvSpec::new(out, *kernel).padding(Padding::Circular);
+                let mut x = b.conv("conv_in", 0, conv(*width))?;
+                x = b.activation("act_in", x, *activation)?;
+                for i in 0..*blocks {
+                    let p = format!("block{i}");
+                    let mut y = b.conv(&format!("{p}.conv1"), x, conv(*width))?;
+                    y = b.activation(&format!("{p}.act1"), y, *activation)?;
+                    y = b.conv(&format!("{p}.conv2"), y, conv(*width))?;
+                    let s = b.add(&format!("{p}.add"), y, x)?;
+                    x = b.activation(&format!("{p}.act2"), s, *activation)?;
+                }
+                let out = b.conv("conv_out", x, conv(*out_channels))?;
+                b.zero_init(out)?;
+                Ok(b.finish(format!("correction-w{width}-b{blocks}-k{kernel}")))
+            }
+            _ => Err(Error::Config(format!(
+                "{spec:?} is a classifier; build it with Model::build and a class count"
+            ))),
+        }
+    }
+
+    /// Number of output classes: `Some(k)` for a model with a 1-D output of `k` values.
+    pub fn num_classes(&self) -> Option<usize> {
+        match self.output_shape.as_slice() {
+            [k] => Some(*k),
+            _ => None,
+        }
+    }
+
+    /// Values of one sample's output.
     pub fn output_len(&self) -> usize {
-        self.register_shapes()
-            .last()
-            .map_or(0, |s| s.iter().product())
+        self.output_shape.iter().product()
     }
 
     /// Number of parameters.
@@ -369,11 +608,15 @@ impl Model {
         }
     }
 
-    /// Kaiming-normal weights (std = √(2 / fan_in)), zero biases, batch-norm scale 1 and shift 0.
+    /// Kaiming-normal weights (std = √(2 / fan_in)), zero biases, batch-norm scale 1 and shift 0;
+    /// zeros for entries marked [`Init::Zeros`] (which draw nothing from `rng`).
     pub fn init_params(&self, rng: &mut impl Rng) -> Vec<f64> {
         let mut out = vec![0.0; self.num_params()];
         for e in &self.layout.entries {
             let r = e.range();
+            if e.init == Init::Zeros {
+                continue;
+            }
             match e.kind {
                 ParamKind::Weight => {
                     let fan_in: usize = e.shape[1..].iter().product();
@@ -465,98 +708,16 @@ impl Model {
         mut stats: Option<&mut BnBatchStats>,
         over: Option<(usize, &Tensor)>,
     ) -> Result<()> {
-        let p = |i: usize| -> &Tensor {
-            match over {
-                Some((e, t)) if e == i => t,
-                _ => &views[i],
-            }
-        };
+        let params = TensorParams { views, over };
         for node in &self.nodes[start..] {
-            let x = &regs[node.inputs[0]];
-            let y = match &node.op {
-                Op::Linear { weight, bias } => {
-                    let y = x.matmul(&p(*weight).t()?)?;
-                    match bias {
-                        Some(b) => y.broadcast_add(p(*b))?,
-                        None => y,
-                    }
-                }
-                Op::Conv2d {
-                    weight,
-                    bias,
-                    stride,
-                    padding,
-                } => {
-                    let y = conv2d(x, p(*weight), *padding, *stride)?;
-                    match bias {
-                        Some(b) => {
-                            let c = p(*b).dims1()?;
-                            y.broadcast_add(&p(*b).reshape((1, c, 1, 1))?)?
-                        }
-                        None => y,
-                    }
-                }
-                Op::BatchNorm {
-                    scale,
-                    shift,
-                    stats: k,
-                } => {
-                    let c = x.dim(1)?;
-                    let bshape: Vec<usize> =
-                        (0..x.rank()).map(|d| if d == 1 { c } else { 1 }).collect();
-                    let gamma = p(*scale).reshape(bshape.as_slice())?;
-                    let beta = p(*shift).reshape(bshape.as_slice())?;
-                    let (xhat, _) = match mode {
-                        Mode::Train => {
-                            let mean = channel_mean(x)?.reshape(bshape.as_slice())?;
-                            let xc = x.broadcast_sub(&mean)?;
-                            let var = channel_mean(&xc.sqr()?)?.reshape(bshape.as_slice())?;
-                            if let Some(s) = stats.as_deref_mut() {
-                                let n = x.elem_count() / c;
-                                let m =
-                                    mean.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                                let v =
-                                    var.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                                s.stats.push((m, v, n));
-                            }
-                            (xc.broadcast_div(&(var + BN_EPS)?.sqrt()?)?, ())
-                        }
-                        Mode::Eval(state) => {
-                            let dev = x.device();
-                            let m = Tensor::from_slice(&state.mean[*k], bshape.as_slice(), dev)?
-                                .to_dtype(x.dtype())?;
-                            let v = Tensor::from_slice(&state.var[*k], bshape.as_slice(), dev)?
-                                .to_dtype(x.dtype())?;
-                            (
-                                x.broadcast_sub(&m)?.broadcast_div(&(v + BN_EPS)?.sqrt()?)?,
-                                (),
-                            )
-                        }
-                    };
-                    xhat.broadcast_mul(&gamma)?.broadcast_add(&beta)?
-                }
-                Op::Relu => x.relu()?,
-                Op::MaxPool(k) => pool(x, *k, true)?,
-                Op::AvgPool(k) => pool(x, *k, false)?,
-                Op::GlobalAvgPool => x.mean(D::Minus1)?.mean(D::Minus1)?,
-                Op::Flatten => x.flatten_from(1)?,
-                Op::Add => (x + &regs[node.inputs[1]])?,
-                Op::ShortcutA { pad } => {
-                    let (n, c, h, w) = x.dims4()?;
-                    let sub = if h % 2 == 0 && w % 2 == 0 {
-                        x.reshape((n, c, h / 2, 2, w / 2, 2))?
-                            .narrow(3, 0, 1)?
-                            .narrow(5, 0, 1)?
-                            .reshape((n, c, h / 2, w / 2))?
-                    } else {
-                        return Err(Error::Shape(format!(
-                            "{}: option-A shortcut needs even spatial size, got {h}x{w}",
-                            node.name
-                        )));
-                    };
-                    sub.pad_with_zeros(1, *pad, *pad)?
-                }
+            let ins: Vec<&Tensor> = node.inputs.iter().map(|&r| &regs[r]).collect();
+            let mut ctx = CandleCtx {
+                name: &node.name,
+                params,
+                mode,
+                stats: stats.as_deref_mut(),
             };
+            let y = node.op.layer().forward(&ins, &mut ctx)?;
             regs.push(y);
         }
         Ok(())
@@ -573,147 +734,90 @@ impl Model {
         self.shapes_and_costs().0
     }
 
+    /// Every convolution with its input size, in node order (what `bench kernels` times).
+    pub fn conv_layers(&self) -> Vec<ConvLayer> {
+        let (shapes, costs) = self.shapes_and_costs();
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(k, node)| match &node.op {
+                Op::Conv2d(conv) => {
+                    let w = &self.layout.entries[conv.weight].shape;
+                    let s = &shapes[node.inputs[0]];
+                    Some(ConvLayer {
+                        node: k,
+                        name: node.name.clone(),
+                        in_channels: w[1],
+                        out_channels: w[0],
+                        kernel: w[2],
+                        stride: conv.stride,
+                        padding: conv.padding,
+                        padding_mode: conv.padding_mode,
+                        height: s[1],
+                        width: s[2],
+                        cost: costs[k],
+                    })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     fn shapes_and_costs(&self) -> (Vec<Vec<usize>>, Vec<u64>) {
-        let mut shapes: Vec<Vec<usize>> = vec![self.input_shape.to_vec()];
-        let mut costs = Vec::with_capacity(self.nodes.len());
-        for node in &self.nodes {
-            let s = &shapes[node.inputs[0]];
-            let (out, cost): (Vec<usize>, u64) = match &node.op {
-                Op::Linear { weight, .. } => {
-                    let e = &self.layout.entries[*weight];
-                    (vec![e.shape[0]], (e.shape[0] * e.shape[1]) as u64)
-                }
-                Op::Conv2d {
-                    weight,
-                    stride,
-                    padding,
-                    ..
-                } => {
-                    let e = &self.layout.entries[*weight];
-                    let k = e.shape[2];
-                    let oh = (s[1] + 2 * padding - k) / stride + 1;
-                    let ow = (s[2] + 2 * padding - k) / stride + 1;
-                    (
-                        vec![e.shape[0], oh, ow],
-                        (e.shape[0] * oh * ow * e.shape[1] * k * k) as u64,
-                    )
-                }
-                Op::MaxPool(k) | Op::AvgPool(k) => {
-                    let o = vec![s[0], s[1] / k, s[2] / k];
-                    let c = s.iter().product::<usize>() as u64;
-                    (o, c)
-                }
-                Op::GlobalAvgPool => (vec![s[0]], s.iter().product::<usize>() as u64),
-                Op::Flatten => (vec![s.iter().product()], 0),
-                Op::ShortcutA { pad } => {
-                    let o = vec![s[0] + 2 * pad, s[1] / 2, s[2] / 2];
-                    let c = o.iter().product::<usize>() as u64;
-                    (o, c)
-                }
-                _ => (s.clone(), s.iter().product::<usize>() as u64),
-            };
-            shapes.push(out);
-            costs.push(cost);
-        }
-        (shapes, costs)
+        graph_shapes(&self.nodes, &self.layout, &self.input_shape)
+            .expect("a built model's shapes fit (checked when it was built)")
     }
 }
 
-/// Per-channel mean of `[N, C, ...]` as `[C]`. Sums the contiguous trailing dims first:
-/// candle's reduction over non-trailing dims walks the tensor element by element and was the
-/// largest cost of a training step.
-fn channel_mean(x: &Tensor) -> Result<Tensor> {
-    let (n, c) = (x.dim(0)?, x.dim(1)?);
-    let rest = x.elem_count() / (n * c).max(1);
-    let s = if rest > 1 {
-        x.reshape((n, c, rest))?.sum(2)?
-    } else {
-        x.reshape((n, c))?
-    };
-    Ok((s.sum(0)? / (n * rest) as f64)?)
+/// Shape of every register and cost of every node, for one sample.
+fn graph_shapes(
+    nodes: &[Node],
+    layout: &ParamLayout,
+    input_shape: &[usize],
+) -> Result<(Vec<Vec<usize>>, Vec<u64>)> {
+    let mut shapes: Vec<Vec<usize>> = vec![input_shape.to_vec()];
+    let mut costs = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let layer = node.op.layer();
+        let ins: Vec<&[usize]> = node.inputs.iter().map(|&r| shapes[r].as_slice()).collect();
+        let out = layer.shape(&node.name, &ins, layout)?;
+        costs.push(layer.cost(
+            &Shapes {
+                ins: &ins,
+                out: &out,
+            },
+            layout,
+        ));
+        shapes.push(out);
+    }
+    Ok((shapes, costs))
 }
 
-/// 2-D convolution as one batched matrix product over an im2col matrix built from `k²` shifted
-/// views of the padded input. candle 0.11's CPU `conv2d` runs a direct loop at ≈5 GFLOP/s (its
-/// backward is slower still); this form runs at the matmul rate and stays differentiable.
-pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
-    let (co, ci, kh, kw) = w.dims4()?;
-    if ci != c {
-        return Err(Error::Shape(format!(
-            "conv2d: input has {c} channels, weight expects {ci}"
-        )));
-    }
-    let oh = (h + 2 * padding - kh) / stride + 1;
-    let ow = (wd + 2 * padding - kw) / stride + 1;
-    let xp = if padding > 0 {
-        x.pad_with_zeros(2, padding, padding)?
-            .pad_with_zeros(3, padding, padding)?
-    } else {
-        x.clone()
-    };
-    let (hp, wp) = (h + 2 * padding, wd + 2 * padding);
-    let mut patches = Vec::with_capacity(kh * kw);
-    for i in 0..kh {
-        for j in 0..kw {
-            let v = if stride == 1 {
-                xp.narrow(2, i, oh)?.narrow(3, j, ow)?
-            } else {
-                // rows i, i+s, …: take s·oh rows (padding the tail if needed), keep every s-th.
-                let need_h = stride * oh;
-                let need_w = stride * ow;
-                let mut t =
-                    xp.narrow(2, i, (hp - i).min(need_h))?
-                        .narrow(3, j, (wp - j).min(need_w))?;
-                let (th, tw) = (t.dim(2)?, t.dim(3)?);
-                if th < need_h {
-                    t = t.pad_with_zeros(2, 0, need_h - th)?;
-                }
-                if tw < need_w {
-                    t = t.pad_with_zeros(3, 0, need_w - tw)?;
-                }
-                t.reshape((n, c, oh, stride, ow, stride))?
-                    .narrow(3, 0, 1)?
-                    .narrow(5, 0, 1)?
-                    .reshape((n, c, oh, ow))?
-            };
-            patches.push(v);
-        }
-    }
-    let cols = Tensor::stack(&patches, 2)?.reshape((n, c * kh * kw, oh * ow))?;
-    let wm = w.reshape((co, ci * kh * kw))?;
-    Ok(wm.broadcast_matmul(&cols)?.reshape((n, co, oh, ow))?)
-}
-
-/// Pooling with kernel = stride = `k` (trailing rows/columns that do not fill a window are
-/// dropped, as in PyTorch). Built from reshape + gather rather than candle's pooling ops:
-/// candle 0.11's max-pool backward scales the gradient by 1/k², and a plain `max` reduction
-/// sends the gradient to every tied element (ties are common: flat image regions give equal
-/// conv outputs), while the derivative of a window's max flows through one element. The
-/// gradient check caught both.
-fn pool(x: &Tensor, k: usize, max: bool) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    let (oh, ow) = (h / k, w / k);
-    if oh == 0 || ow == 0 {
-        return Err(Error::Shape(format!(
-            "pooling {h}x{w} by {k} leaves nothing"
-        )));
-    }
-    let x = if oh * k != h || ow * k != w {
-        x.narrow(2, 0, oh * k)?.narrow(3, 0, ow * k)?
-    } else {
-        x.clone()
-    };
-    let x = x.reshape((n, c, oh, k, ow, k))?;
-    if !max {
-        return Ok(x.mean(5)?.mean(3)?);
-    }
-    let windows = x
-        .permute((0, 1, 2, 4, 3, 5))?
-        .contiguous()?
-        .reshape((n, c, oh, ow, k * k))?;
-    let arg = windows.detach().argmax_keepdim(4)?;
-    Ok(windows.gather(&arg, 4)?.squeeze(4)?)
+/// A convolution of a model and the size of its input, for one sample.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvLayer {
+    /// Node index.
+    pub node: usize,
+    /// Node name.
+    pub name: String,
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Kernel size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Padding on each side.
+    pub padding: usize,
+    /// Zero or circular padding.
+    pub padding_mode: Padding,
+    /// Input height.
+    pub height: usize,
+    /// Input width.
+    pub width: usize,
+    /// Multiply-adds per sample.
+    pub cost: u64,
 }
 
 /// Mean cross-entropy of `logits [N, K]` against `labels [N]` (u32).

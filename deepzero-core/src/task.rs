@@ -41,7 +41,8 @@
 //!     fn steps_per_epoch(&self) -> usize { 4 }
 //!     fn objective(&self, epoch: usize, step: usize, _seed: u64) -> Result<Box<dyn Objective + '_>> {
 //!         let k = (epoch * 4 + step) as f64;
-//!         Ok(Box::new(FitStep { task: self, x: [1.0, (k * 0.7).sin(), (k * 1.3).cos(), 0.5] }))
+//!         let x = [1.0, (k * 0.7).sin(), (k * 1.3).cos(), (k * 2.9 + 1.0).sin()];
+//!         Ok(Box::new(FitStep { task: self, x }))
 //!     }
 //!     fn evaluate(&self, params: &candle_core::Tensor) -> Result<Metrics> {
 //!         let p = params.to_vec1::<f64>()?;
@@ -51,7 +52,7 @@
 //! }
 //!
 //! let mut layout = ParamLayout::default();
-//! layout.push("theta".into(), ParamKind::Weight, vec![4], 0);
+//! layout.push("theta", ParamKind::Weight, vec![4], 0);
 //! let mut task = Fit { layout };
 //! let config = TrainConfig {
 //!     epochs: 30, lr: 0.2, warmup_epochs: 0, seed: 0,

@@ -3,10 +3,12 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use deepzero_core::estimator::{Cge, CgeEngine, Difference, GradientEstimator};
-use deepzero_core::fast::{Engine, QueryMode};
+use deepzero_core::estimator::{Cge, Difference, GradientEstimator};
+use deepzero_core::fast::Engine;
+use deepzero_core::head::Head;
 use deepzero_core::model::{params_tensor, tensor_to_vec, Model, ModelSpec, Precision};
 use deepzero_core::objective::{ClassifierObjective, Objective};
+use deepzero_core::query::QueryEngine;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -50,16 +52,16 @@ fn check(
     let xt = Tensor::from_vec(x.clone(), (batch, shape[0], shape[1], shape[2]), &dev)?
         .to_dtype(DType::F64)?;
     let yt = Tensor::from_vec(y.clone(), batch, &dev)?;
-    let obj = ClassifierObjective::new(&model, xt, yt)?;
+    let obj = ClassifierObjective::classifier(&model, xt, yt)?;
     let p64 = params_tensor(&init, Precision::F64, &dev)?;
     let mut reference =
-        Cge::new(mu, Difference::Forward, CgeEngine::Reuse)?.with_coords(coords.clone());
+        Cge::new(mu, Difference::Forward, QueryEngine::Reuse)?.with_coords(coords.clone());
     let g = tensor_to_vec(&reference.estimate(&obj, &p64, &mut rng)?.grad)?;
     let truth: Vec<f64> = coords.iter().map(|&i| g[i]).collect();
 
     let p32: Vec<f32> = init.iter().map(|&v| v as f32).collect();
-    let engine = Engine::new(&model, &p32, &x, &y)?;
-    let base64 = obj.loss(&p64)?;
+    let engine = Engine::new(&model, &p32, &x, y.len(), &Head::CrossEntropy(y.clone()))?;
+    let base64 = obj.loss(&init)?;
     assert!(
         (engine.base_mean_loss() - base64).abs() < 1e-5,
         "base loss {} vs f64 {}",
@@ -67,9 +69,9 @@ fn check(
         base64
     );
     for (mode, tol) in [
-        (QueryMode::Naive, 5e-3),
-        (QueryMode::Reuse, 5e-3),
-        (QueryMode::Fast, 1e-3),
+        (QueryEngine::Naive, 5e-3),
+        (QueryEngine::Reuse, 5e-3),
+        (QueryEngine::Fast, 1e-3),
     ] {
         let (est, q) = engine.cge(&coords, mu, Difference::Forward, mode)?;
         assert_eq!(q, coords.len() as u64);
@@ -131,10 +133,10 @@ fn fast_engine_central_difference_matches_reuse() -> Result<()> {
         .collect();
     let x: Vec<f32> = (0..8 * 64).map(|_| rng.random::<f32>()).collect();
     let y: Vec<u32> = (0..8).map(|_| rng.random_range(0..10u32)).collect();
-    let engine = Engine::new(&model, &p32, &x, &y)?;
+    let engine = Engine::new(&model, &p32, &x, y.len(), &Head::CrossEntropy(y.clone()))?;
     let coords: Vec<usize> = (0..model.num_params()).collect();
-    let (f, _) = engine.cge(&coords, 5e-3, Difference::Central, QueryMode::Fast)?;
-    let (r, _) = engine.cge(&coords, 5e-3, Difference::Central, QueryMode::Reuse)?;
+    let (f, _) = engine.cge(&coords, 5e-3, Difference::Central, QueryEngine::Fast)?;
+    let (r, _) = engine.cge(&coords, 5e-3, Difference::Central, QueryEngine::Reuse)?;
     assert!(
         rel_l2(&f, &r) < 5e-3,
         "fast vs reuse (central) {}",

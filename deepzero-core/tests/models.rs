@@ -3,10 +3,11 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use deepzero_core::estimator::{Cge, CgeEngine, Difference, GradientEstimator};
+use deepzero_core::estimator::{Cge, Difference, GradientEstimator, QueryEngine};
 use deepzero_core::layout::ParamKind;
 use deepzero_core::model::{
-    params_tensor, tensor_to_vec, Mode, Model, ModelSpec, Op, Precision, BN_EPS,
+    params_tensor, tensor_to_vec, BatchNorm, Conv2d, Linear, MaxPool, Mode, Model, ModelSpec, Op,
+    Precision, BN_EPS,
 };
 use deepzero_core::objective::{ClassifierObjective, Objective};
 use rand::rngs::StdRng;
@@ -189,10 +190,10 @@ fn layout_offsets_contiguous_and_entry_of_boundaries() -> Result<()> {
             // The node an entry names reads it.
             let node = &m.nodes[e.node];
             let reads = match &node.op {
-                Op::Linear { weight, bias } | Op::Conv2d { weight, bias, .. } => {
+                Op::Linear(Linear { weight, bias }) | Op::Conv2d(Conv2d { weight, bias, .. }) => {
                     *weight == i || *bias == Some(i)
                 }
-                Op::BatchNorm { scale, shift, .. } => *scale == i || *shift == i,
+                Op::BatchNorm(BatchNorm { scale, shift, .. }) => *scale == i || *shift == i,
                 _ => false,
             };
             assert!(reads, "entry {} is not read by node {}", e.name, node.name);
@@ -350,7 +351,7 @@ fn batch_norm_train_mode_normalises_with_batch_statistics() -> Result<()> {
     let m = Model::build(&cnn(2, 6), [3, 16, 16], 10)?;
     let k = first_bn_node(&m);
     let (scale, shift) = match m.nodes[k].op {
-        Op::BatchNorm { scale, shift, .. } => (scale, shift),
+        Op::BatchNorm(BatchNorm { scale, shift, .. }) => (scale, shift),
         _ => unreachable!(),
     };
     let x = gaussian_batch(4, [3, 16, 16], 11)?;
@@ -423,7 +424,7 @@ fn batch_norm_eval_mode_with_fresh_state_is_affine() -> Result<()> {
     let m = Model::build(&cnn(2, 6), [3, 16, 16], 10)?;
     let k = first_bn_node(&m);
     let (scale, shift) = match m.nodes[k].op {
-        Op::BatchNorm { scale, shift, .. } => (scale, shift),
+        Op::BatchNorm(BatchNorm { scale, shift, .. }) => (scale, shift),
         _ => unreachable!(),
     };
     let (pv, p) = with_random_bn(&m, 9)?;
@@ -473,7 +474,7 @@ fn max_pool_gradient_with_ties_matches_central_differences() -> Result<()> {
     let x = Tensor::from_vec(img, (n, 3, side, side), &Device::Cpu)?;
     let y = labels(n, 10, 22)?;
     let (_, p) = init(&m, 23)?;
-    let obj = ClassifierObjective::new(&m, x, y)?;
+    let obj = ClassifierObjective::classifier(&m, x, y)?;
     let (_, g) = obj.loss_and_grad(&p)?.expect("classifier has a gradient");
     let truth = tensor_to_vec(&g)?;
 
@@ -486,7 +487,7 @@ fn max_pool_gradient_with_ties_matches_central_differences() -> Result<()> {
         .flat_map(|e| e.range())
         .collect();
     let mut cge =
-        Cge::new(1e-6, Difference::Central, CgeEngine::Naive)?.with_coords(coords.clone());
+        Cge::new(1e-6, Difference::Central, QueryEngine::Naive)?.with_coords(coords.clone());
     let est = cge.estimate(&obj, &p, &mut StdRng::seed_from_u64(0))?;
     let est = tensor_to_vec(&est.grad)?;
     let a: Vec<f64> = coords.iter().map(|&i| est[i]).collect();
@@ -514,7 +515,7 @@ fn max_pool_forward_and_gradient_on_ties() -> Result<()> {
     let pool = m
         .nodes
         .iter()
-        .position(|n| matches!(n.op, Op::MaxPool(2)))
+        .position(|n| matches!(n.op, Op::MaxPool(MaxPool(2))))
         .expect("pool node");
     let (_, p) = init(&m, 0)?;
     let views = m.param_views(&p)?;

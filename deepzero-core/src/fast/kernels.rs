@@ -130,9 +130,11 @@ pub struct ConvGeom {
     pub k: usize,
     /// Stride.
     pub stride: usize,
-    /// Zero padding.
+    /// Padding on each side.
     pub pad: usize,
-    /// Input height and width.
+    /// Circular (periodic) padding instead of zeros.
+    pub circular: bool,
+    /// Input height.
     pub h: usize,
     /// Input width.
     pub w: usize,
@@ -144,22 +146,44 @@ pub struct ConvGeom {
 
 impl ConvGeom {
     /// Geometry for an input of `h × w`.
-    pub fn new(k: usize, stride: usize, pad: usize, h: usize, w: usize) -> ConvGeom {
+    pub fn new(
+        k: usize,
+        stride: usize,
+        pad: usize,
+        circular: bool,
+        h: usize,
+        w: usize,
+    ) -> ConvGeom {
         ConvGeom {
             k,
             stride,
             pad,
+            circular,
             h,
             w,
             oh: (h + 2 * pad - k) / stride + 1,
             ow: (w + 2 * pad - k) / stride + 1,
         }
     }
+
+    /// Input index read by output position `o` through kernel tap `t` along a dimension of
+    /// `size`: `None` where it falls into zero padding; wrapped around with circular padding.
+    #[inline]
+    pub fn source(&self, o: usize, t: usize, size: usize) -> Option<usize> {
+        let i = (o * self.stride + t) as isize - self.pad as isize;
+        if i >= 0 && (i as usize) < size {
+            Some(i as usize)
+        } else if self.circular {
+            Some(i.rem_euclid(size as isize) as usize)
+        } else {
+            None
+        }
+    }
 }
 
 /// im2col of `planes` (each `[N, H, W]`, one per input channel) into `cols[(c·k + i)·k + j][n, oy, ox]`.
 pub fn im2col(planes: &[&[f32]], n: usize, g: &ConvGeom, cols: &mut [f32]) {
-    let (k, s, p) = (g.k, g.stride, g.pad as isize);
+    let k = g.k;
     let row = n * g.oh * g.ow;
     for (ci, plane) in planes.iter().enumerate() {
         for i in 0..k {
@@ -168,20 +192,14 @@ pub fn im2col(planes: &[&[f32]], n: usize, g: &ConvGeom, cols: &mut [f32]) {
                 for ni in 0..n {
                     let src = &plane[ni * g.h * g.w..(ni + 1) * g.h * g.w];
                     for oy in 0..g.oh {
-                        let iy = (oy * s + i) as isize - p;
                         let d = &mut dst[(ni * g.oh + oy) * g.ow..][..g.ow];
-                        if iy < 0 || iy >= g.h as isize {
+                        let Some(iy) = g.source(oy, i, g.h) else {
                             d.fill(0.0);
                             continue;
-                        }
-                        let srow = &src[iy as usize * g.w..][..g.w];
+                        };
+                        let srow = &src[iy * g.w..][..g.w];
                         for (ox, dv) in d.iter_mut().enumerate() {
-                            let ix = (ox * s + j) as isize - p;
-                            *dv = if ix >= 0 && (ix as usize) < g.w {
-                                srow[ix as usize]
-                            } else {
-                                0.0
-                            };
+                            *dv = g.source(ox, j, g.w).map_or(0.0, |ix| srow[ix]);
                         }
                     }
                 }
@@ -190,10 +208,10 @@ pub fn im2col(planes: &[&[f32]], n: usize, g: &ConvGeom, cols: &mut [f32]) {
     }
 }
 
-/// Full convolution: `out[co] = Σ_ci W[co, ci] ⋆ x[ci] (+ b[co])`.
 /// Fewest input channels for which [`conv`] uses shifted products instead of im2col.
 const SHIFTED_MIN_CHANNELS: usize = 4;
 
+/// Full convolution: `out[co] = Σ_ci W[co, ci] ⋆ x[ci] (+ b[co])`, zero or circular padding.
 pub fn conv(
     x: &Act,
     w: &[f32],
@@ -202,14 +220,15 @@ pub fn conv(
     k: usize,
     stride: usize,
     pad: usize,
+    circular: bool,
 ) -> Act {
     // The shifted path runs k² products of inner size C_in over the whole output; with few
     // input channels (a network's first layer) one im2col product of inner size C_in·k² is
     // faster.
     if stride == 1 && k > 1 && 2 * pad == k - 1 && x.c >= SHIFTED_MIN_CHANNELS {
-        return conv_shifted(x, w, co, bias, k, pad);
+        return conv_shifted(x, w, co, bias, k, pad, circular);
     }
-    let g = ConvGeom::new(k, stride, pad, x.h, x.w);
+    let g = ConvGeom::new(k, stride, pad, circular, x.h, x.w);
     let planes: Vec<&[f32]> = (0..x.c).map(|c| x.plane(c)).collect();
     let kk = x.c * k * k;
     let cols_n = x.n * g.oh * g.ow;
@@ -240,8 +259,17 @@ pub fn conv(
 /// (each image `(h+2p) × (w+2p)`, laid out back to back), the output at padded position `q` is
 /// `Σ_taps W_tap · x_pad[q + shift_tap]`, so each of the `k²` taps is one matrix product
 /// `W_tap[Co, Ci] × x_pad[Ci, shifted columns]` accumulated into a padded output whose interior
-/// is the result. This writes the input once instead of `k²` times.
-fn conv_shifted(x: &Act, w: &[f32], co: usize, bias: Option<&[f32]>, k: usize, pad: usize) -> Act {
+/// is the result. This writes the input once instead of `k²` times. With circular padding the
+/// border of each padded image holds the wrapped-around rows and columns instead of zeros.
+fn conv_shifted(
+    x: &Act,
+    w: &[f32],
+    co: usize,
+    bias: Option<&[f32]>,
+    k: usize,
+    pad: usize,
+    circular: bool,
+) -> Act {
     let (ci, n) = (x.c, x.n);
     let (hp, wp) = (x.h + 2 * pad, x.w + 2 * pad);
     let plane = n * hp * wp;
@@ -255,6 +283,9 @@ fn conv_shifted(x: &Act, w: &[f32], co: usize, bias: Option<&[f32]>, k: usize, p
             for y in 0..x.h {
                 let d0 = (ni * hp + y + pad) * wp + pad;
                 dst[d0..d0 + x.w].copy_from_slice(&src[(ni * x.h + y) * x.w..][..x.w]);
+            }
+            if circular {
+                wrap_border(&mut dst[ni * hp * wp..(ni + 1) * hp * wp], x.h, x.w, pad);
             }
         }
     }
@@ -303,6 +334,24 @@ fn conv_shifted(x: &Act, w: &[f32], co: usize, bias: Option<&[f32]>, k: usize, p
         }
     }
     out
+}
+
+/// Fill the border of one padded image (`(h + 2p) × (w + 2p)`, interior already written) with
+/// the periodic continuation of the interior.
+fn wrap_border(img: &mut [f32], h: usize, w: usize, pad: usize) {
+    let wp = w + 2 * pad;
+    let wrap = |i: usize, n: usize| (i + n - pad % n) % n + pad;
+    // Columns of the interior rows first, then whole rows (which then include the corners).
+    for y in pad..pad + h {
+        let row = &mut img[y * wp..(y + 1) * wp];
+        for xx in (0..pad).chain(pad + w..wp) {
+            row[xx] = row[wrap(xx, w)];
+        }
+    }
+    for y in (0..pad).chain(pad + h..h + 2 * pad) {
+        let src = wrap(y, h);
+        img.copy_within(src * wp..(src + 1) * wp, y * wp);
+    }
 }
 
 /// Change of a convolution's output when input channel `c` changes by `delta` (`[N, H, W]`):
@@ -470,9 +519,17 @@ pub fn subsample2_plane(x: &[f32], n: usize, h: usize, w: usize, out: &mut [f32]
 mod tests {
     use super::*;
 
-    /// Direct convolution, the definition.
-    fn conv_direct(x: &Act, w: &[f32], co: usize, k: usize, stride: usize, pad: usize) -> Act {
-        let g = ConvGeom::new(k, stride, pad, x.h, x.w);
+    /// Direct convolution, the definition (circular: indices taken modulo the image size).
+    fn conv_direct(
+        x: &Act,
+        w: &[f32],
+        co: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        circular: bool,
+    ) -> Act {
+        let g = ConvGeom::new(k, stride, pad, circular, x.h, x.w);
         let mut out = Act::zeros(co, x.n, g.oh, g.ow);
         for o in 0..co {
             for ni in 0..x.n {
@@ -482,8 +539,12 @@ mod tests {
                         for c in 0..x.c {
                             for i in 0..k {
                                 for j in 0..k {
-                                    let iy = (oy * stride + i) as isize - pad as isize;
-                                    let ix = (ox * stride + j) as isize - pad as isize;
+                                    let mut iy = (oy * stride + i) as isize - pad as isize;
+                                    let mut ix = (ox * stride + j) as isize - pad as isize;
+                                    if circular {
+                                        iy = iy.rem_euclid(x.h as isize);
+                                        ix = ix.rem_euclid(x.w as isize);
+                                    }
                                     if iy >= 0
                                         && ix >= 0
                                         && (iy as usize) < x.h
@@ -508,13 +569,21 @@ mod tests {
     fn conv_paths_match_the_definition() {
         // Shifted-gemm (stride 1, same padding, ≥ 4 input channels) and im2col (few input
         // channels, stride 2, no padding, 1×1) paths.
-        for &(c, co, h, w, k, s, p) in &[
-            (3, 5, 7, 6, 3, 1, 1),
-            (1, 4, 6, 6, 3, 1, 1),
-            (5, 3, 6, 7, 3, 1, 1),
-            (4, 2, 8, 8, 3, 2, 1),
-            (2, 3, 5, 5, 1, 1, 0),
-            (3, 4, 6, 7, 5, 1, 2),
+        // Each shape with zero and with circular padding (5×5 circular on a 4×6 image wraps
+        // further than one row).
+        for &(c, co, h, w, k, s, p, circ) in &[
+            (3, 5, 7, 6, 3, 1, 1, false),
+            (1, 4, 6, 6, 3, 1, 1, false),
+            (5, 3, 6, 7, 3, 1, 1, false),
+            (4, 2, 8, 8, 3, 2, 1, false),
+            (2, 3, 5, 5, 1, 1, 0, false),
+            (3, 4, 6, 7, 5, 1, 2, false),
+            (3, 5, 7, 6, 3, 1, 1, true),
+            (1, 4, 6, 6, 3, 1, 1, true),
+            (5, 3, 6, 7, 3, 1, 1, true),
+            (4, 2, 8, 8, 3, 2, 1, true),
+            (6, 3, 4, 6, 5, 1, 2, true),
+            (2, 3, 4, 6, 5, 1, 2, true),
         ] {
             let n = 3;
             let x: Vec<f32> = (0..n * c * h * w)
@@ -525,8 +594,8 @@ mod tests {
                 .collect();
             let bias: Vec<f32> = (0..co).map(|i| i as f32 * 0.1).collect();
             let a = Act::from_nchw(&x, n, c, h, w);
-            let got = conv(&a, &wt, co, Some(&bias), k, s, p);
-            let want = conv_direct(&a, &wt, co, k, s, p);
+            let got = conv(&a, &wt, co, Some(&bias), k, s, p, circ);
+            let want = conv_direct(&a, &wt, co, k, s, p, circ);
             assert_eq!(
                 (got.c, got.n, got.h, got.w),
                 (want.c, want.n, want.h, want.w)
@@ -535,7 +604,7 @@ mod tests {
                 for (g, w) in got.plane(o).iter().zip(want.plane(o)) {
                     assert!(
                         (g - (w + bias[o])).abs() < 1e-4,
-                        "conv {c}->{co} k{k} s{s}: {g} vs {}",
+                        "conv {c}->{co} k{k} s{s} circular {circ}: {g} vs {}",
                         w + bias[o]
                     );
                 }

@@ -1,0 +1,78 @@
+//! Element-wise activations.
+
+use super::{Base, CandleCtx, HostParams, Layer, NodeCache};
+use crate::error::Result;
+use crate::fast::kernels::{self, Act};
+use crate::layout::ParamLayout;
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+/// max(x, 0).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relu;
+
+/// tanh(x).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tanh;
+
+impl Layer for Relu {
+    fn shape(&self, _name: &str, ins: &[&[usize]], _layout: &ParamLayout) -> Result<Vec<usize>> {
+        Ok(ins[0].to_vec())
+    }
+    fn forward(&self, ins: &[&Tensor], _ctx: &mut CandleCtx) -> Result<Tensor> {
+        Ok(ins[0].relu()?)
+    }
+    fn forward_fast(&self, ins: &[&Act], _params: HostParams) -> (Act, NodeCache) {
+        let mut out = ins[0].clone();
+        kernels::relu_inplace(&mut out.data);
+        (out, None)
+    }
+    fn per_channel(&self, base: &Base, c: usize, d: &[f32]) -> Option<(usize, Vec<f32>)> {
+        Some((c, relu_delta(base.input(0).plane(c), d)))
+    }
+}
+
+impl Layer for Tanh {
+    fn shape(&self, _name: &str, ins: &[&[usize]], _layout: &ParamLayout) -> Result<Vec<usize>> {
+        Ok(ins[0].to_vec())
+    }
+    fn forward(&self, ins: &[&Tensor], _ctx: &mut CandleCtx) -> Result<Tensor> {
+        Ok(ins[0].tanh()?)
+    }
+    fn forward_fast(&self, ins: &[&Act], _params: HostParams) -> (Act, NodeCache) {
+        let mut out = ins[0].clone();
+        out.data.iter_mut().for_each(|v| *v = v.tanh());
+        (out, None)
+    }
+    fn per_channel(&self, base: &Base, c: usize, d: &[f32]) -> Option<(usize, Vec<f32>)> {
+        Some((c, tanh_delta(base.input(0).plane(c), d)))
+    }
+}
+
+/// ReLU output change, exact where the sign does not flip.
+fn relu_delta(x: &[f32], d: &[f32]) -> Vec<f32> {
+    x.iter()
+        .zip(d)
+        .map(|(&xv, &dv)| {
+            let new = xv + dv;
+            if xv > 0.0 && new > 0.0 {
+                dv
+            } else {
+                new.max(0.0) - xv.max(0.0)
+            }
+        })
+        .collect()
+}
+
+/// tanh output change `tanh(x + Δ) − tanh(x) = (1 − t²)·tanh Δ / (1 + t·tanh Δ)` with
+/// `t = tanh x`, in f64: the rounding stays relative to Δ, not to the activation.
+fn tanh_delta(x: &[f32], d: &[f32]) -> Vec<f32> {
+    x.iter()
+        .zip(d)
+        .map(|(&xv, &dv)| {
+            let t = (xv as f64).tanh();
+            let td = (dv as f64).tanh();
+            ((1.0 - t * t) * td / (1.0 + t * td)) as f32
+        })
+        .collect()
+}

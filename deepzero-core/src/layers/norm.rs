@@ -1,0 +1,156 @@
+//! Batch norm.
+
+use super::{Base, BnCache, CandleCtx, HostParams, Layer, NodeCache};
+use crate::error::Result;
+use crate::fast::kernels::{self, Act};
+use crate::fast::Change;
+use crate::layout::{ParamEntry, ParamKind, ParamLayout};
+use crate::model::{Mode, BN_EPS};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// Batch norm over channels (dim 1).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchNorm {
+    /// Scale γ `[C]` (layout index).
+    pub scale: usize,
+    /// Shift β `[C]` (layout index).
+    pub shift: usize,
+    /// Index of this node's running statistics in [`crate::model::BnState`].
+    pub stats: usize,
+}
+
+impl Layer for BatchNorm {
+    fn params(&self) -> Vec<usize> {
+        vec![self.scale, self.shift]
+    }
+    fn shape(&self, name: &str, ins: &[&[usize]], layout: &ParamLayout) -> Result<Vec<usize>> {
+        let c = layout.entries[self.scale].shape[0];
+        if ins[0].first() != Some(&c) {
+            return Err(super::shape_error(
+                name,
+                format!("{c} channels expected, input is {:?}", ins[0]),
+            ));
+        }
+        Ok(ins[0].to_vec())
+    }
+    fn forward(&self, ins: &[&Tensor], ctx: &mut CandleCtx) -> Result<Tensor> {
+        let x = ins[0];
+        let c = x.dim(1)?;
+        let bshape: Vec<usize> = (0..x.rank()).map(|d| if d == 1 { c } else { 1 }).collect();
+        let gamma = ctx.params.get(self.scale).reshape(bshape.as_slice())?;
+        let beta = ctx.params.get(self.shift).reshape(bshape.as_slice())?;
+        let xhat = match ctx.mode {
+            Mode::Train => {
+                let mean = channel_mean(x)?.reshape(bshape.as_slice())?;
+                let xc = x.broadcast_sub(&mean)?;
+                let var = channel_mean(&xc.sqr()?)?.reshape(bshape.as_slice())?;
+                if let Some(s) = ctx.stats.as_deref_mut() {
+                    let n = x.elem_count() / c;
+                    let m = mean.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                    let v = var.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                    s.stats.push((m, v, n));
+                }
+                xc.broadcast_div(&(var + BN_EPS)?.sqrt()?)?
+            }
+            Mode::Eval(state) => {
+                let dev = x.device();
+                let m = Tensor::from_slice(&state.mean[self.stats], bshape.as_slice(), dev)?
+                    .to_dtype(x.dtype())?;
+                let v = Tensor::from_slice(&state.var[self.stats], bshape.as_slice(), dev)?
+                    .to_dtype(x.dtype())?;
+                x.broadcast_sub(&m)?.broadcast_div(&(v + BN_EPS)?.sqrt()?)?
+            }
+        };
+        Ok(xhat.broadcast_mul(&gamma)?.broadcast_add(&beta)?)
+    }
+    fn forward_fast(&self, ins: &[&Act], params: HostParams) -> (Act, NodeCache) {
+        let x = ins[0];
+        let (g, b) = (params.get(self.scale), params.get(self.shift));
+        let mut out = Act::zeros(x.c, x.n, x.h, x.w);
+        let (mut mean, mut inv_std) = (Vec::with_capacity(x.c), Vec::with_capacity(x.c));
+        for c in 0..x.c {
+            let (m, inv) = kernels::bn_plane(x.plane(c), g[c], b[c], BN_EPS, out.plane_mut(c));
+            mean.push(m);
+            inv_std.push(inv);
+        }
+        (out, Some(BnCache { mean, inv_std }))
+    }
+    fn perturbed(&self, base: &Base, entry: &ParamEntry, j: usize, delta: f32) -> Change {
+        if entry.kind != ParamKind::BnScale {
+            // The shift adds δ to channel j.
+            return Change::Chan(j, vec![delta; base.out.plane_len()]);
+        }
+        let bn = base.bn();
+        let (m, inv) = (bn.mean[j], bn.inv_std[j]);
+        Change::Chan(
+            j,
+            base.input(0)
+                .plane(j)
+                .iter()
+                .map(|&v| delta * (v - m) * inv)
+                .collect(),
+        )
+    }
+    fn per_channel(&self, base: &Base, c: usize, d: &[f32]) -> Option<(usize, Vec<f32>)> {
+        let bn = base.bn();
+        let gamma = base.params.get(self.scale)[c];
+        Some((
+            c,
+            bn_delta(base.input(0).plane(c), d, bn.mean[c], bn.inv_std[c], gamma),
+        ))
+    }
+}
+
+/// Batch-norm output change of one channel: `γ[(Δ − Δm)·s' + (x − m)(s' − s)]` with the new
+/// inverse std `s'` from f64 sums of the change.
+fn bn_delta(x: &[f32], d: &[f32], m: f32, inv: f32, gamma: f32) -> Vec<f32> {
+    let n = x.len() as f64;
+    // Sums of Δ, (x − m)Δ and Δ² over the plane: eight independent f64 lanes (vectorised, no
+    // long dependency chain).
+    let (mut sd, mut sxd, mut sdd) = ([0.0f64; 8], [0.0f64; 8], [0.0f64; 8]);
+    let (xc, dc) = (x.chunks_exact(8), d.chunks_exact(8));
+    let (xr, dr) = (xc.remainder(), dc.remainder());
+    for (xs, ds) in xc.zip(dc) {
+        for l in 0..8 {
+            let dv = ds[l] as f64;
+            sd[l] += dv;
+            sxd[l] += (xs[l] - m) as f64 * dv;
+            sdd[l] += dv * dv;
+        }
+    }
+    for (&xv, &dv) in xr.iter().zip(dr) {
+        let dv = dv as f64;
+        sd[0] += dv;
+        sxd[0] += (xv - m) as f64 * dv;
+        sdd[0] += dv * dv;
+    }
+    let total = |a: [f64; 8]| a.iter().sum::<f64>() / n;
+    // var' = var + 2 cov(x − m, Δ) + var(Δ); x − m has mean 0 over the batch, so the
+    // covariance needs no centring of Δ.
+    let (dm, cov, ed2) = (total(sd), total(sxd), total(sdd));
+    let var_eps = 1.0 / (inv as f64 * inv as f64);
+    let var_new = var_eps + 2.0 * cov + (ed2 - dm * dm);
+    let inv_new = 1.0 / var_new.sqrt();
+    let dinv = (inv_new - inv as f64) as f32;
+    let (a, dm) = (gamma * inv_new as f32, dm as f32);
+    let b = gamma * dinv;
+    x.iter()
+        .zip(d)
+        .map(|(&xv, &dv)| (dv - dm) * a + (xv - m) * b)
+        .collect()
+}
+
+/// Per-channel mean of `[N, C, ...]` as `[C]`. Sums the contiguous trailing dims first:
+/// candle's reduction over non-trailing dims walks the tensor element by element and was the
+/// largest cost of a training step.
+fn channel_mean(x: &Tensor) -> Result<Tensor> {
+    let (n, c) = (x.dim(0)?, x.dim(1)?);
+    let rest = x.elem_count() / (n * c).max(1);
+    let s = if rest > 1 {
+        x.reshape((n, c, rest))?.sum(2)?
+    } else {
+        x.reshape((n, c))?
+    };
+    Ok((s.sum(0)? / (n * rest) as f64)?)
+}
