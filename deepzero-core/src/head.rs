@@ -26,6 +26,9 @@ pub enum Head {
     CrossEntropy(Vec<u32>),
     /// Any per-sample loss of the output, batched over queries.
     Output(Arc<OutputLossFn>),
+    /// Mean squared error of each sample's output against its target (`N · len` values,
+    /// batch-major): the regression loss, with a gradient for backprop.
+    SquaredError(Arc<Vec<f64>>),
 }
 
 impl std::fmt::Debug for Head {
@@ -33,6 +36,7 @@ impl std::fmt::Debug for Head {
         match self {
             Head::CrossEntropy(l) => write!(f, "CrossEntropy({} labels)", l.len()),
             Head::Output(_) => write!(f, "Output(closure)"),
+            Head::SquaredError(t) => write!(f, "SquaredError({} target values)", t.len()),
         }
     }
 }
@@ -72,6 +76,22 @@ impl Head {
                     .map(|(r, z)| cross_entropy_f64(z, labels[r % n] as usize))
                     .collect())
             }
+            Head::SquaredError(targets) => {
+                if targets.len() != n * len {
+                    return Err(Error::Shape(format!(
+                        "head: {} target values for {n} samples × {len}",
+                        targets.len()
+                    )));
+                }
+                Ok(outputs
+                    .chunks_exact(len)
+                    .enumerate()
+                    .map(|(r, o)| {
+                        let t = &targets[(r % n) * len..][..len];
+                        o.iter().zip(t).map(|(a, b)| (a - b) * (a - b)).sum::<f64>() / len as f64
+                    })
+                    .collect())
+            }
             Head::Output(f) => {
                 let l = f(outputs, queries)?;
                 if l.len() != queries * n {
@@ -85,8 +105,21 @@ impl Head {
         }
     }
 
+    /// Squared error against `targets` (`N · len` values, batch-major).
+    pub fn squared_error(targets: Vec<f64>) -> Head {
+        Head::SquaredError(Arc::new(targets))
+    }
+
     /// Check the head against a batch of `n` samples and outputs of `len` values.
     pub fn check(&self, n: usize, len: usize) -> Result<()> {
+        if let Head::SquaredError(t) = self {
+            if t.len() != n * len {
+                return Err(Error::Shape(format!(
+                    "{} target values for {n} samples of {len} outputs",
+                    t.len()
+                )));
+            }
+        }
         if let Head::CrossEntropy(labels) = self {
             if labels.len() != n {
                 return Err(Error::Shape(format!(

@@ -208,14 +208,24 @@ impl Objective for ModelObjective<'_> {
         Ok(self.base_forward(&self.params_tensor(params)?)?.0)
     }
     fn loss_and_grad(&self, params: &Tensor) -> Result<Option<(f64, Tensor)>> {
-        let Head::CrossEntropy(labels) = &self.head else {
+        if matches!(self.head, Head::Output(_)) {
             return Ok(None);
-        };
+        }
         let var = Var::from_tensor(params)?;
         let (loss, ReuseCache { regs, .. }) = self.base_forward(var.as_tensor())?;
-        let logits = regs.last().expect("output register");
-        let y = Tensor::from_slice(labels, labels.len(), logits.device())?;
-        let loss_t = per_sample_cross_entropy(logits, &y)?.mean_all()?;
+        let out = regs.last().expect("output register");
+        let loss_t = match &self.head {
+            Head::CrossEntropy(labels) => {
+                let y = Tensor::from_slice(labels, labels.len(), out.device())?;
+                per_sample_cross_entropy(out, &y)?.mean_all()?
+            }
+            Head::SquaredError(targets) => {
+                let t = Tensor::from_slice(targets.as_slice(), out.shape(), out.device())?
+                    .to_dtype(out.dtype())?;
+                (out - t)?.sqr()?.mean_all()?
+            }
+            Head::Output(_) => unreachable!("returned above"),
+        };
         let grads = loss_t.backward()?;
         let g = grads
             .get(var.as_tensor())

@@ -520,3 +520,52 @@ fn image_models_reject_what_does_not_fit() {
         .conv("c", 0, ConvSpec::new(1, 7).padding(Padding::Circular))
         .is_err());
 }
+
+/// The squared-error head: backprop's gradient equals central CGE in f64 (candle path), and the
+/// fast engine in f32 agrees with it.
+#[test]
+fn squared_error_head_backprop_matches_cge() -> anyhow::Result<()> {
+    use deepzero_core::estimator::{Backprop, Cge, Difference, GradientEstimator, QueryEngine};
+    use deepzero_core::head::Head;
+    use deepzero_core::model::{params_tensor, tensor_to_vec, Model, ModelSpec, Precision};
+    use deepzero_core::objective::ModelObjective;
+    use rand::{Rng, SeedableRng};
+    let model = Model::build_image(&ModelSpec::Dncnn { depth: 3, width: 4 }, [1, 6, 6])?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let n = 3;
+    let x: Vec<f64> = (0..n * 36).map(|_| rng.random::<f64>()).collect();
+    let targets: Vec<f64> = (0..n * 36).map(|_| rng.random::<f64>()).collect();
+    let init = deepzero_core::seed::initial_params(&model, 1);
+    let dev = candle_core::Device::Cpu;
+    let grad = |p: Precision, est: &mut dyn GradientEstimator| -> anyhow::Result<Vec<f64>> {
+        let xt =
+            candle_core::Tensor::from_vec(x.clone(), (n, 1, 6, 6), &dev)?.to_dtype(p.dtype())?;
+        let obj = ModelObjective::new(&model, xt, Head::squared_error(targets.clone()))?;
+        let params = params_tensor(&init, p, &dev)?;
+        Ok(tensor_to_vec(
+            &est.estimate(&obj, &params, &mut rng_of(0))?.grad,
+        )?)
+    };
+    fn rng_of(s: u64) -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(s)
+    }
+    let rel = |a: &[f64], b: &[f64]| {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+        (num / b.iter().map(|y| y * y).sum::<f64>()).sqrt()
+    };
+    let truth = grad(Precision::F64, &mut Backprop)?;
+    let cge64 = grad(
+        Precision::F64,
+        &mut Cge::new(1e-5, Difference::Central, QueryEngine::Naive)?,
+    )?;
+    let e64 = rel(&cge64, &truth);
+    assert!(e64 < 1e-6, "f64 central CGE vs backprop: {e64}");
+    let fast = grad(
+        Precision::F32,
+        &mut Cge::new(1e-3, Difference::Central, QueryEngine::Fast)?,
+    )?;
+    // f32 forwards: the base outputs carry f32 rounding, so agreement is at the 1e-2 level.
+    let e32 = rel(&fast, &truth);
+    assert!(e32 < 1e-2, "f32 fast CGE vs backprop: {e32}");
+    Ok(())
+}

@@ -106,7 +106,7 @@ impl<'a> Engine<'a> {
                 head.check(n, k)?;
                 labels.clone()
             }
-            Head::Output(_) => Vec::new(),
+            Head::Output(_) | Head::SquaredError(_) => Vec::new(),
         };
         let mut e = Engine {
             model,
@@ -128,7 +128,7 @@ impl<'a> Engine<'a> {
         let z = e.output();
         let (base_loss, probs, base_output) = match &e.head {
             Head::CrossEntropy(_) => (e.cross_entropy(z, None), softmax_columns(z), Vec::new()),
-            Head::Output(_) => {
+            Head::Output(_) | Head::SquaredError(_) => {
                 let mut out = Vec::with_capacity(n * model.output_len());
                 append_batch_major(z, &mut out);
                 let losses = e.head.losses(&out, 1, n, model.output_len())?;
@@ -330,7 +330,7 @@ impl<'a> Engine<'a> {
                 }
                 return Ok(all);
             }
-            Head::Output(_) => {
+            Head::Output(_) | Head::SquaredError(_) => {
                 let len = self.model.output_len();
                 let mut buf = Vec::with_capacity(outs.len() * n * len);
                 for (out, is_change) in outs {
@@ -555,7 +555,7 @@ impl<'a> Engine<'a> {
                         / (2.0 * mu)),
                 })
                 .collect::<Result<_>>()?,
-            Head::Output(_) => coords
+            Head::Output(_) | Head::SquaredError(_) => coords
                 .par_chunks(OUTPUT_GROUP)
                 .map(|group| self.cge_group(group, m, mu, difference, engine))
                 .collect::<Result<Vec<Vec<f64>>>>()?
