@@ -30,7 +30,7 @@ fn field(rng: &mut impl Rng) -> Vec<f64> {
     let (a, b, p) = (
         rng.random::<f64>(),
         rng.random::<f64>(),
-        rng.random::<f64>() * 6.28,
+        rng.random::<f64>() * std::f64::consts::TAU,
     );
     let tau = std::f64::consts::TAU;
     (0..SIDE * SIDE)
