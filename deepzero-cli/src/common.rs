@@ -344,11 +344,22 @@ fn synthetic(n: usize, seed: u64) -> Dataset {
 
 /// Build the model for a data set's image shape.
 pub fn build_model(opts: &ModelOpts, ds: &Dataset) -> Result<Model> {
-    Ok(Model::build(
+    Model::build(
         &opts.spec(),
         [ds.channels, ds.height, ds.width],
         ds.num_classes,
-    )?)
+    )
+    .with_context(|| {
+        let flag =
+            |name: &str, v: Option<usize>| v.map(|v| format!(" --{name} {v}")).unwrap_or_default();
+        format!(
+            "--model {:?}{}{}",
+            opts.model,
+            flag("depth", opts.depth),
+            flag("width", opts.width)
+        )
+        .to_lowercase()
+    })
 }
 
 /// Use `n` threads for tensor kernels (0 = all cores).

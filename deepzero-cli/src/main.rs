@@ -75,10 +75,15 @@ fn main() {
         Command::Certify(args) => certify::run(args),
     };
     if let Err(e) = result {
-        // Core names settings in its own words; say which flag it was.
-        let e = match e.downcast::<deepzero_core::Error>() {
-            Ok(core) => common::flag_error(core),
-            Err(other) => other,
+        // Core names settings in its own words; say which flag it was (an error with context
+        // of its own keeps it).
+        let e = if e.chain().count() == 1 {
+            match e.downcast::<deepzero_core::Error>() {
+                Ok(core) => common::flag_error(core),
+                Err(other) => other,
+            }
+        } else {
+            e
         };
         eprintln!("error: {e:#}");
         std::process::exit(1);
