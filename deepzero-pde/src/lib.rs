@@ -22,7 +22,7 @@
 //!
 //! - [`Solver`]: `step` is the core; `rollout`, `rollout_corrected` and `advance` are built on it.
 //! - [`Burgers2d`]: forced viscous Burgers in 2-D as in Solver-in-the-Loop (semi-Lagrangian
-//!   advection, exact spectral diffusion, explicit forcing) on the unit periodic square.
+//!   advection, exact spectral diffusion, explicit forcing) on the periodic square of side 32 (PhiFlow's cell unit).
 //! - [`Burgers1d`]: the same equation in 1-D, semi-Lagrangian or pseudo-spectral.
 //! - [`NavierStokes2d`]: incompressible vorticity–streamfunction, pseudo-spectral, 2/3
 //!   dealiasing, integrating-factor RK4, optional Kolmogorov forcing.
