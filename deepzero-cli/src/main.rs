@@ -8,6 +8,7 @@ mod bench_objective;
 mod common;
 mod experiment;
 mod gradcheck;
+mod pde;
 mod prune;
 mod report;
 mod train;
@@ -36,6 +37,8 @@ enum Command {
     /// The paper's comparisons as sets of runs: `cge-vs-rge`, `sparsity`.
     #[command(subcommand)]
     Experiment(experiment::ExperimentCommand),
+    /// PDE error correction with the solver in the loop (SRC, NON, ZO-SOL); `pde generate` for data.
+    Pde(Box<pde::PdeArgs>),
 }
 
 /// Keep freed tensor buffers in the process heap instead of returning them to the kernel.
@@ -69,6 +72,7 @@ fn main() {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Prune(args) => prune::run(*args),
         Command::Experiment(cmd) => experiment::run(cmd),
+        Command::Pde(args) => pde::run(*args),
     };
     if let Err(e) = result {
         // Core names settings in its own words; say which flag it was.

@@ -98,7 +98,7 @@ impl FromStr for Method {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NetworkConfig {
-    /// Channels of the hidden convolutions (default 8).
+    /// Channels of the hidden convolutions (default 4: ZO-SOL on two CPU cores within minutes).
     pub width: usize,
     /// Residual blocks (default 1).
     pub blocks: usize,
@@ -111,7 +111,7 @@ pub struct NetworkConfig {
 impl Default for NetworkConfig {
     fn default() -> Self {
         Self {
-            width: 8,
+            width: 4,
             blocks: 1,
             kernel: 3,
             activation: Activation::Tanh,
@@ -153,7 +153,7 @@ pub struct CorrectionConfig {
     pub steps_per_epoch: usize,
     /// Unrolled steps `m` of ZO-SOL (default 4, SOL-4).
     pub unroll: usize,
-    /// Fraction of each weight tensor left out of every sparse CGE step (default 0.75; biases
+    /// Fraction of each weight tensor left out of every sparse CGE step (default 0.9; biases
     /// are always estimated).
     pub sparsity: f64,
     /// Epochs between redraws of the sparse coordinate sets (default 1).
@@ -168,7 +168,7 @@ impl Default for CorrectionConfig {
             batch_size: 5,
             steps_per_epoch: 20,
             unroll: 4,
-            sparsity: 0.75,
+            sparsity: 0.9,
             mask_interval: 1,
             mu: 1e-3,
         }
@@ -403,7 +403,6 @@ pub fn non_objective<'a>(
     simulations: &[PreparedSimulation],
     windows: &[Window],
 ) -> deepzero_core::Result<ModelObjective<'a>> {
-    let mut predicted = Vec::with_capacity(windows.len());
     let mut targets: Vec<f64> = Vec::new();
     let mut input: Vec<f64> = Vec::new();
     for &(sim, start) in windows {
@@ -414,7 +413,6 @@ pub fn non_objective<'a>(
         targets.extend((&s.reference[start + 1] - &p).iter());
         input.extend(p.iter());
         input.extend(s.forcing[start].iter());
-        predicted.push(p);
     }
     let [c, h, w] = model.input_shape;
     let x = Tensor::from_vec(input, (windows.len(), c, h, w), &Device::Cpu)?;
@@ -696,4 +694,51 @@ pub fn queries_per_step(method: Method, model: &Model, config: &CorrectionConfig
         Method::Non => 1,
         _ => 0,
     })
+}
+
+/// The trainer settings of correction training: Adam (β1 = 0.9), no weight decay, no warm-up,
+/// cosine decay of `lr` over `epochs` (core's schedule).
+pub fn train_config(epochs: usize, lr: f64, seed: u64) -> deepzero_core::trainer::TrainConfig {
+    deepzero_core::trainer::TrainConfig {
+        epochs,
+        lr,
+        warmup_epochs: 0,
+        seed,
+        optimizer: deepzero_core::optim::OptimizerConfig {
+            kind: deepzero_core::optim::OptimizerKind::Adam,
+            momentum: 0.9,
+            weight_decay: 0.0,
+        },
+    }
+}
+
+/// Trains `method` (NON or ZO-SOL) from `state` (fresh, or restored from a checkpoint) to
+/// `train_config.epochs` with the core trainer; `observer` sees every step and epoch.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    method: Method,
+    model: &Model,
+    train: &[PreparedSimulation],
+    test: &[PreparedSimulation],
+    config: &CorrectionConfig,
+    train_config: &deepzero_core::trainer::TrainConfig,
+    state: &mut deepzero_core::trainer::TrainState,
+    observer: &mut dyn deepzero_core::trainer::Observer,
+) -> Result<()> {
+    let mut task = CorrectionTask::new(method, model, train, test, config.clone())?;
+    let mut est = estimator(method, model, config, train_config.seed)?;
+    let mut optimizer = train_config.optimizer.build()?;
+    deepzero_core::trainer::Trainer {
+        config: train_config,
+    }
+    .run(&mut task, state, est.as_mut(), optimizer.as_mut(), observer)?;
+    Ok(())
+}
+
+/// The initial parameters of a correction run with `seed` (core's stream `[0]`; the last
+/// convolution is zero, so training starts from SRC).
+pub fn initial_state(model: &Model, seed: u64) -> Result<deepzero_core::trainer::TrainState> {
+    let params = deepzero_core::seed::initial_params(model, seed);
+    let params = Tensor::from_vec(params, model.num_params(), &Device::Cpu)?;
+    Ok(deepzero_core::trainer::TrainState::new(params))
 }

@@ -42,7 +42,11 @@ fn non_and_zo_sol_train_through_the_core_trainer_and_the_loss_falls() -> anyhow:
     let dataset = small_dataset()?;
     let train = prepare(&dataset, &dataset.train)?;
     let test = prepare(&dataset, &dataset.test)?;
-    let model = NetworkConfig::default().build(&dataset.config)?;
+    let model = NetworkConfig {
+        width: 8,
+        ..NetworkConfig::default()
+    }
+    .build(&dataset.config)?;
     for (method, epochs, lr, sparsity) in
         [(Method::Non, 6, 1e-3, 0.8), (Method::ZoSol, 4, 1e-3, 0.8)]
     {
@@ -123,7 +127,13 @@ fn zo_sol_objective_is_the_hand_unrolled_rollout_loss() -> anyhow::Result<()> {
         for offset in 0..3 {
             let predicted = solver.step(&state, start + offset)?;
             let forcing = solver.forcing_at(start + offset)?;
-            state = apply_correction(&model, &views, &[predicted.clone()], &[&forcing])?.remove(0);
+            state = apply_correction(
+                &model,
+                &views,
+                std::slice::from_ref(&predicted),
+                &[&forcing],
+            )?
+            .remove(0);
             let target: &Array3<f64> = &simulation.reference[start + offset + 1];
             total += (&state - target).mapv(|v| v * v).mean().unwrap_or(f64::NAN);
             count += 1.0;
