@@ -4,7 +4,8 @@
 //! prediction and the forcing of the step and returns a change of the state:
 //! `s̃_{i+1} = P(s̃_i) + C(P(s̃_i), f_i)`. Its inputs are the state channels followed by the
 //! forcing channels (Burgers: `u, v, f_u, f_v`; Navier–Stokes: vorticity and its forcing), its
-//! output has the state's channels.
+//! output has the state's channels, with its spatial mean per channel removed: the solvers keep
+//! the mean, and a constant offset added every step would accumulate over a rollout.
 //!
 //! Methods ([`Method`]): **SRC** runs the solver alone; **NON** trains `C` on single steps from
 //! reference states (input `(P(ref_i), f_i)`, target `ref_{i+1} − P(ref_i)`), a
@@ -244,7 +245,8 @@ pub fn prepare(dataset: &Dataset, simulations: &[Simulation]) -> Result<Vec<Prep
         .collect()
 }
 
-/// `predicted + C(predicted, forcing)` for a batch, one forward of the network.
+/// `predicted + C(predicted, forcing)` for a batch, one forward of the network; the network's
+/// output has its spatial mean per channel removed (the correction moves no momentum).
 pub fn apply_correction(
     model: &Model,
     views: &[Tensor],
@@ -270,8 +272,15 @@ pub fn apply_correction(
         .iter()
         .zip(out.chunks_exact(len))
         .map(|(state, change)| {
-            let change = Array3::from_shape_vec((channels, n, m), change.to_vec())
+            let mut change = Array3::from_shape_vec((channels, n, m), change.to_vec())
                 .map_err(|e| deepzero_core::Error::Shape(e.to_string()))?;
+            // Mean-free per channel: both solvers keep the spatial mean (momentum, total
+            // vorticity) up to interpolation error, and a constant offset added every step
+            // would grow linearly over a rollout.
+            for mut channel in change.outer_iter_mut() {
+                let mean = channel.mean().unwrap_or(0.0);
+                channel.mapv_inplace(|v| v - mean);
+            }
             Ok(state + &change)
         })
         .collect()
