@@ -374,6 +374,7 @@ fn execute(args: RunArgs) -> Result<()> {
     let dataset = load_data(&data_dir, &data)?;
     let train = prepare(&dataset, &dataset.train).map_err(flag_error)?;
     let test = prepare(&dataset, &dataset.test).map_err(flag_error)?;
+    let scaling = deepzero_pde::Scaling::measure(&train).map_err(flag_error)?;
     eprintln!(
         "{}: {} + {} simulations × {} steps, network {} ({} parameters)",
         dir.display(),
@@ -398,6 +399,7 @@ fn execute(args: RunArgs) -> Result<()> {
             correction::train(
                 method,
                 &model,
+                &scaling,
                 &train,
                 &test,
                 &correction,
@@ -407,7 +409,7 @@ fn execute(args: RunArgs) -> Result<()> {
             )
             .map_err(flag_error)?;
             observer.bar.finish_and_clear();
-            let (errors, trajectories) = rollouts(&test, Some((&model, &state.params)))
+            let (errors, trajectories) = rollouts(&test, Some((&model, &scaling, &state.params)))
                 .map_err(crate::common::flag_error)?;
             Outcome {
                 method,
@@ -439,7 +441,7 @@ fn execute(args: RunArgs) -> Result<()> {
         );
         outcomes.push(outcome);
     }
-    write_reports(&dir, &outcomes, &test, &model.name)?;
+    write_reports(&dir, &outcomes, &test, &model.name, &scaling)?;
     eprintln!("summary → {}", dir.join("summary.json").display());
     Ok(())
 }
@@ -453,6 +455,7 @@ fn write_reports(
     outcomes: &[Outcome],
     test: &[deepzero_pde::PreparedSimulation],
     model: &str,
+    scaling: &deepzero_pde::Scaling,
 ) -> Result<()> {
     let mut mae = Map::new();
     let mut mae_std = Map::new();
@@ -469,7 +472,7 @@ fn write_reports(
     }
     let summary = json!({
         "mae": mae, "mae_std": mae_std, "params": params, "queries": queries,
-        "seconds": seconds, "model": model, "fo-sol": "not available (the solver is not differentiable)",
+        "seconds": seconds, "model": model, "scaling": scaling, "fo-sol": "not available (the solver is not differentiable)",
         "mae_per_step": outcomes.iter().map(|o| (o.method.name().to_string(), json!(o.errors.mae_per_step))).collect::<Map<String, Value>>(),
     });
     report::write_json_atomic(&dir.join("summary.json"), &summary)?;

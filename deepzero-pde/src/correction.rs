@@ -245,10 +245,84 @@ pub fn prepare(dataset: &Dataset, simulations: &[Simulation]) -> Result<Vec<Prep
         .collect()
 }
 
-/// `predicted + C(predicted, forcing)` for a batch, one forward of the network; the network's
-/// output has its spatial mean per channel removed (the correction moves no momentum).
+/// Fixed scales of the network's inputs and outputs, measured once on the training data: the
+/// network sees `state / input[c]` and `forcing / input[channels + c]`, and its output is
+/// multiplied by `output[c]`. Raw Burgers velocities reach ±20 while one step's correction is
+/// about 0.1, so without them a tanh network saturates and an optimizer step of a given size
+/// means very different corrections on different problems.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Scaling {
+    /// Root-mean-square of each input channel (state channels, then forcing channels).
+    pub input: Vec<f64>,
+    /// Root-mean-square of each channel of the one-step residual `ref_{i+1} − P(ref_i)`.
+    pub output: Vec<f64>,
+}
+
+impl Scaling {
+    /// Scales of no effect (every factor 1) for states of `channels` channels.
+    pub fn identity(channels: usize) -> Self {
+        Self {
+            input: vec![1.0; 2 * channels],
+            output: vec![1.0; channels],
+        }
+    }
+
+    /// Measures the scales on every step of `simulations` (one solver step per reference
+    /// state); channels with no signal get scale 1.
+    pub fn measure(simulations: &[PreparedSimulation]) -> Result<Self> {
+        let Some(first) = simulations.first().and_then(|s| s.reference.first()) else {
+            return Err(Error::parameter(
+                "train_simulations",
+                0,
+                "at least one training simulation to measure scales on",
+            ));
+        };
+        let channels = first.shape()[0];
+        let mut input = vec![0.0; 2 * channels];
+        let mut output = vec![0.0; channels];
+        let mut count = 0.0;
+        for s in simulations {
+            for step in 0..s.steps() {
+                let state = &s.reference[step];
+                let predicted = s.solver.step(state, step)?;
+                let residual = &s.reference[step + 1] - &predicted;
+                for c in 0..channels {
+                    let ms = |a: &Array3<f64>| {
+                        let ch = a.index_axis(ndarray::Axis(0), c);
+                        ch.iter().map(|v| v * v).sum::<f64>() / ch.len().max(1) as f64
+                    };
+                    input[c] += ms(&predicted);
+                    input[channels + c] += ms(&s.forcing[step]);
+                    output[c] += ms(&residual);
+                }
+                count += 1.0;
+            }
+        }
+        let finish = |v: Vec<f64>| -> Vec<f64> {
+            v.into_iter()
+                .map(|m| {
+                    let rms = (m / f64::max(count, 1.0)).sqrt();
+                    if rms.is_finite() && rms > 1e-12 {
+                        rms
+                    } else {
+                        1.0
+                    }
+                })
+                .collect()
+        };
+        Ok(Self {
+            input: finish(input),
+            output: finish(output),
+        })
+    }
+}
+
+/// `predicted + C(predicted, forcing)` for a batch, one forward of the network on the scaled
+/// inputs ([`Scaling`]); the network's output has its spatial mean per channel removed (the
+/// correction moves no momentum) and is multiplied by the output scale.
 pub fn apply_correction(
     model: &Model,
+    scaling: &Scaling,
     views: &[Tensor],
     predicted: &[Array3<f64>],
     forcing: &[&Array3<f64>],
@@ -259,9 +333,14 @@ pub fn apply_correction(
     let (channels, n, m) = first.dim();
     let batch = predicted.len();
     let mut input: Vec<f64> = Vec::with_capacity(batch * 2 * channels * n * m);
+    let plane = n * m;
     for (state, f) in predicted.iter().zip(forcing) {
-        input.extend(state.iter());
-        input.extend(f.iter());
+        for (i, v) in state.iter().enumerate() {
+            input.push(v / scaling.input[i / plane]);
+        }
+        for (i, v) in f.iter().enumerate() {
+            input.push(v / scaling.input[channels + i / plane]);
+        }
     }
     let x = Tensor::from_vec(input, (batch, 2 * channels, n, m), &Device::Cpu)?;
     let x = x.to_dtype(views.first().map_or(DType::F64, |v| v.dtype()))?;
@@ -277,9 +356,10 @@ pub fn apply_correction(
             // Mean-free per channel: both solvers keep the spatial mean (momentum, total
             // vorticity) up to interpolation error, and a constant offset added every step
             // would grow linearly over a rollout.
-            for mut channel in change.outer_iter_mut() {
+            for (c, mut channel) in change.outer_iter_mut().enumerate() {
                 let mean = channel.mean().unwrap_or(0.0);
-                channel.mapv_inplace(|v| v - mean);
+                let scale = scaling.output[c];
+                channel.mapv_inplace(|v| (v - mean) * scale);
             }
             Ok(state + &change)
         })
@@ -312,6 +392,7 @@ pub type Window = (usize, usize);
 /// it is random, so the loss is a deterministic function of the parameters.
 pub struct SolObjective<'a> {
     model: &'a Model,
+    scaling: &'a Scaling,
     simulations: &'a [PreparedSimulation],
     windows: Vec<Window>,
     unroll: usize,
@@ -321,6 +402,7 @@ impl<'a> SolObjective<'a> {
     /// The loss over `windows` (each `start + unroll ≤ steps` of its simulation).
     pub fn new(
         model: &'a Model,
+        scaling: &'a Scaling,
         simulations: &'a [PreparedSimulation],
         windows: Vec<Window>,
         unroll: usize,
@@ -346,6 +428,7 @@ impl<'a> SolObjective<'a> {
         }
         Ok(Self {
             model,
+            scaling,
             simulations,
             windows,
             unroll,
@@ -377,7 +460,7 @@ impl<'a> SolObjective<'a> {
                 .iter()
                 .map(|&(sim, start)| &self.simulations[sim].forcing[start + offset])
                 .collect();
-            states = apply_correction(self.model, views, &predicted, &forcing)?;
+            states = apply_correction(self.model, self.scaling, views, &predicted, &forcing)?;
             for (&(sim, start), state) in self.windows.iter().zip(&states) {
                 let target = &self.simulations[sim].reference[start + offset + 1];
                 total += mean_squared(state, target);
@@ -405,10 +488,11 @@ impl Objective for SolObjective<'_> {
     }
 }
 
-/// NON's objective on `windows`: input `(P(ref_i), f_i)`, target `ref_{i+1} − P(ref_i)`, mean
-/// squared error (a [`ModelObjective`] with [`Head::SquaredError`], so backprop applies).
+/// NON's objective on `windows`: input `(P(ref_i), f_i)`, target `ref_{i+1} − P(ref_i)`, both
+/// scaled ([`Scaling`]), mean squared error (a [`ModelObjective`] with [`Head::SquaredError`], so backprop applies).
 pub fn non_objective<'a>(
     model: &'a Model,
+    scaling: &Scaling,
     simulations: &[PreparedSimulation],
     windows: &[Window],
 ) -> deepzero_core::Result<ModelObjective<'a>> {
@@ -419,9 +503,26 @@ pub fn non_objective<'a>(
             deepzero_core::Error::Shape(format!("no simulation {sim} in the training set"))
         })?;
         let p = s.solver.step(&s.reference[start], start).map_err(to_core)?;
-        targets.extend((&s.reference[start + 1] - &p).iter());
-        input.extend(p.iter());
-        input.extend(s.forcing[start].iter());
+        let plane = p.shape()[1] * p.shape()[2];
+        let channels = p.shape()[0];
+        let residual = &s.reference[start + 1] - &p;
+        targets.extend(
+            residual
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v / scaling.output[i / plane]),
+        );
+        input.extend(
+            p.iter()
+                .enumerate()
+                .map(|(i, v)| v / scaling.input[i / plane]),
+        );
+        input.extend(
+            s.forcing[start]
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v / scaling.input[channels + i / plane]),
+        );
     }
     let [c, h, w] = model.input_shape;
     let x = Tensor::from_vec(input, (windows.len(), c, h, w), &Device::Cpu)?;
@@ -465,10 +566,10 @@ impl RolloutErrors {
 /// Returns the errors and the trajectories.
 pub fn rollouts(
     simulations: &[PreparedSimulation],
-    network: Option<(&Model, &Tensor)>,
+    network: Option<(&Model, &Scaling, &Tensor)>,
 ) -> deepzero_core::Result<(RolloutErrors, Vec<Vec<Array3<f64>>>)> {
     let views = match network {
-        Some((model, params)) => Some((model, model.param_views(params)?)),
+        Some((model, scaling, params)) => Some((model, scaling, model.param_views(params)?)),
         None => None,
     };
     let steps = simulations.iter().map(|s| s.steps()).min().unwrap_or(0);
@@ -483,10 +584,10 @@ pub fn rollouts(
             .map(|(s, t)| s.solver.step(&t[step], step).map_err(to_core))
             .collect::<deepzero_core::Result<Vec<_>>>()?;
         let next = match &views {
-            Some((model, views)) => {
+            Some((model, scaling, views)) => {
                 let forcing: Vec<&Array3<f64>> =
                     simulations.iter().map(|s| &s.forcing[step]).collect();
-                apply_correction(model, views, &predicted, &forcing)?
+                apply_correction(model, scaling, views, &predicted, &forcing)?
             }
             None => predicted,
         };
@@ -529,6 +630,7 @@ pub fn rollouts(
 pub struct CorrectionTask<'a> {
     method: Method,
     model: &'a Model,
+    scaling: &'a Scaling,
     train: &'a [PreparedSimulation],
     test: &'a [PreparedSimulation],
     config: CorrectionConfig,
@@ -540,6 +642,7 @@ impl<'a> CorrectionTask<'a> {
     pub fn new(
         method: Method,
         model: &'a Model,
+        scaling: &'a Scaling,
         train: &'a [PreparedSimulation],
         test: &'a [PreparedSimulation],
         config: CorrectionConfig,
@@ -581,6 +684,7 @@ impl<'a> CorrectionTask<'a> {
         Ok(Self {
             method,
             model,
+            scaling,
             train,
             test,
             config,
@@ -606,7 +710,13 @@ impl<'a> CorrectionTask<'a> {
 
     /// The ZO-SOL objective on explicit windows.
     pub fn sol_objective(&self, windows: Vec<Window>) -> Result<SolObjective<'a>> {
-        SolObjective::new(self.model, self.train, windows, self.config.unroll)
+        SolObjective::new(
+            self.model,
+            self.scaling,
+            self.train,
+            windows,
+            self.config.unroll,
+        )
     }
 }
 
@@ -625,12 +735,17 @@ impl Task for CorrectionTask<'_> {
     ) -> deepzero_core::Result<Box<dyn Objective + '_>> {
         let windows = self.batch(epoch, step, seed);
         Ok(match self.method {
-            Method::Non => Box::new(non_objective(self.model, self.train, &windows)?),
+            Method::Non => Box::new(non_objective(
+                self.model,
+                self.scaling,
+                self.train,
+                &windows,
+            )?),
             _ => Box::new(self.sol_objective(windows).map_err(to_core)?),
         })
     }
     fn evaluate(&self, params: &Tensor) -> deepzero_core::Result<Metrics> {
-        let (errors, _) = rollouts(self.test, Some((self.model, params)))?;
+        let (errors, _) = rollouts(self.test, Some((self.model, self.scaling, params)))?;
         Ok(vec![("test_mae".to_string(), errors.mae())])
     }
 }
@@ -727,6 +842,7 @@ pub fn train_config(epochs: usize, lr: f64, seed: u64) -> deepzero_core::trainer
 pub fn train(
     method: Method,
     model: &Model,
+    scaling: &Scaling,
     train: &[PreparedSimulation],
     test: &[PreparedSimulation],
     config: &CorrectionConfig,
@@ -734,7 +850,7 @@ pub fn train(
     state: &mut deepzero_core::trainer::TrainState,
     observer: &mut dyn deepzero_core::trainer::Observer,
 ) -> Result<()> {
-    let mut task = CorrectionTask::new(method, model, train, test, config.clone())?;
+    let mut task = CorrectionTask::new(method, model, scaling, train, test, config.clone())?;
     let mut est = estimator(method, model, config, train_config.seed)?;
     let mut optimizer = train_config.optimizer.build()?;
     deepzero_core::trainer::Trainer {

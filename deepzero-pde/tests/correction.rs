@@ -42,13 +42,14 @@ fn non_and_zo_sol_train_through_the_core_trainer_and_the_loss_falls() -> anyhow:
     let dataset = small_dataset()?;
     let train = prepare(&dataset, &dataset.train)?;
     let test = prepare(&dataset, &dataset.test)?;
+    let scaling = deepzero_pde::Scaling::measure(&train)?;
     let model = NetworkConfig {
         width: 8,
         ..NetworkConfig::default()
     }
     .build(&dataset.config)?;
     for (method, epochs, lr, sparsity) in
-        [(Method::Non, 6, 1e-3, 0.8), (Method::ZoSol, 4, 1e-3, 0.8)]
+        [(Method::Non, 6, 1e-2, 0.8), (Method::ZoSol, 4, 1e-2, 0.8)]
     {
         let config = CorrectionConfig {
             batch_size: 4,
@@ -57,7 +58,8 @@ fn non_and_zo_sol_train_through_the_core_trainer_and_the_loss_falls() -> anyhow:
             sparsity,
             ..CorrectionConfig::default()
         };
-        let mut task = CorrectionTask::new(method, &model, &train, &test, config.clone())?;
+        let mut task =
+            CorrectionTask::new(method, &model, &scaling, &train, &test, config.clone())?;
         let cfg = train_config(epochs, lr);
         let params = Tensor::new(initial_params(&model, cfg.seed), &Device::Cpu)?;
         let mut state = TrainState::new(params);
@@ -74,7 +76,7 @@ fn non_and_zo_sol_train_through_the_core_trainer_and_the_loss_falls() -> anyhow:
         let all: Vec<(usize, usize)> = (0..train.len())
             .flat_map(|sim| (0..=train[sim].steps() - config.unroll).map(move |start| (sim, start)))
             .collect();
-        let fixed = deepzero_pde::SolObjective::new(&model, &train, all, config.unroll)?;
+        let fixed = deepzero_pde::SolObjective::new(&model, &scaling, &train, all, config.unroll)?;
         let loss_at = |p: &Tensor| -> anyhow::Result<f64> {
             Ok(deepzero_core::objective::Objective::loss(
                 &fixed,
@@ -101,12 +103,13 @@ fn zo_sol_objective_is_the_hand_unrolled_rollout_loss() -> anyhow::Result<()> {
     let dataset = small_dataset()?;
     let train = prepare(&dataset, &dataset.train)?;
     let test = prepare(&dataset, &dataset.test)?;
+    let scaling = deepzero_pde::Scaling::measure(&train)?;
     let model = NetworkConfig::default().build(&dataset.config)?;
     let config = CorrectionConfig {
         unroll: 3,
         ..CorrectionConfig::default()
     };
-    let task = CorrectionTask::new(Method::ZoSol, &model, &train, &test, config)?;
+    let task = CorrectionTask::new(Method::ZoSol, &model, &scaling, &train, &test, config)?;
     // Random (non-zero) parameters everywhere, so the correction matters.
     let mut params = initial_params(&model, 11);
     for (i, p) in params.iter_mut().enumerate() {
@@ -129,6 +132,7 @@ fn zo_sol_objective_is_the_hand_unrolled_rollout_loss() -> anyhow::Result<()> {
             let forcing = solver.forcing_at(start + offset)?;
             state = apply_correction(
                 &model,
+                &scaling,
                 &views,
                 std::slice::from_ref(&predicted),
                 &[&forcing],
@@ -153,6 +157,7 @@ fn sparse_cge_on_zo_sol_is_thread_count_invariant() -> anyhow::Result<()> {
     let dataset = small_dataset()?;
     let train = prepare(&dataset, &dataset.train)?;
     let test = prepare(&dataset, &dataset.test)?;
+    let scaling = deepzero_pde::Scaling::measure(&train)?;
     let model = NetworkConfig::default().build(&dataset.config)?;
     let config = CorrectionConfig {
         unroll: 2,
@@ -160,7 +165,14 @@ fn sparse_cge_on_zo_sol_is_thread_count_invariant() -> anyhow::Result<()> {
         sparsity: 0.9,
         ..CorrectionConfig::default()
     };
-    let task = CorrectionTask::new(Method::ZoSol, &model, &train, &test, config.clone())?;
+    let task = CorrectionTask::new(
+        Method::ZoSol,
+        &model,
+        &scaling,
+        &train,
+        &test,
+        config.clone(),
+    )?;
     let params = Tensor::new(initial_params(&model, 5), &Device::Cpu)?;
     let grad_with = |threads: usize| -> anyhow::Result<Vec<f64>> {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -190,9 +202,10 @@ fn sparse_cge_on_zo_sol_is_thread_count_invariant() -> anyhow::Result<()> {
 fn zero_network_reproduces_the_source_rollout() -> anyhow::Result<()> {
     let dataset = small_dataset()?;
     let test = prepare(&dataset, &dataset.test)?;
+    let scaling = deepzero_pde::Scaling::measure(&test)?;
     let model = NetworkConfig::default().build(&dataset.config)?;
     let params = Tensor::new(initial_params(&model, 1), &Device::Cpu)?;
-    let (corrected, _) = rollouts(&test, Some((&model, &params)))?;
+    let (corrected, _) = rollouts(&test, Some((&model, &scaling, &params)))?;
     let (plain, trajectories) = rollouts(&test, None)?;
     assert_eq!(trajectories[0], dataset.test[0].source);
     // The last convolution starts at zero: a fresh network is the zero correction.
