@@ -9,6 +9,7 @@ mod certify;
 mod common;
 mod experiment;
 mod gradcheck;
+mod pde;
 mod prune;
 mod report;
 mod train;
@@ -39,6 +40,8 @@ enum Command {
     Experiment(experiment::ExperimentCommand),
     /// Certified robustness of a black-box classifier by randomized smoothing.
     Certify(certify::CertifyArgs),
+    /// PDE error correction with the solver in the loop (SRC, NON, ZO-SOL); `pde generate` for data.
+    Pde(Box<pde::PdeArgs>),
 }
 
 /// Keep freed tensor buffers in the process heap instead of returning them to the kernel.
@@ -73,6 +76,7 @@ fn main() {
         Command::Prune(args) => prune::run(*args),
         Command::Experiment(cmd) => experiment::run(cmd),
         Command::Certify(args) => certify::run(args),
+        Command::Pde(args) => pde::run(*args),
     };
     if let Err(e) = result {
         // Core names settings in its own words; say which flag it was (an error with context

@@ -775,3 +775,139 @@ mod tests {
         assert_ne!(lin(0.0012..0.0015, 0.00125), lin(0.0012..0.0015, 0.0013));
     }
 }
+
+/// One square field for [`write_field_grid`]: `n × n` values, row-major (row 0 at the top).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Field {
+    pub n: usize,
+    pub values: Vec<f64>,
+}
+
+/// Diverging blue–white–red colour of `t` in `[-1, 1]`.
+fn diverging(t: f64) -> RGBColor {
+    let t = t.clamp(-1.0, 1.0);
+    let mix = |a: f64, b: f64, s: f64| (a + (b - a) * s).round() as u8;
+    if t < 0.0 {
+        let s = -t;
+        RGBColor(
+            mix(255.0, 33.0, s),
+            mix(255.0, 102.0, s),
+            mix(255.0, 172.0, s),
+        )
+    } else {
+        RGBColor(
+            mix(255.0, 178.0, t),
+            mix(255.0, 24.0, t),
+            mix(255.0, 43.0, t),
+        )
+    }
+}
+
+/// Heat maps of fields in a grid (`rows[r].1[c]`, row labels `rows[r].0`, column labels
+/// `columns`), one symmetric colour scale for all with a colour bar, written to `<stem>.png`
+/// in `dir` through a temporary file and a rename.
+pub fn write_field_grid(
+    dir: &Path,
+    stem: &str,
+    title: &str,
+    columns: &[String],
+    rows: &[(String, Vec<Field>)],
+) -> anyhow::Result<()> {
+    ensure_font()?;
+    let cell = 160u32;
+    let (left, top, bar) = (110u32, 60u32, 90u32);
+    let width = left + cell * columns.len() as u32 + bar;
+    let height = top + cell * rows.len() as u32 + 20;
+    let scale = rows
+        .iter()
+        .flat_map(|(_, fields)| fields.iter().flat_map(|f| f.values.iter()))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(1e-12);
+    let tmp = dir.join(format!(".{stem}.tmp.png"));
+    let dest = dir.join(format!("{stem}.png"));
+    let result = (|| -> anyhow::Result<()> {
+        {
+            let root = BitMapBackend::new(&tmp, (width, height)).into_drawing_area();
+            root.fill(&WHITE).map_err(draw_err)?;
+            let font = (FONT_FAMILY, 18).into_font();
+            root.draw(&Text::new(title.to_string(), (10, 10), font.clone()))
+                .map_err(draw_err)?;
+            for (c, label) in columns.iter().enumerate() {
+                let x = (left + cell * c as u32 + 10) as i32;
+                root.draw(&Text::new(
+                    label.clone(),
+                    (x, (top - 24) as i32),
+                    font.clone(),
+                ))
+                .map_err(draw_err)?;
+            }
+            for (r, (label, fields)) in rows.iter().enumerate() {
+                let y0 = top + cell * r as u32;
+                root.draw(&Text::new(
+                    label.clone(),
+                    (8, (y0 + cell / 2) as i32),
+                    font.clone(),
+                ))
+                .map_err(draw_err)?;
+                for (c, field) in fields.iter().enumerate() {
+                    let x0 = left + cell * c as u32;
+                    let n = field.n.max(1);
+                    let px = (cell - 6) as f64 / n as f64;
+                    for i in 0..n {
+                        for j in 0..n {
+                            let v = field.values.get(i * n + j).copied().unwrap_or(f64::NAN);
+                            let color = if v.is_finite() {
+                                diverging(v / scale)
+                            } else {
+                                BLACK
+                            };
+                            let xa = x0 as f64 + j as f64 * px;
+                            let ya = y0 as f64 + i as f64 * px;
+                            root.draw(&Rectangle::new(
+                                [
+                                    (xa as i32, ya as i32),
+                                    ((xa + px).ceil() as i32, (ya + px).ceil() as i32),
+                                ],
+                                color.filled(),
+                            ))
+                            .map_err(draw_err)?;
+                        }
+                    }
+                }
+            }
+            // Colour bar: +scale at the top, −scale at the bottom.
+            let bx = (left + cell * columns.len() as u32 + 15) as i32;
+            let (by0, by1) = (top as i32, (top + cell * rows.len() as u32) as i32 - 6);
+            for y in by0..by1 {
+                let t = 1.0 - 2.0 * (y - by0) as f64 / (by1 - by0).max(1) as f64;
+                root.draw(&Rectangle::new(
+                    [(bx, y), (bx + 18, y + 1)],
+                    diverging(t).filled(),
+                ))
+                .map_err(draw_err)?;
+            }
+            let small = (FONT_FAMILY, 14).into_font();
+            for (text, y) in [
+                (format!("{scale:+.2}"), by0),
+                ("0".to_string(), (by0 + by1) / 2),
+                (format!("{:+.2}", -scale), by1 - 14),
+            ] {
+                root.draw(&Text::new(text, (bx + 22, y), small.clone()))
+                    .map_err(draw_err)?;
+            }
+            root.present().map_err(draw_err)?;
+        }
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+        fs::rename(&tmp, &dest)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+        sync_parent(&dest);
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", dest.display()))
+}

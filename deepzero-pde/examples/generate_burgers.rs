@@ -1,12 +1,28 @@
 //! Times the default Burgers data generation (128² reference, 32² source, 15 simulations of
-//! 200 steps) and prints a summary: `cargo run --release -p deepzero-pde --example generate_burgers`.
+//! 200 steps) and prints a summary: `cargo run --release -p deepzero-pde --example generate_burgers
+//! [DOMAIN_LENGTH [FORCING_AMPLITUDE [INITIAL_RMS]]]` (defaults: the data set defaults).
 
 use std::time::Instant;
 
 use deepzero_pde::{Dataset, DatasetConfig};
 
 fn main() -> anyhow::Result<()> {
-    let config = DatasetConfig::default();
+    let mut config = DatasetConfig::default();
+    let args: Vec<f64> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse::<f64>())
+        .collect::<Result<_, _>>()?;
+    if let deepzero_pde::Problem::Burgers2d(params) = &mut config.problem {
+        if let Some(&length) = args.first() {
+            params.domain_length = length;
+        }
+    }
+    if let Some(&amplitude) = args.get(1) {
+        config.forcing.amplitude = amplitude;
+    }
+    if let Some(&rms) = args.get(2) {
+        config.initial.rms = rms;
+    }
     let start = Instant::now();
     let dataset = Dataset::generate(&config)?;
     let seconds = start.elapsed().as_secs_f64();

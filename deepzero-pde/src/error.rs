@@ -116,6 +116,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An error of the training machinery (model, estimator, trainer, checkpoint).
+    #[error(transparent)]
+    Core(#[from] deepzero_core::Error),
+    /// A tensor operation failed inside candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
     /// A data set file exists but its contents are not what the format requires.
     #[error("{path}: {msg}; delete the directory and generate the data set again")]
     Format {

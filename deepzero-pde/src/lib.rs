@@ -22,12 +22,14 @@
 //!
 //! - [`Solver`]: `step` is the core; `rollout`, `rollout_corrected` and `advance` are built on it.
 //! - [`Burgers2d`]: forced viscous Burgers in 2-D as in Solver-in-the-Loop (semi-Lagrangian
-//!   advection, exact spectral diffusion, explicit forcing) on the unit periodic square.
+//!   advection, exact spectral diffusion, explicit forcing) on the periodic square of side 32 (PhiFlow's cell unit).
 //! - [`Burgers1d`]: the same equation in 1-D, semi-Lagrangian or pseudo-spectral.
 //! - [`NavierStokes2d`]: incompressible vorticity–streamfunction, pseudo-spectral, 2/3
 //!   dealiasing, integrating-factor RK4, optional Kolmogorov forcing.
 //! - [`WaveField`]: seeded random smooth states and travelling-wave forcings, sampled exactly on
 //!   any grid that resolves them.
+//! - [`correction`]: the correction network, NON and ZO-SOL as core [`deepzero_core::task::Task`]s
+//!   ([`CorrectionTask`], [`SolObjective`]), rollout evaluation.
 //! - [`Dataset`]: reference trajectories block-averaged to the source grid plus SRC rollouts,
 //!   generated from seeds, saved as JSON + raw little-endian f64.
 //!
@@ -38,6 +40,7 @@
 
 pub mod burgers;
 pub mod burgers1d;
+pub mod correction;
 pub mod dataset;
 pub mod error;
 pub mod fft;
@@ -49,6 +52,10 @@ pub mod waves;
 
 pub use burgers::{Burgers2d, Burgers2dParams};
 pub use burgers1d::{Burgers1d, Burgers1dParams, Burgers1dScheme};
+pub use correction::{
+    CorrectionConfig, CorrectionTask, Method, NetworkConfig, PreparedSimulation, RolloutErrors,
+    Scaling, SolObjective,
+};
 pub use dataset::{
     Dataset, DatasetConfig, ForcingConfig, GridSolver, InitialStateConfig, Problem, Simulation,
 };

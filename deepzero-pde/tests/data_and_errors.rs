@@ -104,8 +104,10 @@ fn navier_stokes_dataset_has_one_channel() -> anyhow::Result<()> {
 
 #[test]
 fn time_step_beyond_cfl_bound_is_refused_at_construction() {
+    // On the unit square (the default domain is 32 cells wide) Δt = 1 is far beyond the limit.
     let params = Burgers2dParams {
         dt: 1.0,
+        domain_length: 1.0,
         ..Burgers2dParams::default()
     };
     match Burgers2d::new(&params, 128, WaveField::zero(2)) {
@@ -132,7 +134,11 @@ fn time_step_beyond_cfl_bound_is_refused_at_construction() {
 
 #[test]
 fn fast_state_is_refused_at_the_step_it_reaches() -> anyhow::Result<()> {
-    let solver = Burgers2d::new(&Burgers2dParams::default(), 32, WaveField::zero(2))?;
+    let unit_square = Burgers2dParams {
+        domain_length: 1.0,
+        ..Burgers2dParams::default()
+    };
+    let solver = Burgers2d::new(&unit_square, 32, WaveField::zero(2))?;
     // CFL = 0.1 · (6 + 6) · 32 = 38.4 > 32.
     let state = Array3::from_elem((2, 32, 32), 6.0);
     match solver.rollout(&state, 7, 3) {

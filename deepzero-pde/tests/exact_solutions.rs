@@ -61,6 +61,7 @@ fn spectral_diffusion_decays_each_mode_exactly() -> anyhow::Result<()> {
     let params = Burgers2dParams {
         viscosity: 0.01,
         dt: 0.1,
+        domain_length: 1.0, // the unit square, where the factor has no 1/L²
         ..Burgers2dParams::default()
     };
     let n = 32;

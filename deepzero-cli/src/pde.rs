@@ -1,0 +1,595 @@
+//! `deepzero pde`: learned correction of a coarse PDE solver with the solver in the loop
+//! (SRC / NON / ZO-SOL), and `deepzero pde generate` for the data alone.
+
+use crate::report::{self, Field, LineChart, Series};
+use crate::train::epoch_line;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use deepzero_core::checkpoint;
+use deepzero_core::trainer::{EpochMetrics, Observer, StepInfo, TrainState};
+use deepzero_pde::correction::{self, prepare, rollouts};
+use deepzero_pde::{
+    CorrectionConfig, Dataset, DatasetConfig, Method, NavierStokesParams, NetworkConfig, Problem,
+};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Which PDE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SolverArg {
+    /// Forced 2-D Burgers (Solver-in-the-Loop's set-up).
+    Burgers,
+    /// 1-D Burgers (solver only; no data set or correction yet).
+    Burgers1d,
+    /// 2-D incompressible Navier–Stokes (vorticity).
+    NavierStokes,
+}
+
+/// `deepzero pde [generate]`.
+#[derive(Args, Debug, Clone)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct PdeArgs {
+    #[command(subcommand)]
+    pub command: Option<PdeCommand>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum PdeCommand {
+    /// Generate (or check) the data set alone.
+    Generate(GenerateArgs),
+}
+
+/// Flags of `deepzero pde generate`.
+#[derive(Args, Debug, Clone)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub data: DataFlags,
+    /// Directory of the data set.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// What data to simulate (defaults: the data set's defaults for the solver).
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct DataFlags {
+    /// The PDE.
+    #[arg(long, value_enum, default_value_t = SolverArg::Burgers)]
+    pub solver: SolverArg,
+    /// Source (coarse) grid size [default: 32].
+    #[arg(long)]
+    pub grid: Option<usize>,
+    /// Reference (fine) grid size, a multiple of --grid [default: 4 × --grid].
+    #[arg(long)]
+    pub reference_grid: Option<usize>,
+    /// Training simulations [default: 10].
+    #[arg(long)]
+    pub train_sims: Option<usize>,
+    /// Test simulations [default: 5].
+    #[arg(long)]
+    pub test_sims: Option<usize>,
+    /// Steps per simulation [default: 200].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Time step [default: 0.1 Burgers, 0.01 Navier–Stokes].
+    #[arg(long)]
+    pub dt: Option<f64>,
+    /// Viscosity ν [default: 0.1 Burgers, 1e-3 Navier–Stokes].
+    #[arg(long)]
+    pub viscosity: Option<f64>,
+    /// Largest amplitude of the Burgers forcing waves [default: 1].
+    #[arg(long)]
+    pub forcing_amplitude: Option<f64>,
+    /// Root-mean-square value of the initial state [default: 0.25].
+    #[arg(long)]
+    pub initial_rms: Option<f64>,
+    /// Seed of the simulations [default: 2020].
+    #[arg(long)]
+    pub data_seed: Option<u64>,
+}
+
+/// Flags of `deepzero pde`.
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub data: DataFlags,
+    /// Methods, comma separated: src, non, zo-sol (fo-sol is not available).
+    #[arg(long, value_delimiter = ',', default_value = "src,non,zo-sol")]
+    pub methods: Vec<Method>,
+    /// Training epochs of each trained method.
+    #[arg(long, default_value_t = 20)]
+    pub epochs: usize,
+    /// Peak learning rate (Adam, cosine decay).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Windows per step [default: 5].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Optimizer steps per epoch [default: 20].
+    #[arg(long)]
+    pub steps_per_epoch: Option<usize>,
+    /// Unrolled steps of ZO-SOL [default: 4].
+    #[arg(long)]
+    pub unroll: Option<usize>,
+    /// Fraction of each weight tensor left out of a sparse CGE step [default: 0.9].
+    #[arg(long)]
+    pub sparsity: Option<f64>,
+    /// Finite-difference step of CGE [default: 1e-3].
+    #[arg(long)]
+    pub mu: Option<f64>,
+    /// Hidden channels of the correction network [default: 4].
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Residual blocks [default: 1].
+    #[arg(long)]
+    pub blocks: Option<usize>,
+    /// Kernel size, odd [default: 3].
+    #[arg(long)]
+    pub kernel: Option<usize>,
+    /// Seed of initialisation, batches and coordinate sets.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Threads (0 = all cores); results do not depend on it.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Data directory [default: <out>/data]; a matching data set there is reused.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Run directory [default: runs/pde-<UTC time>]; trained methods resume from checkpoints
+    /// found in <out>/<method>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn run(args: PdeArgs) -> Result<()> {
+    match args.command {
+        Some(PdeCommand::Generate(g)) => generate(g),
+        None => execute(args.run),
+    }
+}
+
+/// A PDE-layer error in the command line's words: the flag that set the bad value.
+fn flag_error(e: deepzero_pde::Error) -> anyhow::Error {
+    use deepzero_pde::Error as E;
+    let flag = match &e {
+        E::GridSize { what, .. } if what.contains("reference") => "--reference-grid",
+        E::GridSize { .. } => "--grid",
+        E::GridRatio { .. } => "--reference-grid",
+        E::CflBound { .. } | E::Cfl { .. } => "--dt",
+        E::NonFinite { .. } => "--dt (or --lr for a trained correction)",
+        E::InvalidParameter { name, .. } => match *name {
+            "dt" => "--dt",
+            "viscosity" => "--viscosity",
+            "steps" => "--steps",
+            "batch_size" => "--batch-size",
+            "steps_per_epoch" => "--steps-per-epoch",
+            "unroll" => "--unroll",
+            "method" => "--methods",
+            "train_simulations" => "--train-sims",
+            _ => "",
+        },
+        E::Core(_) => {
+            if let E::Core(core) = e {
+                return crate::common::flag_error(core);
+            }
+            ""
+        }
+        _ => "",
+    };
+    if flag.is_empty() {
+        e.into()
+    } else {
+        anyhow::anyhow!("{flag}: {e}")
+    }
+}
+
+fn dataset_config(flags: &DataFlags) -> Result<DatasetConfig> {
+    let mut config = DatasetConfig::default();
+    match flags.solver {
+        SolverArg::Burgers => {
+            if let Problem::Burgers2d(params) = &mut config.problem {
+                if let Some(dt) = flags.dt {
+                    params.dt = dt;
+                }
+                if let Some(nu) = flags.viscosity {
+                    params.viscosity = nu;
+                }
+            }
+        }
+        SolverArg::NavierStokes => {
+            let mut params = NavierStokesParams::default();
+            if let Some(dt) = flags.dt {
+                params.dt = dt;
+            }
+            if let Some(nu) = flags.viscosity {
+                params.viscosity = nu;
+            }
+            config.problem = Problem::NavierStokes(params);
+        }
+        SolverArg::Burgers1d => bail!(
+            "--solver burgers1d: the 1-D Burgers solver has no data set or correction network \
+             yet; use --solver burgers or --solver navier-stokes"
+        ),
+    }
+    if let Some(n) = flags.grid {
+        config.source_size = n;
+        config.reference_size = 4 * n;
+    }
+    if let Some(n) = flags.reference_grid {
+        config.reference_size = n;
+    }
+    if let Some(n) = flags.train_sims {
+        config.train_simulations = n;
+    }
+    if let Some(n) = flags.test_sims {
+        if n == 0 {
+            bail!("--test-sims must be at least 1 (the errors are measured on test simulations)");
+        }
+        config.test_simulations = n;
+    }
+    if let Some(n) = flags.steps {
+        config.steps = n;
+    }
+    if let Some(amplitude) = flags.forcing_amplitude {
+        if !(amplitude.is_finite() && amplitude >= 0.0) {
+            bail!("--forcing-amplitude must be a finite number ≥ 0, got {amplitude}");
+        }
+        config.forcing.amplitude = amplitude;
+    }
+    if let Some(rms) = flags.initial_rms {
+        if !(rms.is_finite() && rms >= 0.0) {
+            bail!("--initial-rms must be a finite number ≥ 0, got {rms}");
+        }
+        config.initial.rms = rms;
+    }
+    if let Some(seed) = flags.data_seed {
+        config.seed = seed;
+    }
+    config.validate().map_err(flag_error)?;
+    // The solvers check their own parameters (Δt, ν, the CFL bound) when built.
+    deepzero_pde::GridSolver::new(
+        &config.problem,
+        config.reference_size,
+        deepzero_pde::WaveField::zero(config.problem.channels()),
+    )
+    .map_err(flag_error)?;
+    Ok(config)
+}
+
+fn spinner(message: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("template"));
+    bar.set_message(message.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
+fn load_data(dir: &Path, config: &DatasetConfig) -> Result<Dataset> {
+    let bar = spinner(&format!("data in {}", dir.display()));
+    let dataset = Dataset::load_or_generate(dir, config).map_err(flag_error);
+    bar.finish_and_clear();
+    dataset
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let config = dataset_config(&args.data)?;
+    let started = Instant::now();
+    let dataset = load_data(&args.out, &config)?;
+    let errors = rollouts(&prepare(&dataset, &dataset.test).map_err(flag_error)?, None)
+        .map_err(crate::common::flag_error)?
+        .0;
+    eprintln!(
+        "{} + {} simulations × {} steps ({}² → {}²) in {}: SRC MAE on the test set {:.4} ({:.1}s)",
+        dataset.train.len(),
+        dataset.test.len(),
+        config.steps,
+        config.reference_size,
+        config.source_size,
+        args.out.display(),
+        errors.mae(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `config.json` of a `deepzero pde` run.
+#[derive(Serialize)]
+struct ResolvedConfig<'a> {
+    args: &'a RunArgs,
+    dataset: &'a DatasetConfig,
+    network: &'a NetworkConfig,
+    correction: &'a CorrectionConfig,
+    train: deepzero_core::trainer::TrainConfig,
+}
+
+/// One method's figures.
+struct Outcome {
+    method: Method,
+    errors: deepzero_pde::RolloutErrors,
+    trajectory: Vec<Vec<f64>>,
+    params: usize,
+    queries: u64,
+    seconds: f64,
+}
+
+fn execute(args: RunArgs) -> Result<()> {
+    crate::common::set_threads(args.threads);
+    let dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| report::default_run_dir("pde"));
+    let data = dataset_config(&args.data)?;
+    if args.methods.is_empty() {
+        bail!("--methods: name at least one of src, non, zo-sol");
+    }
+    if args.methods.contains(&Method::FoSol) {
+        bail!(
+            "--methods fo-sol: not available: FO-SOL needs gradients through the solver, and \
+             these solvers are not differentiable (ZO-SOL is the point); use src, non, zo-sol"
+        );
+    }
+    let defaults = NetworkConfig::default();
+    let network = NetworkConfig {
+        width: args.width.unwrap_or(defaults.width),
+        blocks: args.blocks.unwrap_or(defaults.blocks),
+        kernel: args.kernel.unwrap_or(defaults.kernel),
+        activation: defaults.activation,
+    };
+    let defaults = CorrectionConfig::default();
+    let correction = CorrectionConfig {
+        batch_size: args.batch_size.unwrap_or(defaults.batch_size),
+        steps_per_epoch: args.steps_per_epoch.unwrap_or(defaults.steps_per_epoch),
+        unroll: args.unroll.unwrap_or(defaults.unroll),
+        sparsity: args.sparsity.unwrap_or(defaults.sparsity),
+        mu: args.mu.unwrap_or(defaults.mu),
+        ..defaults
+    };
+    correction.validate(&data).map_err(flag_error)?;
+    let train_config = correction::train_config(args.epochs, args.lr, args.seed);
+    train_config.validate().map_err(crate::common::flag_error)?;
+    let model = network
+        .build(&data)
+        .map_err(|e| anyhow::anyhow!("--width/--blocks/--kernel: {e}"))?;
+    for &method in args.methods.iter().filter(|m| m.trains()) {
+        // Builds the estimator once so that a bad --sparsity or --mu fails before any work.
+        correction::estimator(method, &model, &correction, args.seed).map_err(flag_error)?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    report::write_json_atomic(
+        &dir.join("config.json"),
+        &ResolvedConfig {
+            args: &args,
+            dataset: &data,
+            network: &network,
+            correction: &correction,
+            train: train_config.clone(),
+        },
+    )?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| dir.join("data"));
+    let dataset = load_data(&data_dir, &data)?;
+    let train = prepare(&dataset, &dataset.train).map_err(flag_error)?;
+    let test = prepare(&dataset, &dataset.test).map_err(flag_error)?;
+    let scaling = deepzero_pde::Scaling::measure(&train).map_err(flag_error)?;
+    eprintln!(
+        "{}: {} + {} simulations × {} steps, network {} ({} parameters)",
+        dir.display(),
+        train.len(),
+        test.len(),
+        data.steps,
+        model.name,
+        model.num_params()
+    );
+    let mut outcomes = Vec::new();
+    for &method in &args.methods {
+        let started = Instant::now();
+        let outcome = if method.trains() {
+            let method_dir = dir.join(method.name());
+            std::fs::create_dir_all(&method_dir)?;
+            let mut state = if checkpoint::exists(&method_dir) {
+                checkpoint::load(&method_dir, &candle_core::Device::Cpu)?
+            } else {
+                correction::initial_state(&model, args.seed).map_err(flag_error)?
+            };
+            let mut observer = PdeObserver::new(&method_dir, method);
+            correction::train(
+                method,
+                &model,
+                &scaling,
+                &train,
+                &test,
+                &correction,
+                &train_config,
+                &mut state,
+                &mut observer,
+            )
+            .map_err(flag_error)?;
+            observer.bar.finish_and_clear();
+            let (errors, trajectories) = rollouts(&test, Some((&model, &scaling, &state.params)))
+                .map_err(crate::common::flag_error)?;
+            Outcome {
+                method,
+                errors,
+                trajectory: flatten(&trajectories[0]),
+                params: model.num_params(),
+                queries: state.queries,
+                seconds: state.seconds,
+            }
+        } else {
+            let (errors, trajectories) =
+                rollouts(&test, None).map_err(crate::common::flag_error)?;
+            Outcome {
+                method,
+                errors,
+                trajectory: flatten(&trajectories[0]),
+                params: 0,
+                queries: 0,
+                seconds: started.elapsed().as_secs_f64(),
+            }
+        };
+        eprintln!(
+            "{:>6}: test MAE {:.4} ± {:.4}  ({} queries, {:.1}s)",
+            method.name(),
+            outcome.errors.mae(),
+            outcome.errors.mae_std(),
+            outcome.queries,
+            outcome.seconds
+        );
+        outcomes.push(outcome);
+    }
+    write_reports(&dir, &outcomes, &test, &model.name, &scaling)?;
+    eprintln!("summary → {}", dir.join("summary.json").display());
+    Ok(())
+}
+
+fn flatten(states: &[ndarray::Array3<f64>]) -> Vec<Vec<f64>> {
+    states.iter().map(|s| s.iter().copied().collect()).collect()
+}
+
+fn write_reports(
+    dir: &Path,
+    outcomes: &[Outcome],
+    test: &[deepzero_pde::PreparedSimulation],
+    model: &str,
+    scaling: &deepzero_pde::Scaling,
+) -> Result<()> {
+    let mut mae = Map::new();
+    let mut mae_std = Map::new();
+    let mut params = Map::new();
+    let mut queries = Map::new();
+    let mut seconds = Map::new();
+    for o in outcomes {
+        let name = o.method.name().to_string();
+        mae.insert(name.clone(), json!(o.errors.mae()));
+        mae_std.insert(name.clone(), json!(o.errors.mae_std()));
+        params.insert(name.clone(), json!(o.params));
+        queries.insert(name.clone(), json!(o.queries));
+        seconds.insert(name, json!(o.seconds));
+    }
+    let summary = json!({
+        "mae": mae, "mae_std": mae_std, "params": params, "queries": queries,
+        "seconds": seconds, "model": model, "scaling": scaling, "fo-sol": "not available (the solver is not differentiable)",
+        "mae_per_step": outcomes.iter().map(|o| (o.method.name().to_string(), json!(o.errors.mae_per_step))).collect::<Map<String, Value>>(),
+    });
+    report::write_json_atomic(&dir.join("summary.json"), &summary)?;
+    let series: Vec<Series> = outcomes
+        .iter()
+        .map(|o| Series {
+            label: o.method.name().to_uppercase(),
+            points: o
+                .errors
+                .mae_per_step
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i as f64, *v))
+                .collect(),
+        })
+        .collect();
+    report::write_line_chart(
+        dir,
+        "mae_over_time",
+        &LineChart {
+            title: "Mean absolute error against the reference (test simulations)",
+            x_label: "step",
+            y_label: "MAE",
+            series: &series,
+            y_range: None,
+            log_y: false,
+        },
+    )?;
+    // Heat maps of the first channel of the first test simulation.
+    let Some(simulation) = test.first() else {
+        return Ok(());
+    };
+    let reference = simulation.reference();
+    let steps = reference.len() - 1;
+    let shots: Vec<usize> = [steps / 4, steps / 2, steps]
+        .into_iter()
+        .filter(|&s| s > 0)
+        .collect();
+    let n = reference[0].shape()[1];
+    let field = |values: &[f64]| Field {
+        n,
+        values: values[..n * n].to_vec(),
+    };
+    let mut rows = vec![(
+        "reference".to_string(),
+        shots
+            .iter()
+            .map(|&s| field(reference[s].as_slice().unwrap_or(&[])))
+            .collect::<Vec<_>>(),
+    )];
+    for o in outcomes {
+        rows.push((
+            o.method.name().to_uppercase(),
+            shots.iter().map(|&s| field(&o.trajectory[s])).collect(),
+        ));
+    }
+    let columns: Vec<String> = shots.iter().map(|s| format!("step {s}")).collect();
+    report::write_field_grid(
+        dir,
+        "fields",
+        "First state channel, test simulation 0",
+        &columns,
+        &rows,
+    )
+}
+
+/// Progress bar, `metrics.jsonl` and checkpoints of one trained method.
+struct PdeObserver {
+    dir: PathBuf,
+    method: Method,
+    bar: ProgressBar,
+}
+
+impl PdeObserver {
+    fn new(dir: &Path, method: Method) -> Self {
+        let bar = ProgressBar::with_draw_target(Some(1), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        Self {
+            dir: dir.to_path_buf(),
+            method,
+            bar,
+        }
+    }
+}
+
+impl Observer for PdeObserver {
+    fn on_step(&mut self, info: &StepInfo) {
+        if info.step == 1 {
+            self.bar.reset();
+            self.bar.set_length(info.steps as u64);
+            self.bar
+                .set_prefix(format!("{} epoch {}", self.method.name(), info.epoch));
+        }
+        self.bar.set_position(info.step as u64);
+        self.bar.set_message(format!(
+            "loss {:.5} | {:.0} queries/s",
+            info.loss, info.queries_per_second
+        ));
+    }
+
+    fn on_epoch_end(&mut self, m: &EpochMetrics, state: &TrainState) -> deepzero_core::Result<()> {
+        let io = |e: anyhow::Error| {
+            deepzero_core::Error::Config(format!("writing the run directory: {e:#}"))
+        };
+        self.bar
+            .suspend(|| eprintln!("{}: {}", self.method.name(), epoch_line(m)));
+        checkpoint::save(&self.dir, state)?;
+        let mut lines = String::new();
+        for h in &state.history {
+            lines.push_str(&serde_json::to_string(h).map_err(|e| io(e.into()))?);
+            lines.push('\n');
+        }
+        report::write_atomic(&self.dir.join("metrics.jsonl"), lines.as_bytes()).map_err(io)?;
+        Ok(())
+    }
+}

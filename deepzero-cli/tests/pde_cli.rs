@@ -1,0 +1,113 @@
+//! End-to-end tests of `deepzero pde`: a tiny run writes a complete run directory, resumes from
+//! its checkpoints, and bad input names the flag.
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn deepzero(cwd: &Path, args: &[&str]) -> Result<Output> {
+    Command::new(env!("CARGO_BIN_EXE_deepzero"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .context("running the deepzero binary")
+}
+
+const TINY: &[&str] = &[
+    "pde",
+    "--solver",
+    "burgers",
+    "--grid",
+    "16",
+    "--steps",
+    "12",
+    "--train-sims",
+    "2",
+    "--test-sims",
+    "2",
+    "--epochs",
+    "2",
+    "--steps-per-epoch",
+    "2",
+    "--batch-size",
+    "2",
+    "--unroll",
+    "2",
+    "--width",
+    "4",
+    "--sparsity",
+    "0.9",
+];
+
+#[test]
+fn pde_writes_a_complete_run_directory_and_resumes() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mut args = TINY.to_vec();
+    args.extend(["--out", "run"]);
+    let o = deepzero(tmp.path(), &args)?;
+    ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dir = tmp.path().join("run");
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json"))?)?;
+    for key in ["mae", "mae_std", "params", "queries", "seconds"] {
+        for method in ["src", "non", "zo-sol"] {
+            ensure!(
+                summary[key][method].is_number(),
+                "summary.json: {key}.{method} missing: {summary}"
+            );
+        }
+    }
+    ensure!(summary["mae"]["src"].as_f64().unwrap_or(0.0) > 0.0);
+    ensure!(summary["queries"]["zo-sol"].as_u64().unwrap_or(0) > 0);
+    for file in [
+        "config.json",
+        "mae_over_time.png",
+        "mae_over_time.svg",
+        "fields.png",
+        "data/dataset.json",
+        "non/metrics.jsonl",
+        "zo-sol/metrics.jsonl",
+    ] {
+        ensure!(dir.join(file).is_file(), "{file} missing");
+    }
+    let lines = std::fs::read_to_string(dir.join("zo-sol/metrics.jsonl"))?;
+    ensure!(lines.lines().count() == 2, "{lines}");
+
+    // More epochs into the same directory: the trained methods resume from their checkpoints.
+    let mut more = args.clone();
+    let i = more.iter().position(|a| *a == "--epochs").unwrap_or(0);
+    more[i + 1] = "3";
+    let o = deepzero(tmp.path(), &more)?;
+    ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines = std::fs::read_to_string(dir.join("zo-sol/metrics.jsonl"))?;
+    ensure!(lines.lines().count() == 3, "{lines}");
+    Ok(())
+}
+
+#[test]
+fn pde_bad_input_names_the_flag() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    for (extra, flag) in [
+        (&["--dt=-1"][..], "--dt"),
+        (&["--grid", "15"][..], "--grid"),
+        (&["--reference-grid", "40"][..], "--reference-grid"),
+        (&["--methods", "src,fo-sol"][..], "fo-sol"),
+        (&["--methods", "sol"][..], "--methods"),
+        (&["--sparsity", "1.5"][..], "--sparsity"),
+        (&["--unroll", "50"][..], "--unroll"),
+    ] {
+        let mut args = TINY.to_vec();
+        args.extend(extra);
+        args.extend(["--out", "bad"]);
+        let o = deepzero(tmp.path(), &args)?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        ensure!(!o.status.success(), "{extra:?} was accepted");
+        ensure!(
+            err.contains(flag),
+            "{extra:?}: error does not name {flag}: {err}"
+        );
+        ensure!(!err.contains("panicked"), "{extra:?} panicked: {err}");
+    }
+    Ok(())
+}

@@ -1,0 +1,878 @@
+//! Learned correction of the coarse solver with the solver in the loop (SPEC §7).
+//!
+//! A correction network `C` ([`ModelSpec::CorrectionCnn`] on the source grid) takes the solver's
+//! prediction and the forcing of the step and returns a change of the state:
+//! `s̃_{i+1} = P(s̃_i) + C(P(s̃_i), f_i)`. Its inputs are the state channels followed by the
+//! forcing channels (Burgers: `u, v, f_u, f_v`; Navier–Stokes: vorticity and its forcing), its
+//! output has the state's channels, with its spatial mean per channel removed: the solvers keep
+//! the mean, and a constant offset added every step would accumulate over a rollout.
+//!
+//! Methods ([`Method`]): **SRC** runs the solver alone; **NON** trains `C` on single steps from
+//! reference states (input `(P(ref_i), f_i)`, target `ref_{i+1} − P(ref_i)`), a
+//! [`ModelObjective`] with a squared-error head, so backprop applies; **ZO-SOL** unrolls `m`
+//! steps of solver + correction from a reference state and compares with the reference over the
+//! `m` steps ([`SolObjective`]): the solver is a black box, so the gradient is estimated with
+//! sparse CGE. Both trained methods are one [`CorrectionTask`] for the core trainer.
+//!
+//! Defaults (width-4 network with one residual block and 3×3 kernels, 518 parameters; 20 epochs
+//! of 20 steps of 5 windows; ZO-SOL with SOL-4 unrolling, sparsity 0.9 = 64 queries a step;
+//! Adam 1e-3) fit `deepzero pde --solver burgers` into about 5 minutes on two CPU cores.
+//! Solver-in-the-Loop's full protocol (5×5 kernels, 32 channels, Adam 1e-4, 100 epochs of
+//! batch 5 over 10 training simulations) is
+//! `deepzero pde --solver burgers --width 32 --blocks 2 --kernel 5 --lr 1e-4 --epochs 100
+//! --steps-per-epoch 394 --batch-size 5`; with about 107 000 parameters its ZO-SOL needs about
+//! 10 700 queries a step, far beyond a CPU.
+//!
+//! Batches are `batch_size` windows `(simulation, start step)` drawn without replacement from
+//! the stream `[PDE_STREAM, epoch, step]` of the run's seed, so a resumed run repeats them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Tensor};
+use deepzero_core::estimator::{Backprop, EstimatorConfig, EstimatorKind, GradientEstimator};
+use deepzero_core::head::Head;
+use deepzero_core::layout::ParamLayout;
+use deepzero_core::model::{Activation, Mode, Model, ModelSpec};
+use deepzero_core::objective::{ModelObjective, Objective};
+use deepzero_core::query::{Difference, QueryEngine};
+use deepzero_core::seed::stream_rng;
+use deepzero_core::sparsity::{sparse_estimator, LayerRatios, SparseConfig};
+use deepzero_core::task::{Metrics, Task};
+use ndarray::Array3;
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::{Dataset, DatasetConfig, GridSolver, Simulation};
+use crate::error::{Error, Result};
+use crate::solver::Solver;
+
+/// Seed stream of the training windows (`"PDE"`).
+pub const PDE_STREAM: u64 = 0x0050_4445;
+
+/// How a correction is obtained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// The source solver alone, no correction.
+    Src,
+    /// Trained on single steps from reference states, no solver in the loop (backprop).
+    Non,
+    /// Trained through `m` unrolled solver steps, the solver a black box (sparse CGE).
+    ZoSol,
+    /// Trained through the solver with backprop: needs a differentiable solver, which this
+    /// crate does not have; always refused with [`Error::InvalidParameter`].
+    FoSol,
+}
+
+impl Method {
+    /// The name used on the command line and in reports (`src`, `non`, `zo-sol`, `fo-sol`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Src => "src",
+            Method::Non => "non",
+            Method::ZoSol => "zo-sol",
+            Method::FoSol => "fo-sol",
+        }
+    }
+
+    /// Whether the method trains a network.
+    pub fn trains(self) -> bool {
+        !matches!(self, Method::Src)
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Method {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "src" => Ok(Method::Src),
+            "non" => Ok(Method::Non),
+            "zo-sol" | "zosol" | "zo_sol" => Ok(Method::ZoSol),
+            "fo-sol" | "fosol" | "fo_sol" => Ok(Method::FoSol),
+            other => Err(Error::parameter(
+                "method",
+                other,
+                "one of src, non, zo-sol, fo-sol",
+            )),
+        }
+    }
+}
+
+/// The correction network's size (a [`ModelSpec::CorrectionCnn`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Channels of the hidden convolutions (default 4: ZO-SOL on two CPU cores within minutes).
+    pub width: usize,
+    /// Residual blocks (default 1).
+    pub blocks: usize,
+    /// Odd kernel size (default 3).
+    pub kernel: usize,
+    /// Nonlinearity (default tanh: the corrections are smooth and signed).
+    pub activation: Activation,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            width: 4,
+            blocks: 1,
+            kernel: 3,
+            activation: Activation::Tanh,
+        }
+    }
+}
+
+impl NetworkConfig {
+    /// The spec for states of `channels` channels.
+    pub fn spec(&self, channels: usize) -> ModelSpec {
+        ModelSpec::CorrectionCnn {
+            width: self.width,
+            blocks: self.blocks,
+            kernel: self.kernel,
+            out_channels: channels,
+            activation: self.activation,
+        }
+    }
+
+    /// The network for a data set: inputs `[2·channels, n, n]` (state, forcing), output the
+    /// state's channels; its last convolution starts at zero.
+    pub fn build(&self, data: &DatasetConfig) -> Result<Model> {
+        let channels = data.problem.channels();
+        let n = data.source_size;
+        Ok(Model::build_image(
+            &self.spec(channels),
+            [2 * channels, n, n],
+        )?)
+    }
+}
+
+/// Settings of correction training besides the trainer's (epochs, learning rate, seed).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorrectionConfig {
+    /// Windows per optimizer step (default 5, Solver-in-the-Loop's batch).
+    pub batch_size: usize,
+    /// Optimizer steps per epoch (default 20).
+    pub steps_per_epoch: usize,
+    /// Unrolled steps `m` of ZO-SOL (default 4, SOL-4).
+    pub unroll: usize,
+    /// Fraction of each weight tensor left out of every sparse CGE step (default 0.9; biases
+    /// are always estimated).
+    pub sparsity: f64,
+    /// Epochs between redraws of the sparse coordinate sets (default 1).
+    pub mask_interval: usize,
+    /// Finite-difference step μ of CGE (default 1e-3, forward differences).
+    pub mu: f64,
+}
+
+impl Default for CorrectionConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 5,
+            steps_per_epoch: 20,
+            unroll: 4,
+            sparsity: 0.9,
+            mask_interval: 1,
+            mu: 1e-3,
+        }
+    }
+}
+
+impl CorrectionConfig {
+    /// Checks the counts; the sparsity and μ are checked by core when the estimator is built.
+    pub fn validate(&self, data: &DatasetConfig) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(Error::parameter(
+                "batch_size",
+                0,
+                "at least 1 window per step",
+            ));
+        }
+        if self.steps_per_epoch == 0 {
+            return Err(Error::parameter(
+                "steps_per_epoch",
+                0,
+                "at least 1 step per epoch",
+            ));
+        }
+        if self.unroll == 0 || self.unroll > data.steps {
+            return Err(Error::parameter(
+                "unroll",
+                self.unroll,
+                format!("between 1 and the simulation length ({} steps)", data.steps),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A simulation prepared for correction: its source solver, reference states and forcings.
+pub struct PreparedSimulation {
+    solver: GridSolver,
+    reference: Vec<Array3<f64>>,
+    forcing: Vec<Array3<f64>>,
+}
+
+impl PreparedSimulation {
+    /// Builds the source solver of `simulation` and samples its forcing at every step.
+    pub fn new(dataset: &Dataset, simulation: &Simulation) -> Result<Self> {
+        let solver = dataset.source_solver(simulation)?;
+        let steps = simulation.reference.len().saturating_sub(1);
+        let forcing = (0..steps)
+            .map(|step| solver.forcing_at(step))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            solver,
+            reference: simulation.reference.clone(),
+            forcing,
+        })
+    }
+
+    /// Steps of the simulation.
+    pub fn steps(&self) -> usize {
+        self.forcing.len()
+    }
+
+    /// The downsampled reference states.
+    pub fn reference(&self) -> &[Array3<f64>] {
+        &self.reference
+    }
+}
+
+/// Prepares every simulation of a slice of the data set.
+pub fn prepare(dataset: &Dataset, simulations: &[Simulation]) -> Result<Vec<PreparedSimulation>> {
+    simulations
+        .iter()
+        .map(|s| PreparedSimulation::new(dataset, s))
+        .collect()
+}
+
+/// Fixed scales of the network's inputs and outputs, measured once on the training data: the
+/// network sees `state / input[c]` and `forcing / input[channels + c]`, and its output is
+/// multiplied by `output[c]`. Raw Burgers velocities reach ±20 while one step's correction is
+/// about 0.1, so without them a tanh network saturates and an optimizer step of a given size
+/// means very different corrections on different problems.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Scaling {
+    /// Root-mean-square of each input channel (state channels, then forcing channels).
+    pub input: Vec<f64>,
+    /// Root-mean-square of each channel of the one-step residual `ref_{i+1} − P(ref_i)`.
+    pub output: Vec<f64>,
+}
+
+impl Scaling {
+    /// Scales of no effect (every factor 1) for states of `channels` channels.
+    pub fn identity(channels: usize) -> Self {
+        Self {
+            input: vec![1.0; 2 * channels],
+            output: vec![1.0; channels],
+        }
+    }
+
+    /// Measures the scales on every step of `simulations` (one solver step per reference
+    /// state); channels with no signal get scale 1.
+    pub fn measure(simulations: &[PreparedSimulation]) -> Result<Self> {
+        let Some(first) = simulations.first().and_then(|s| s.reference.first()) else {
+            return Err(Error::parameter(
+                "train_simulations",
+                0,
+                "at least one training simulation to measure scales on",
+            ));
+        };
+        let channels = first.shape()[0];
+        let mut input = vec![0.0; 2 * channels];
+        let mut output = vec![0.0; channels];
+        let mut count = 0.0;
+        for s in simulations {
+            for step in 0..s.steps() {
+                let state = &s.reference[step];
+                let predicted = s.solver.step(state, step)?;
+                let residual = &s.reference[step + 1] - &predicted;
+                for c in 0..channels {
+                    let ms = |a: &Array3<f64>| {
+                        let ch = a.index_axis(ndarray::Axis(0), c);
+                        ch.iter().map(|v| v * v).sum::<f64>() / ch.len().max(1) as f64
+                    };
+                    input[c] += ms(&predicted);
+                    input[channels + c] += ms(&s.forcing[step]);
+                    output[c] += ms(&residual);
+                }
+                count += 1.0;
+            }
+        }
+        let finish = |v: Vec<f64>| -> Vec<f64> {
+            v.into_iter()
+                .map(|m| {
+                    let rms = (m / f64::max(count, 1.0)).sqrt();
+                    if rms.is_finite() && rms > 1e-12 {
+                        rms
+                    } else {
+                        1.0
+                    }
+                })
+                .collect()
+        };
+        Ok(Self {
+            input: finish(input),
+            output: finish(output),
+        })
+    }
+}
+
+/// `predicted + C(predicted, forcing)` for a batch, one forward of the network on the scaled
+/// inputs ([`Scaling`]); the network's output has its spatial mean per channel removed (the
+/// correction moves no momentum) and is multiplied by the output scale.
+pub fn apply_correction(
+    model: &Model,
+    scaling: &Scaling,
+    views: &[Tensor],
+    predicted: &[Array3<f64>],
+    forcing: &[&Array3<f64>],
+) -> deepzero_core::Result<Vec<Array3<f64>>> {
+    let Some(first) = predicted.first() else {
+        return Ok(Vec::new());
+    };
+    let (channels, n, m) = first.dim();
+    let batch = predicted.len();
+    let mut input: Vec<f64> = Vec::with_capacity(batch * 2 * channels * n * m);
+    let plane = n * m;
+    for (state, f) in predicted.iter().zip(forcing) {
+        for (i, v) in state.iter().enumerate() {
+            input.push(v / scaling.input[i / plane]);
+        }
+        for (i, v) in f.iter().enumerate() {
+            input.push(v / scaling.input[channels + i / plane]);
+        }
+    }
+    let x = Tensor::from_vec(input, (batch, 2 * channels, n, m), &Device::Cpu)?;
+    let x = x.to_dtype(views.first().map_or(DType::F64, |v| v.dtype()))?;
+    let out = model.forward(views, &x, Mode::Train)?;
+    let out = out.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let len = channels * n * m;
+    predicted
+        .iter()
+        .zip(out.chunks_exact(len))
+        .map(|(state, change)| {
+            let mut change = Array3::from_shape_vec((channels, n, m), change.to_vec())
+                .map_err(|e| deepzero_core::Error::Shape(e.to_string()))?;
+            // Mean-free per channel: both solvers keep the spatial mean (momentum, total
+            // vorticity) up to interpolation error, and a constant offset added every step
+            // would grow linearly over a rollout.
+            for (c, mut channel) in change.outer_iter_mut().enumerate() {
+                let mean = channel.mean().unwrap_or(0.0);
+                let scale = scaling.output[c];
+                channel.mapv_inplace(|v| (v - mean) * scale);
+            }
+            Ok(state + &change)
+        })
+        .collect()
+}
+
+/// A PDE error as core sees it: blow-ups are divergence, the rest configuration.
+pub fn to_core(error: Error) -> deepzero_core::Error {
+    match error {
+        Error::Cfl { .. } | Error::NonFinite { .. } => {
+            deepzero_core::Error::Diverged(error.to_string())
+        }
+        other => deepzero_core::Error::Config(other.to_string()),
+    }
+}
+
+/// Mean squared difference of two states.
+fn mean_squared(a: &Array3<f64>, b: &Array3<f64>) -> f64 {
+    let n = a.len().max(1) as f64;
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>() / n
+}
+
+/// A training window: simulation index and start step.
+pub type Window = (usize, usize);
+
+/// ZO-SOL's loss: `m` unrolled steps of solver + correction from reference states, the mean
+/// squared error against the reference averaged over the steps, the windows and the grid.
+///
+/// The solver runs as a black box on the host; the network runs on candle in f64. Nothing in
+/// it is random, so the loss is a deterministic function of the parameters.
+pub struct SolObjective<'a> {
+    model: &'a Model,
+    scaling: &'a Scaling,
+    simulations: &'a [PreparedSimulation],
+    windows: Vec<Window>,
+    unroll: usize,
+}
+
+impl<'a> SolObjective<'a> {
+    /// The loss over `windows` (each `start + unroll ≤ steps` of its simulation).
+    pub fn new(
+        model: &'a Model,
+        scaling: &'a Scaling,
+        simulations: &'a [PreparedSimulation],
+        windows: Vec<Window>,
+        unroll: usize,
+    ) -> Result<Self> {
+        if windows.is_empty() || unroll == 0 {
+            return Err(Error::parameter(
+                "windows",
+                windows.len(),
+                "at least one window and one unrolled step",
+            ));
+        }
+        for &(sim, start) in &windows {
+            let ok = simulations
+                .get(sim)
+                .is_some_and(|s| start + unroll <= s.steps());
+            if !ok {
+                return Err(Error::parameter(
+                    "windows",
+                    format!("({sim}, {start})"),
+                    format!("a simulation index and a start with {unroll} steps after it"),
+                ));
+            }
+        }
+        Ok(Self {
+            model,
+            scaling,
+            simulations,
+            windows,
+            unroll,
+        })
+    }
+
+    /// The loss with the network given as parameter views.
+    fn loss_with_views(&self, views: &[Tensor]) -> deepzero_core::Result<f64> {
+        let mut states: Vec<Array3<f64>> = self
+            .windows
+            .iter()
+            .map(|&(sim, start)| self.simulations[sim].reference[start].clone())
+            .collect();
+        let mut total = 0.0;
+        for offset in 0..self.unroll {
+            let predicted = self
+                .windows
+                .iter()
+                .zip(&states)
+                .map(|(&(sim, start), state)| {
+                    self.simulations[sim]
+                        .solver
+                        .step(state, start + offset)
+                        .map_err(to_core)
+                })
+                .collect::<deepzero_core::Result<Vec<_>>>()?;
+            let forcing: Vec<&Array3<f64>> = self
+                .windows
+                .iter()
+                .map(|&(sim, start)| &self.simulations[sim].forcing[start + offset])
+                .collect();
+            states = apply_correction(self.model, self.scaling, views, &predicted, &forcing)?;
+            for (&(sim, start), state) in self.windows.iter().zip(&states) {
+                let target = &self.simulations[sim].reference[start + offset + 1];
+                total += mean_squared(state, target);
+            }
+        }
+        let loss = total / (self.unroll * self.windows.len()) as f64;
+        if loss.is_finite() {
+            Ok(loss)
+        } else {
+            Err(deepzero_core::Error::Diverged(format!(
+                "the ZO-SOL loss is {loss}; lower the learning rate or μ"
+            )))
+        }
+    }
+}
+
+impl Objective for SolObjective<'_> {
+    fn layout(&self) -> &ParamLayout {
+        &self.model.layout
+    }
+    fn loss(&self, params: &[f64]) -> deepzero_core::Result<f64> {
+        let flat = Tensor::from_slice(params, params.len(), &Device::Cpu)?;
+        let views = self.model.param_views(&flat)?;
+        self.loss_with_views(&views)
+    }
+}
+
+/// NON's objective on `windows`: input `(P(ref_i), f_i)`, target `ref_{i+1} − P(ref_i)`, both
+/// scaled ([`Scaling`]), mean squared error (a [`ModelObjective`] with [`Head::SquaredError`], so backprop applies).
+pub fn non_objective<'a>(
+    model: &'a Model,
+    scaling: &Scaling,
+    simulations: &[PreparedSimulation],
+    windows: &[Window],
+) -> deepzero_core::Result<ModelObjective<'a>> {
+    let mut targets: Vec<f64> = Vec::new();
+    let mut input: Vec<f64> = Vec::new();
+    for &(sim, start) in windows {
+        let s = simulations.get(sim).ok_or_else(|| {
+            deepzero_core::Error::Shape(format!("no simulation {sim} in the training set"))
+        })?;
+        let p = s.solver.step(&s.reference[start], start).map_err(to_core)?;
+        let plane = p.shape()[1] * p.shape()[2];
+        let channels = p.shape()[0];
+        let residual = &s.reference[start + 1] - &p;
+        targets.extend(
+            residual
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v / scaling.output[i / plane]),
+        );
+        input.extend(
+            p.iter()
+                .enumerate()
+                .map(|(i, v)| v / scaling.input[i / plane]),
+        );
+        input.extend(
+            s.forcing[start]
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v / scaling.input[channels + i / plane]),
+        );
+    }
+    let [c, h, w] = model.input_shape;
+    let x = Tensor::from_vec(input, (windows.len(), c, h, w), &Device::Cpu)?;
+    ModelObjective::new(model, x, Head::squared_error(targets))
+}
+
+/// Test figures of a correction: rollouts of every test simulation from its first reference
+/// state over all its steps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutErrors {
+    /// Mean absolute error against the reference per step (index 0 is the shared initial
+    /// state), averaged over the simulations.
+    pub mae_per_step: Vec<f64>,
+    /// Per simulation, the mean absolute error over steps `1..=steps`.
+    pub mae_per_simulation: Vec<f64>,
+}
+
+impl RolloutErrors {
+    /// Mean over simulations of the per-simulation MAE (= mean over steps and simulations).
+    pub fn mae(&self) -> f64 {
+        let n = self.mae_per_simulation.len().max(1) as f64;
+        self.mae_per_simulation.iter().sum::<f64>() / n
+    }
+
+    /// Population standard deviation of the per-simulation MAE.
+    pub fn mae_std(&self) -> f64 {
+        let n = self.mae_per_simulation.len().max(1) as f64;
+        let mean = self.mae();
+        (self
+            .mae_per_simulation
+            .iter()
+            .map(|v| (v - mean) * (v - mean))
+            .sum::<f64>()
+            / n)
+            .sqrt()
+    }
+}
+
+/// Corrected (or, with `network = None`, plain SRC) rollouts of `simulations` from their first
+/// reference state; all simulations advance together so the network sees one batch per step.
+/// Returns the errors and the trajectories.
+pub fn rollouts(
+    simulations: &[PreparedSimulation],
+    network: Option<(&Model, &Scaling, &Tensor)>,
+) -> deepzero_core::Result<(RolloutErrors, Vec<Vec<Array3<f64>>>)> {
+    let views = match network {
+        Some((model, scaling, params)) => Some((model, scaling, model.param_views(params)?)),
+        None => None,
+    };
+    let steps = simulations.iter().map(|s| s.steps()).min().unwrap_or(0);
+    let mut trajectories: Vec<Vec<Array3<f64>>> = simulations
+        .iter()
+        .map(|s| vec![s.reference[0].clone()])
+        .collect();
+    for step in 0..steps {
+        let predicted = simulations
+            .iter()
+            .zip(&trajectories)
+            .map(|(s, t)| s.solver.step(&t[step], step).map_err(to_core))
+            .collect::<deepzero_core::Result<Vec<_>>>()?;
+        let next = match &views {
+            Some((model, scaling, views)) => {
+                let forcing: Vec<&Array3<f64>> =
+                    simulations.iter().map(|s| &s.forcing[step]).collect();
+                apply_correction(model, scaling, views, &predicted, &forcing)?
+            }
+            None => predicted,
+        };
+        for (t, state) in trajectories.iter_mut().zip(next) {
+            t.push(state);
+        }
+    }
+    let abs_error = |s: &PreparedSimulation, t: &[Array3<f64>], step: usize| {
+        let (a, b) = (&t[step], &s.reference[step]);
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f64>() / a.len().max(1) as f64
+    };
+    let mae_per_step = (0..=steps)
+        .map(|step| {
+            simulations
+                .iter()
+                .zip(&trajectories)
+                .map(|(s, t)| abs_error(s, t, step))
+                .sum::<f64>()
+                / simulations.len().max(1) as f64
+        })
+        .collect();
+    let mae_per_simulation = simulations
+        .iter()
+        .zip(&trajectories)
+        .map(|(s, t)| {
+            (1..=steps).map(|step| abs_error(s, t, step)).sum::<f64>() / steps.max(1) as f64
+        })
+        .collect();
+    Ok((
+        RolloutErrors {
+            mae_per_step,
+            mae_per_simulation,
+        },
+        trajectories,
+    ))
+}
+
+/// NON or ZO-SOL training of a correction network, as a core [`Task`]: objectives from seeded
+/// windows of the training simulations, the test rollouts' MAE (`test_mae`) as the metric.
+pub struct CorrectionTask<'a> {
+    method: Method,
+    model: &'a Model,
+    scaling: &'a Scaling,
+    train: &'a [PreparedSimulation],
+    test: &'a [PreparedSimulation],
+    config: CorrectionConfig,
+    windows: Vec<Window>,
+}
+
+impl<'a> CorrectionTask<'a> {
+    /// A task for `method` (NON or ZO-SOL).
+    pub fn new(
+        method: Method,
+        model: &'a Model,
+        scaling: &'a Scaling,
+        train: &'a [PreparedSimulation],
+        test: &'a [PreparedSimulation],
+        config: CorrectionConfig,
+    ) -> Result<Self> {
+        let unroll = match method {
+            Method::Non => 1,
+            Method::ZoSol => config.unroll,
+            Method::Src => {
+                return Err(Error::parameter(
+                    "method",
+                    method,
+                    "a trained method (non, zo-sol)",
+                ))
+            }
+            Method::FoSol => return Err(fo_sol_unavailable()),
+        };
+        if config.batch_size == 0 || config.steps_per_epoch == 0 || unroll == 0 {
+            return Err(Error::parameter(
+                "batch_size",
+                config.batch_size,
+                "a positive batch size, steps per epoch and unroll",
+            ));
+        }
+        let windows: Vec<Window> = train
+            .iter()
+            .enumerate()
+            .flat_map(|(sim, s)| {
+                (0..=s.steps().saturating_sub(unroll)).map(move |start| (sim, start))
+            })
+            .filter(|&(sim, start)| start + unroll <= train[sim].steps())
+            .collect();
+        if windows.is_empty() || test.is_empty() {
+            return Err(Error::parameter(
+                "train_simulations",
+                train.len(),
+                "at least one training and one test simulation with enough steps to unroll",
+            ));
+        }
+        Ok(Self {
+            method,
+            model,
+            scaling,
+            train,
+            test,
+            config,
+            windows,
+        })
+    }
+
+    /// Every window a batch may draw from.
+    pub fn windows(&self) -> &[Window] {
+        &self.windows
+    }
+
+    /// The windows of step `step` of epoch `epoch`: `batch_size` distinct windows (fewer if the
+    /// data has fewer) from the stream `[PDE_STREAM, epoch, step]` of `seed`.
+    pub fn batch(&self, epoch: usize, step: usize, seed: u64) -> Vec<Window> {
+        let mut rng = stream_rng(seed, &[PDE_STREAM, epoch as u64, step as u64]);
+        let count = self.config.batch_size.min(self.windows.len());
+        rand::seq::index::sample(&mut rng, self.windows.len(), count)
+            .into_iter()
+            .map(|i| self.windows[i])
+            .collect()
+    }
+
+    /// The ZO-SOL objective on explicit windows.
+    pub fn sol_objective(&self, windows: Vec<Window>) -> Result<SolObjective<'a>> {
+        SolObjective::new(
+            self.model,
+            self.scaling,
+            self.train,
+            windows,
+            self.config.unroll,
+        )
+    }
+}
+
+impl Task for CorrectionTask<'_> {
+    fn layout(&self) -> &ParamLayout {
+        &self.model.layout
+    }
+    fn steps_per_epoch(&self) -> usize {
+        self.config.steps_per_epoch
+    }
+    fn objective(
+        &self,
+        epoch: usize,
+        step: usize,
+        seed: u64,
+    ) -> deepzero_core::Result<Box<dyn Objective + '_>> {
+        let windows = self.batch(epoch, step, seed);
+        Ok(match self.method {
+            Method::Non => Box::new(non_objective(
+                self.model,
+                self.scaling,
+                self.train,
+                &windows,
+            )?),
+            _ => Box::new(self.sol_objective(windows).map_err(to_core)?),
+        })
+    }
+    fn evaluate(&self, params: &Tensor) -> deepzero_core::Result<Metrics> {
+        let (errors, _) = rollouts(self.test, Some((self.model, self.scaling, params)))?;
+        Ok(vec![("test_mae".to_string(), errors.mae())])
+    }
+}
+
+fn fo_sol_unavailable() -> Error {
+    Error::parameter(
+        "method",
+        "fo-sol",
+        "src, non or zo-sol: FO-SOL needs gradients through the solver, and these solvers are \
+         not differentiable (which is why ZO-SOL exists)",
+    )
+}
+
+/// The estimator of a method: backprop for NON, sparse CGE (forward differences, uniform
+/// per-layer keep ratio `1 − sparsity` over the weight tensors, every bias) for ZO-SOL.
+pub fn estimator(
+    method: Method,
+    model: &Model,
+    config: &CorrectionConfig,
+    seed: u64,
+) -> Result<Box<dyn GradientEstimator>> {
+    match method {
+        Method::Non => Ok(Box::new(Backprop)),
+        Method::ZoSol => {
+            let est = EstimatorConfig {
+                kind: EstimatorKind::Cge,
+                mu: config.mu,
+                difference: Difference::Forward,
+                engine: QueryEngine::Naive,
+                ..EstimatorConfig::default()
+            };
+            let ratios = LayerRatios::uniform(model, config.sparsity)?;
+            let sparse = SparseConfig {
+                mask_interval: config.mask_interval,
+                sparse_all: false,
+                prune_weights: false,
+            };
+            Ok(sparse_estimator(
+                &est,
+                &model.layout,
+                &ratios,
+                None,
+                &sparse,
+                seed,
+            )?)
+        }
+        Method::Src => Err(Error::parameter(
+            "method",
+            method,
+            "a trained method (non, zo-sol)",
+        )),
+        Method::FoSol => Err(fo_sol_unavailable()),
+    }
+}
+
+/// Queries of one ZO-SOL step: forward CGE over the sampled weights and every bias, plus the
+/// base point (NON's backprop step counts one).
+pub fn queries_per_step(method: Method, model: &Model, config: &CorrectionConfig) -> Result<u64> {
+    Ok(match method {
+        Method::ZoSol => {
+            let ratios = LayerRatios::uniform(model, config.sparsity)?;
+            let sampler = deepzero_core::sparsity::CoordinateSampler::new(
+                &model.layout,
+                &ratios,
+                config.mask_interval.max(1),
+                false,
+            )?;
+            sampler.num_coords() as u64 + 1
+        }
+        Method::Non => 1,
+        _ => 0,
+    })
+}
+
+/// The trainer settings of correction training: Adam (β1 = 0.9), no weight decay, no warm-up,
+/// cosine decay of `lr` over `epochs` (core's schedule).
+pub fn train_config(epochs: usize, lr: f64, seed: u64) -> deepzero_core::trainer::TrainConfig {
+    deepzero_core::trainer::TrainConfig {
+        epochs,
+        lr,
+        warmup_epochs: 0,
+        seed,
+        optimizer: deepzero_core::optim::OptimizerConfig {
+            kind: deepzero_core::optim::OptimizerKind::Adam,
+            momentum: 0.9,
+            weight_decay: 0.0,
+        },
+    }
+}
+
+/// Trains `method` (NON or ZO-SOL) from `state` (fresh, or restored from a checkpoint) to
+/// `train_config.epochs` with the core trainer; `observer` sees every step and epoch.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    method: Method,
+    model: &Model,
+    scaling: &Scaling,
+    train: &[PreparedSimulation],
+    test: &[PreparedSimulation],
+    config: &CorrectionConfig,
+    train_config: &deepzero_core::trainer::TrainConfig,
+    state: &mut deepzero_core::trainer::TrainState,
+    observer: &mut dyn deepzero_core::trainer::Observer,
+) -> Result<()> {
+    let mut task = CorrectionTask::new(method, model, scaling, train, test, config.clone())?;
+    let mut est = estimator(method, model, config, train_config.seed)?;
+    let mut optimizer = train_config.optimizer.build()?;
+    deepzero_core::trainer::Trainer {
+        config: train_config,
+    }
+    .run(&mut task, state, est.as_mut(), optimizer.as_mut(), observer)?;
+    Ok(())
+}
+
+/// The initial parameters of a correction run with `seed` (core's stream `[0]`; the last
+/// convolution is zero, so training starts from SRC).
+pub fn initial_state(model: &Model, seed: u64) -> Result<deepzero_core::trainer::TrainState> {
+    let params = deepzero_core::seed::initial_params(model, seed);
+    let params = Tensor::from_vec(params, model.num_params(), &Device::Cpu)?;
+    Ok(deepzero_core::trainer::TrainState::new(params))
+}
