@@ -229,20 +229,14 @@ impl Burgers2d {
                 field: "input velocity",
             });
         }
-        let cfl = self.cfl_number(state.view());
-        if cfl > self.params.max_cfl {
-            let max_speed = cfl * self.spacing / self.params.dt;
-            return Err(Error::Cfl {
-                simulation: None,
-                step,
-                cfl,
-                limit: self.params.max_cfl,
-                max_speed,
-                dt: self.params.dt,
-                suggested_dt: self.params.max_cfl * self.spacing / max_speed,
-            });
-        }
-        Ok(())
+        let max_speed = self.cfl_number(state.view()) * self.spacing / self.params.dt;
+        crate::solver::check_cfl(
+            step,
+            max_speed,
+            self.params.dt,
+            self.spacing,
+            self.params.max_cfl,
+        )
     }
 }
 

@@ -151,19 +151,13 @@ impl Burgers1d {
             });
         }
         let max_speed = max_abs(state.iter());
-        let cfl = self.params.dt * max_speed / self.spacing;
-        if cfl > self.params.max_cfl {
-            return Err(Error::Cfl {
-                simulation: None,
-                step,
-                cfl,
-                limit: self.params.max_cfl,
-                max_speed,
-                dt: self.params.dt,
-                suggested_dt: self.params.max_cfl * self.spacing / max_speed,
-            });
-        }
-        Ok(())
+        crate::solver::check_cfl(
+            step,
+            max_speed,
+            self.params.dt,
+            self.spacing,
+            self.params.max_cfl,
+        )
     }
 
     fn semi_lagrangian_step(&self, state: ArrayView1<'_, f64>) -> Result<Array1<f64>> {

@@ -293,19 +293,13 @@ impl NavierStokes2d {
             .iter()
             .zip(v.iter())
             .fold(0.0_f64, |acc, (a, b)| acc.max(a.abs() + b.abs()));
-        let cfl = max_speed * self.params.dt / self.spacing;
-        if cfl > self.params.max_cfl {
-            return Err(Error::Cfl {
-                simulation: None,
-                step,
-                cfl,
-                limit: self.params.max_cfl,
-                max_speed,
-                dt: self.params.dt,
-                suggested_dt: self.params.max_cfl * self.spacing / max_speed,
-            });
-        }
-        Ok(())
+        crate::solver::check_cfl(
+            step,
+            max_speed,
+            self.params.dt,
+            self.spacing,
+            self.params.max_cfl,
+        )
     }
 }
 

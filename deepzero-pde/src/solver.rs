@@ -1,6 +1,6 @@
 //! The [`Solver`] trait: one `step` is the core, rollouts are provided on top.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A time stepper `P` of a PDE on a fixed grid.
 ///
@@ -60,4 +60,22 @@ pub trait Solver {
         }
         Ok(state)
     }
+}
+
+/// The CFL check every solver runs before a step: `max_speed · dt / spacing` must not exceed
+/// `limit`; the error names the step and suggests the time step that would pass.
+pub fn check_cfl(step: usize, max_speed: f64, dt: f64, spacing: f64, limit: f64) -> Result<()> {
+    let cfl = max_speed * dt / spacing;
+    if cfl > limit {
+        return Err(Error::Cfl {
+            simulation: None,
+            step,
+            cfl,
+            limit,
+            max_speed,
+            dt,
+            suggested_dt: limit * spacing / max_speed,
+        });
+    }
+    Ok(())
 }
