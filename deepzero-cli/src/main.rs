@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_objective;
+mod certify_train;
 mod common;
 mod experiment;
 mod gradcheck;
@@ -36,6 +37,9 @@ enum Command {
     /// The paper's comparisons as sets of runs: `cge-vs-rge`, `sparsity`.
     #[command(subcommand)]
     Experiment(experiment::ExperimentCommand),
+    /// Denoised smoothing of a black-box classifier: train denoisers, compare certificates.
+    #[command(subcommand)]
+    Certify(certify_train::CertifyTrainCommand),
 }
 
 /// Keep freed tensor buffers in the process heap instead of returning them to the kernel.
@@ -69,6 +73,7 @@ fn main() {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Prune(args) => prune::run(*args),
         Command::Experiment(cmd) => experiment::run(cmd),
+        Command::Certify(cmd) => certify_train::run(cmd),
     };
     if let Err(e) = result {
         // Core names settings in its own words; say which flag it was.
