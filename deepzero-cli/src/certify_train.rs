@@ -14,9 +14,9 @@ use deepzero_certify::{
     DenoisedClassifier, DenoiserRecord, DenoiserRun, ModelClassifier, ZoConfig,
 };
 use deepzero_core::checkpoint;
-use deepzero_core::data::{self, Dataset, DatasetKind, Normalization};
+use deepzero_core::data::{self, Dataset, DatasetKind};
 use deepzero_core::estimator::Backprop;
-use deepzero_core::model::{BnState, Model, ModelSpec, Precision};
+use deepzero_core::model::{Model, ModelSpec, Precision};
 use deepzero_core::optim::{OptimizerConfig, OptimizerKind};
 use deepzero_core::seed::initial_params;
 use deepzero_core::task::Task;
@@ -27,23 +27,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// The subcommands of this file (merged into `deepzero certify` beside `run`).
-#[derive(clap::Subcommand, Debug)]
-pub enum CertifyTrainCommand {
-    /// Train a denoiser in front of a black-box classifier (mse, deepzero, zo-ae-ds, zo-ds, fo).
-    TrainDenoiser(Box<TrainDenoiserArgs>),
-    /// Certified accuracy vs radius: no denoiser and each denoiser run, same test images.
-    Compare(Box<CompareArgs>),
-}
-
-/// Run one of the subcommands.
-pub fn run(cmd: CertifyTrainCommand) -> Result<()> {
-    match cmd {
-        CertifyTrainCommand::TrainDenoiser(a) => run_train_denoiser(*a).map(|_| ()),
-        CertifyTrainCommand::Compare(a) => run_compare(*a),
-    }
-}
 
 /// Image data sets a denoiser can be trained on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -198,7 +181,7 @@ fn open_classifier(
     })?;
     let (bb, white): (Arc<dyn BlackBox>, _) = match kind {
         "run" => {
-            let m = Arc::new(model_classifier(Path::new(rest))?);
+            let m = Arc::new(crate::certify::model_classifier(Path::new(rest))?);
             (m.clone(), Some(m))
         }
         "process" => (
@@ -222,69 +205,6 @@ fn open_classifier(
         );
     }
     Ok((bb, white))
-}
-
-#[derive(Deserialize)]
-struct VictimConfig {
-    data: VictimData,
-    model: VictimModel,
-    #[serde(default)]
-    seed: u64,
-}
-#[derive(Deserialize)]
-struct VictimData {
-    dataset: String,
-    data_dir: Option<PathBuf>,
-    train_limit: Option<usize>,
-}
-#[derive(Deserialize)]
-struct VictimModel {
-    model: String,
-    depth: Option<usize>,
-    width: Option<usize>,
-}
-
-/// A `deepzero train` run as a classifier (its normalisation refitted on the same training data).
-pub fn model_classifier(dir: &Path) -> Result<ModelClassifier> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "run:{}: cannot read {} (a `deepzero train` run?)",
-            dir.display(),
-            path.display()
-        )
-    })?;
-    let cfg: VictimConfig = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a deepzero train config", path.display()))?;
-    let kind: DatasetKind = cfg.data.dataset.parse()?;
-    let (mut train, _) = data::load(kind, cfg.data.data_dir.as_deref(), cfg.seed)?;
-    if let Some(n) = cfg.data.train_limit {
-        train = train.take(n);
-    }
-    let norm = match kind {
-        DatasetKind::Cifar10 => Normalization::cifar10(),
-        _ => Normalization::fit(&train),
-    };
-    let shape = [train.channels, train.height, train.width];
-    let spec = match cfg.model.model.as_str() {
-        "mlp" => ModelSpec::Mlp {
-            hidden: vec![cfg.model.width.unwrap_or(32); cfg.model.depth.unwrap_or(1)],
-        },
-        "cnn" => ModelSpec::SimpleCnn {
-            depth: cfg.model.depth.unwrap_or(2),
-            width: cfg.model.width.unwrap_or(18),
-        },
-        "resnet20" => ModelSpec::Resnet20,
-        other => bail!("{}: unknown model {other}", path.display()),
-    };
-    let model = Model::build(&spec, shape, train.num_classes)?;
-    let state = checkpoint::load(dir, &candle_core::Device::Cpu)?;
-    let bn: BnState = match state.task.get("bn") {
-        Some(v) => serde_json::from_value(v.clone())?,
-        None => model.new_bn_state(),
-    };
-    let params = state.params.to_dtype(candle_core::DType::F32)?;
-    Ok(ModelClassifier::from_tensor(model, params, bn, norm)?)
 }
 
 fn adam(epochs: usize, lr: f64, seed: u64) -> TrainConfig {
@@ -759,5 +679,69 @@ fn write_table(args: &CompareArgs, table: &[(String, Vec<CertifyRow>)]) -> Resul
     )?;
     println!("{md}");
     eprintln!("report: {}", args.out.join("table.md").display());
+    Ok(())
+}
+
+/// Parse flags of a subcommand from words (the default pipeline builds its steps this way, so
+/// that every default comes from the one place clap takes it from).
+fn parse_flags<T: Args>(words: &[String]) -> Result<T> {
+    #[derive(clap::Parser)]
+    struct Wrapper<U: Args> {
+        #[command(flatten)]
+        inner: U,
+    }
+    let argv = std::iter::once("deepzero".to_string()).chain(words.iter().cloned());
+    Ok(<Wrapper<T> as clap::Parser>::try_parse_from(argv)?.inner)
+}
+
+fn words(s: &str, dir: &Path) -> Vec<String> {
+    s.replace("{dir}", &dir.display().to_string())
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// `deepzero certify` with no subcommand: the whole pipeline on the shipped digits, in minutes —
+/// a victim CNN trained by backprop (reused if `runs/certify-pipeline/victim` finished), an MSE
+/// denoiser, DeepZero fine-tuning through the black box, then `compare` (none / mse /
+/// deepzero). Every step reuses a finished run directory, so re-running resumes.
+pub fn run_default() -> Result<()> {
+    let dir = PathBuf::from("runs").join("certify-pipeline");
+    std::fs::create_dir_all(&dir)?;
+    let done = |name: &str| dir.join(name).join("summary.json").is_file();
+    if !done("victim") {
+        eprintln!("[1/4] training the victim classifier (digits, simple CNN, backprop)");
+        let args: crate::train::TrainArgs = parse_flags(&words(
+            "--dataset digits --model cnn --estimator fo --epochs 10 --lr 0.05 --out {dir}/victim --overwrite",
+            &dir,
+        ))?;
+        crate::train::execute(args)?;
+    }
+    if !done("denoiser-mse") {
+        eprintln!("[2/4] MSE pre-training of the denoiser");
+        run_train_denoiser(parse_flags(&words(
+            "--classifier run:{dir}/victim --dataset digits --method mse --sigma 0.25 --epochs 10 \
+             --lr 0.003 --out {dir}/denoiser-mse --overwrite",
+            &dir,
+        ))?)?;
+    }
+    if !done("denoiser-deepzero") {
+        eprintln!("[3/4] DeepZero: sparse CGE through the black box");
+        run_train_denoiser(parse_flags(&words(
+            "--classifier run:{dir}/victim --dataset digits --method deepzero --init {dir}/denoiser-mse \
+             --sigma 0.25 --epochs 3 --lr 0.001 --sparsity 0.5 --out {dir}/denoiser-deepzero --overwrite",
+            &dir,
+        ))?)?;
+    }
+    eprintln!("[4/4] certifying (n = 10,000) without and with each denoiser");
+    run_compare(parse_flags(&words(
+        "--classifier run:{dir}/victim --dataset digits --denoiser mse={dir}/denoiser-mse \
+         deepzero={dir}/denoiser-deepzero --sigma 0.25 --n 10000 --max 60 --skip 5 --out {dir}/compare",
+        &dir,
+    ))?)?;
+    eprintln!(
+        "the report is {}",
+        dir.join("compare").join("table.md").display()
+    );
     Ok(())
 }

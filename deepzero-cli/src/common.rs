@@ -273,6 +273,25 @@ pub fn load_data(
     seed: u64,
     augment: bool,
 ) -> Result<(Dataset, Dataset, Option<Augment>)> {
+    let (mut train, mut test) = raw_data(opts, seed)?;
+    let (norm, aug) = normalization(opts, &train);
+    norm.apply(&mut train)?;
+    norm.apply(&mut test)?;
+    Ok((train, test, aug.filter(|_| augment)))
+}
+
+/// The input normalisation `train` uses for these data options (fitted on the limited training
+/// set; CIFAR-10's published statistics), and CIFAR-10's augmentation.
+pub fn normalization(opts: &DataOpts, train: &Dataset) -> (Normalization, Option<Augment>) {
+    match opts.dataset {
+        DataArg::Cifar10 => (Normalization::cifar10(), Some(Augment::cifar10())),
+        DataArg::Synthetic => (Normalization::identity(train.channels), None),
+        _ => (Normalization::fit(train), None),
+    }
+}
+
+/// Train and test sets as loaded (pixels in [0, 1]), limited, not normalised.
+pub fn raw_data(opts: &DataOpts, seed: u64) -> Result<(Dataset, Dataset)> {
     let (mut train, mut test) = match opts.dataset {
         DataArg::Synthetic => (synthetic(1024, seed), synthetic(256, seed ^ 1)),
         other => {
@@ -299,14 +318,7 @@ pub fn load_data(
         }
         test = test.take(n);
     }
-    let (norm, aug) = match opts.dataset {
-        DataArg::Cifar10 => (Normalization::cifar10(), augment.then(Augment::cifar10)),
-        DataArg::Synthetic => (Normalization::identity(train.channels), None),
-        _ => (Normalization::fit(&train), None),
-    };
-    norm.apply(&mut train)?;
-    norm.apply(&mut test)?;
-    Ok((train, test, aug))
+    Ok((train, test))
 }
 
 fn kind_name(d: DataArg) -> String {
@@ -332,11 +344,22 @@ fn synthetic(n: usize, seed: u64) -> Dataset {
 
 /// Build the model for a data set's image shape.
 pub fn build_model(opts: &ModelOpts, ds: &Dataset) -> Result<Model> {
-    Ok(Model::build(
+    Model::build(
         &opts.spec(),
         [ds.channels, ds.height, ds.width],
         ds.num_classes,
-    )?)
+    )
+    .with_context(|| {
+        let flag =
+            |name: &str, v: Option<usize>| v.map(|v| format!(" --{name} {v}")).unwrap_or_default();
+        format!(
+            "--model {:?}{}{}",
+            opts.model,
+            flag("depth", opts.depth),
+            flag("width", opts.width)
+        )
+        .to_lowercase()
+    })
 }
 
 /// Use `n` threads for tensor kernels (0 = all cores).

@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_objective;
+mod certify;
 mod certify_train;
 mod common;
 mod experiment;
@@ -37,9 +38,8 @@ enum Command {
     /// The paper's comparisons as sets of runs: `cge-vs-rge`, `sparsity`.
     #[command(subcommand)]
     Experiment(experiment::ExperimentCommand),
-    /// Denoised smoothing of a black-box classifier: train denoisers, compare certificates.
-    #[command(subcommand)]
-    Certify(certify_train::CertifyTrainCommand),
+    /// Certified robustness of a black-box classifier by randomized smoothing.
+    Certify(certify::CertifyArgs),
 }
 
 /// Keep freed tensor buffers in the process heap instead of returning them to the kernel.
@@ -73,13 +73,18 @@ fn main() {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Prune(args) => prune::run(*args),
         Command::Experiment(cmd) => experiment::run(cmd),
-        Command::Certify(cmd) => certify_train::run(cmd),
+        Command::Certify(args) => certify::run(args),
     };
     if let Err(e) = result {
-        // Core names settings in its own words; say which flag it was.
-        let e = match e.downcast::<deepzero_core::Error>() {
-            Ok(core) => common::flag_error(core),
-            Err(other) => other,
+        // Core names settings in its own words; say which flag it was (an error with context
+        // of its own keeps it).
+        let e = if e.chain().count() == 1 {
+            match e.downcast::<deepzero_core::Error>() {
+                Ok(core) => common::flag_error(core),
+                Err(other) => other,
+            }
+        } else {
+            e
         };
         eprintln!("error: {e:#}");
         std::process::exit(1);

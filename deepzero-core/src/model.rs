@@ -441,9 +441,7 @@ impl Model {
         match spec {
             ModelSpec::Mlp { hidden } => {
                 if hidden.contains(&0) {
-                    return Err(Error::Config(
-                        "--width: MLP hidden widths must be positive".into(),
-                    ));
+                    return Err(Error::Config("MLP hidden widths must be positive".into()));
                 }
                 let mut x = b.flatten("flatten", 0)?;
                 for (i, &width) in hidden.iter().enumerate() {
@@ -457,7 +455,7 @@ impl Model {
             ModelSpec::SimpleCnn { depth, width } => {
                 if *depth == 0 || *width == 0 {
                     return Err(Error::Config(
-                        "--depth and --width of the CNN must be positive".into(),
+                        "the CNN's depth and width must be positive".into(),
                     ));
                 }
                 let (mut hh, mut ww) = (h, w);
@@ -465,7 +463,7 @@ impl Model {
                 for d in 1..=*depth {
                     if hh < 2 || ww < 2 {
                         return Err(Error::Config(format!(
-                            "--depth {depth}: a {h}x{w} input is pooled below 1x1 after {} blocks; use --depth {} or less",
+                            "a CNN of depth {depth} pools a {h}x{w} input below 1x1 after {} blocks; use depth {} or less",
                             d - 1,
                             d - 1
                         )));

@@ -270,13 +270,13 @@ impl LayerRatios {
             }
             let l = self.layers.iter().find(|l| l.name == e.name).ok_or_else(|| {
                 Error::Config(format!(
-                    "--ratios: no keep ratio for {} (the file was made for model {}); run `deepzero prune` with this model",
+                    "the ratios file has no keep ratio for {} (the file was made for model {}); run `deepzero prune` with this model",
                     e.name, self.model
                 ))
             })?;
             if l.params != e.len() {
                 return Err(Error::Config(format!(
-                    "--ratios: {} has {} parameters in the file (model {}) but {} here; run `deepzero prune` with this model",
+                    "the ratios file gives {} {} parameters (model {}) but {} here; run `deepzero prune` with this model",
                     e.name,
                     l.params,
                     self.model,
@@ -292,7 +292,7 @@ impl LayerRatios {
                 .any(|e| e.kind.is_weight() && e.name == l.name)
         }) {
             return Err(Error::Config(format!(
-                "--ratios: the file has a ratio for {}, which this model does not have (file made for {})",
+                "the ratios file has a ratio for {}, which this model does not have (file made for {})",
                 extra.name, self.model
             )));
         }
@@ -319,7 +319,7 @@ pub fn global_keep(layout: &ParamLayout, scores: &[f64], sparsity: f64) -> Resul
     let mut idx: Vec<usize> = weight_entries(layout).flat_map(|e| e.range()).collect();
     if let Some(&i) = idx.iter().find(|&&i| !scores[i].is_finite()) {
         return Err(Error::Diverged(format!(
-            "pruning score of coordinate {i} is {}; try a smaller --mu",
+            "pruning score of coordinate {i} is {}; try a smaller μ",
             scores[i]
         )));
     }
@@ -484,9 +484,7 @@ pub fn grasp_scores(obj: &dyn Objective, params: &Tensor, mu: f64) -> Result<Sco
     let sub = WeightSubspace::new(obj, params)?;
     let theta = sub.base_tensor()?;
     let no_grad = || {
-        Error::Config(
-            "--method grasp needs a differentiable objective; use --method zo-grasp".into(),
-        )
+        Error::Config("GraSP needs a differentiable objective (a gradient); use ZO-GraSP".into())
     };
     let (_, g0) = sub.loss_and_grad(&theta)?.ok_or_else(no_grad)?;
     let shifted = (&theta + (&g0 * mu)?)?;

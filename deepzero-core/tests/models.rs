@@ -207,7 +207,7 @@ fn layout_offsets_contiguous_and_entry_of_boundaries() -> Result<()> {
 #[test]
 fn build_rejects_bad_shapes_with_clear_messages() {
     let e = Model::build(&cnn(4, 8), [1, 8, 8], 10).unwrap_err();
-    assert!(e.to_string().contains("--depth"), "{e}");
+    assert!(e.to_string().contains("depth 3 or less"), "{e}");
     assert!(Model::build(&cnn(3, 8), [1, 8, 8], 10).is_ok());
     assert!(Model::build(&cnn(0, 8), [1, 8, 8], 10).is_err());
     assert!(Model::build(&mlp(&[0]), [1, 8, 8], 10).is_err());

@@ -1,0 +1,224 @@
+//! End-to-end tests of `deepzero certify run`: the run directory, `run:` and `process:`
+//! classifiers, resume after a classifier that dies, and bad input.
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn deepzero(cwd: &Path, args: &[&str]) -> Result<Output> {
+    Command::new(env!("CARGO_BIN_EXE_deepzero"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .context("running the deepzero binary")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn ok(cwd: &Path, args: &[&str]) -> Result<Output> {
+    let o = deepzero(cwd, args)?;
+    ensure!(
+        o.status.success(),
+        "deepzero {args:?} failed:\n{}",
+        stderr(&o)
+    );
+    Ok(o)
+}
+
+fn fails(cwd: &Path, args: &[&str]) -> Result<String> {
+    let o = deepzero(cwd, args)?;
+    let err = stderr(&o);
+    ensure!(!o.status.success(), "deepzero {args:?} succeeded:\n{err}");
+    ensure!(
+        !err.contains("panicked"),
+        "deepzero {args:?} panicked:\n{err}"
+    );
+    Ok(err)
+}
+
+/// Rows of a certify.tsv without the time column.
+fn rows(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text
+        .lines()
+        .map(|l| l.rsplit_once('\t').map_or(l, |(a, _)| a).to_string())
+        .collect())
+}
+
+/// A 10-class `process:` classifier in pure Python: scores from the image's mean and corner
+/// pixel. With a file `die` next to it, it exits at request 8 (request 1 asks the class count,
+/// then each image takes 3: n0, and n in two batches), that is, on image 2.
+const CLIENT: &str = r#"
+import os, struct, sys
+here = os.path.dirname(os.path.abspath(__file__))
+req = 0
+while True:
+    header = sys.stdin.buffer.readline()
+    if not header:
+        break
+    req += 1
+    if req == 8 and os.path.exists(os.path.join(here, "die")):
+        print("client: dying on purpose", file=sys.stderr, flush=True)
+        sys.exit(7)
+    n, c, h, w = map(int, header.split())
+    d = c * h * w
+    x = struct.unpack(f"<{n * d}f", sys.stdin.buffer.read(4 * n * d))
+    out = []
+    for i in range(n):
+        img = x[i * d:(i + 1) * d]
+        m = sum(img) / d
+        out.append(" ".join(repr((k - 10 * m) * (0.5 + img[0]) * -abs(k - 10 * m)) for k in range(10)))
+    sys.stdout.write("\n".join(out) + "\n")
+    sys.stdout.flush()
+"#;
+
+#[test]
+fn certify_run_writes_cohens_format_and_resumes_after_a_dying_classifier() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let client = tmp.path().join("client.py");
+    std::fs::write(&client, CLIENT)?;
+    let spec = format!("process:python3 {}", client.display());
+    let common = [
+        "--classifier",
+        spec.as_str(),
+        "--sigma",
+        "0.25",
+        "--n0",
+        "20",
+        "--n",
+        "200",
+        "--batch",
+        "100",
+        "--max",
+        "6",
+    ];
+    // Uninterrupted.
+    let full = tmp.path().join("full");
+    let mut args = vec!["certify", "run", "--out", full.to_str().context("utf-8")?];
+    args.extend(common);
+    ok(tmp.path(), &args)?;
+    let tsv = rows(&full.join("certify.tsv"))?;
+    ensure!(tsv[0] == "idx\tlabel\tpredict\tradius\tcorrect", "{tsv:?}");
+    ensure!(tsv.len() == 7, "{tsv:?}");
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("summary.json"))?)?;
+    for k in ["0.0", "0.25", "0.5", "0.75", "1.0"] {
+        ensure!(summary["certified_accuracy"][k].is_number(), "{summary}");
+    }
+    for k in ["abstain_rate", "classifier_queries", "seconds"] {
+        ensure!(summary[k].is_number(), "{k}: {summary}");
+    }
+    // 6 images × (n0 + n) noisy queries, plus one grey image that asks the program its class count.
+    ensure!(summary["classifier_queries"] == 6 * 220 + 1, "{summary}");
+    ensure!(
+        full.join("certified_accuracy.png").is_file()
+            && full.join("certified_accuracy.svg").is_file()
+    );
+
+    // The classifier dies at its 8th request (image 2): a clear error, the rows so far kept.
+    std::fs::write(tmp.path().join("die"), "")?;
+    let part = tmp.path().join("part");
+    let part_s = part.to_str().context("utf-8")?;
+    let mut args = vec!["certify", "run", "--out", part_s];
+    args.extend(common);
+    let err = fails(tmp.path(), &args)?;
+    ensure!(
+        err.contains("request 8") && err.contains("dying on purpose"),
+        "{err}"
+    );
+    ensure!(err.contains("--resume"), "{err}");
+    let kept = rows(&part.join("certify.tsv"))?;
+    ensure!(kept.len() == 3 && kept[..] == tsv[..3], "{kept:?}");
+    // Resume with a healthy classifier: the same rows as the uninterrupted run.
+    std::fs::remove_file(tmp.path().join("die"))?;
+    ok(tmp.path(), &["certify", "run", "--resume", part_s])?;
+    ensure!(
+        rows(&part.join("certify.tsv"))? == tsv,
+        "resumed rows differ"
+    );
+    Ok(())
+}
+
+#[test]
+fn certify_run_through_a_trained_model_and_bad_input() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let victim = tmp.path().join("victim");
+    let victim_s = victim.to_str().context("utf-8")?;
+    ok(
+        tmp.path(),
+        &[
+            "train",
+            "--estimator",
+            "fo",
+            "--epochs",
+            "2",
+            "--out",
+            victim_s,
+        ],
+    )?;
+    let spec = format!("run:{victim_s}");
+    let out = tmp.path().join("cert");
+    ok(
+        tmp.path(),
+        &[
+            "certify",
+            "run",
+            "--classifier",
+            &spec,
+            "--sigma",
+            "0.25",
+            "--n",
+            "500",
+            "--max",
+            "4",
+            "--skip",
+            "3",
+            "--out",
+            out.to_str().context("utf-8")?,
+        ],
+    )?;
+    let tsv = rows(&out.join("certify.tsv"))?;
+    let idx: Vec<&str> = tsv[1..]
+        .iter()
+        .map(|r| r.split('\t').next().unwrap_or(""))
+        .collect();
+    ensure!(idx == ["0", "3", "6", "9"], "{idx:?}");
+
+    // Bad input: each a clear error naming the flag, and no run directory left behind.
+    let bad = tmp.path().join("bad");
+    let bad_s = bad.to_str().context("utf-8")?;
+    for (extra, needle) in [
+        (vec!["--sigma", "0"], "--sigma"),
+        (vec!["--sigma", "0.25", "--n", "0"], "--n"),
+        (vec!["--sigma", "0.25", "--alpha", "1.5"], "--alpha"),
+        (
+            vec!["--sigma", "0.25", "--dataset", "fashion-mnist"],
+            "data set",
+        ),
+    ] {
+        let mut args = vec!["certify", "run", "--classifier", &spec, "--out", bad_s];
+        args.extend(extra);
+        let err = fails(tmp.path(), &args)?;
+        ensure!(err.contains(needle), "{args:?}: {err}");
+        ensure!(!bad.exists(), "{args:?} left a run directory");
+    }
+    let err = fails(
+        tmp.path(),
+        &[
+            "certify",
+            "run",
+            "--classifier",
+            "nonsense",
+            "--sigma",
+            "0.25",
+            "--out",
+            bad_s,
+        ],
+    )?;
+    ensure!(err.contains("run:DIR"), "{err}");
+    Ok(())
+}
