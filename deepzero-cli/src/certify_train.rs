@@ -171,11 +171,11 @@ fn raw_data(
     Ok((train, test))
 }
 
+/// A black box and, where it is a deepzero model, the same classifier as a white box.
+type Classifiers = (Arc<dyn BlackBox>, Option<Arc<ModelClassifier>>);
+
 /// The black box `spec` names; for `run:DIR` also the white box (its model).
-fn open_classifier(
-    spec: &str,
-    shape: [usize; 3],
-) -> Result<(Arc<dyn BlackBox>, Option<Arc<ModelClassifier>>)> {
+fn open_classifier(spec: &str, shape: [usize; 3]) -> Result<Classifiers> {
     let (kind, rest) = spec.split_once(':').with_context(|| {
         format!("--classifier {spec}: expected run:DIR, process:COMMAND or onnx:FILE")
     })?;
