@@ -729,7 +729,7 @@ pub fn run_default() -> Result<()> {
         eprintln!("[3/4] DeepZero: sparse CGE through the black box");
         run_train_denoiser(parse_flags(&words(
             "--classifier run:{dir}/victim --dataset digits --method deepzero --init {dir}/denoiser-mse \
-             --sigma 0.25 --epochs 3 --lr 0.001 --sparsity 0.5 --out {dir}/denoiser-deepzero --overwrite",
+             --sigma 0.25 --train-limit 512 --epochs 2 --lr 0.001 --sparsity 0.9 --out {dir}/denoiser-deepzero --overwrite",
             &dir,
         ))?)?;
     }
