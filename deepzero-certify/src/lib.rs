@@ -35,11 +35,16 @@
 //! # Ok::<(), deepzero_certify::Error>(())
 //! ```
 //!
+//! Denoised smoothing: [`denoise`] trains a denoiser in front of the black box (MSE,
+//! DeepZero, ZO-AE-DS, ZO-DS, FO-DS), each method a core task, and [`DenoisedClassifier`] puts it
+//! in front of the classifier for certification.
+//!
 //! Modules: [`classifier`] (the interface), [`smoothing`] (CERTIFY, PREDICT and their
 //! statistics), [`tsv`] (Cohen's output format, resume, certified accuracy), [`run`] (many
 //! images, resumable), and one module per classifier kind.
 
 pub mod classifier;
+pub mod denoise;
 pub mod error;
 pub mod model;
 #[cfg(feature = "onnx")]
@@ -50,6 +55,10 @@ pub mod smoothing;
 pub mod tsv;
 
 pub use classifier::{BlackBox, QueryCounter};
+pub use denoise::{
+    Autoencoder, AutoencoderSpec, DenoiseConfig, DenoiseMethod, DenoisedClassifier, DenoiserRecord,
+    DenoiserRun, DenoiserTask, ZoConfig,
+};
 pub use error::{Error, ProcessFailure, Result};
 pub use model::ModelClassifier;
 #[cfg(feature = "onnx")]

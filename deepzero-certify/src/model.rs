@@ -93,6 +93,40 @@ impl ModelClassifier {
         &self.model
     }
 
+    /// The flat parameter tensor.
+    pub fn params(&self) -> &Tensor {
+        &self.params
+    }
+
+    /// The batch-norm running statistics used in eval mode.
+    pub fn bn_state(&self) -> &BnState {
+        &self.bn
+    }
+
+    /// The input normalisation applied inside.
+    pub fn normalization(&self) -> &Normalization {
+        &self.norm
+    }
+
+    /// Logits of `[N, C, H, W]` pixel images (in [0, 1] plus noise) as a candle expression:
+    /// normalisation, then the model in eval mode with its fixed parameters. Gradients flow to
+    /// `pixels` (the white-box access that FO-DS uses); no query is counted.
+    pub fn forward_pixels(&self, pixels: &Tensor) -> Result<Tensor> {
+        let c = self.model.input_shape[0];
+        let dtype = self.params.dtype();
+        let device = self.params.device();
+        let mean: Vec<f64> = self.norm.mean.iter().map(|&m| f64::from(m)).collect();
+        let std: Vec<f64> = self.norm.std.iter().map(|&s| f64::from(s)).collect();
+        let mean = Tensor::from_vec(mean, (1, c, 1, 1), device)?.to_dtype(dtype)?;
+        let std = Tensor::from_vec(std, (1, c, 1, 1), device)?.to_dtype(dtype)?;
+        let x = pixels
+            .to_dtype(dtype)?
+            .broadcast_sub(&mean)?
+            .broadcast_div(&std)?;
+        let views = self.model.param_views(&self.params)?;
+        Ok(self.model.forward(&views, &x, Mode::Eval(&self.bn))?)
+    }
+
     fn forward_chunk(&self, views: &[Tensor], images: &[f32], n: usize) -> Result<Vec<f32>> {
         let [c, h, w] = self.model.input_shape;
         let plane = h * w;

@@ -36,6 +36,10 @@ pub struct CertifyArgs {
 pub enum CertifyCommand {
     /// Certify test images of a black-box classifier (Cohen et al.'s CERTIFY); writes certify.tsv.
     Run(Box<CertifyRunArgs>),
+    /// Train a denoiser in front of a black-box classifier (mse, deepzero, zo-ae-ds, zo-ds, fo).
+    TrainDenoiser(Box<crate::certify_train::TrainDenoiserArgs>),
+    /// Certified accuracy vs radius: no denoiser and each denoiser run, same test images.
+    Compare(Box<crate::certify_train::CompareArgs>),
 }
 
 /// Flags of `deepzero certify run`.
@@ -81,6 +85,10 @@ pub struct CertifyRunArgs {
     /// Run directory [default: runs/certify-<UTC time>].
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// A denoiser run (`certify train-denoiser --out DIR`) placed in front of the classifier.
+    #[arg(long)]
+    #[serde(default)]
+    pub denoiser: Option<PathBuf>,
     /// Allow writing into a non-empty --out directory.
     #[arg(long)]
     #[serde(skip)]
@@ -121,7 +129,11 @@ pub const SUMMARY_RADII: [f64; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
 pub fn run(args: CertifyArgs) -> Result<()> {
     match args.command {
         Some(CertifyCommand::Run(a)) => run_certify(*a).map(|_| ()),
-        None => bail!("deepzero certify: choose a subcommand (`deepzero certify run --help`)"),
+        Some(CertifyCommand::TrainDenoiser(a)) => {
+            crate::certify_train::run_train_denoiser(*a).map(|_| ())
+        }
+        Some(CertifyCommand::Compare(a)) => crate::certify_train::run_compare(*a),
+        None => crate::certify_train::run_default(),
     }
 }
 
@@ -261,6 +273,22 @@ pub fn run_certify(args: CertifyRunArgs) -> Result<CertifySummary> {
         shape,
         Duration::from_secs_f64(args.classifier_timeout),
     )?;
+    let classifier: Box<dyn BlackBox> = match &args.denoiser {
+        Some(d) => {
+            let run = deepzero_certify::DenoiserRun::load(d)
+                .with_context(|| format!("--denoiser {}", d.display()))?;
+            if let Some(sigma) = args.sigma.filter(|&s| s != run.record.sigma) {
+                eprintln!(
+                    "note: the denoiser was trained for σ = {}, certifying at σ = {sigma}",
+                    run.record.sigma
+                );
+            }
+            Box::new(deepzero_certify::DenoisedClassifier::from_run(
+                run, classifier,
+            )?)
+        }
+        None => classifier,
+    };
     let k = classifier.num_classes()?;
     if let Some(&bad) = test.labels.iter().find(|&&y| y as usize >= k) {
         bail!("--classifier {spec} answers {k} class scores, but the data set has label {bad}");

@@ -6,6 +6,7 @@
 mod bench;
 mod bench_objective;
 mod certify;
+mod certify_train;
 mod common;
 mod experiment;
 mod gradcheck;
