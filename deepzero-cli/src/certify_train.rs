@@ -2,10 +2,11 @@
 //! black-box classifier. The algorithms live in `deepzero_certify::denoise`; this file parses,
 //! calls and reports.
 
+use crate::common::{DataArg, DataOpts};
 use crate::report::{self, LineChart, Series};
 use crate::train::{epoch_line, plot_history};
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use deepzero_certify::denoise::DenoiserTask;
 use deepzero_certify::smoothing::SmoothingConfig;
 use deepzero_certify::tsv::{certified_accuracy, read_tsv, CertifyRow, TSV_HEADER};
@@ -14,7 +15,7 @@ use deepzero_certify::{
     DenoisedClassifier, DenoiserRecord, DenoiserRun, ModelClassifier, ZoConfig,
 };
 use deepzero_core::checkpoint;
-use deepzero_core::data::{self, Dataset, DatasetKind};
+use deepzero_core::data::Dataset;
 use deepzero_core::estimator::Backprop;
 use deepzero_core::model::{Model, ModelSpec, Precision};
 use deepzero_core::optim::{OptimizerConfig, OptimizerKind};
@@ -27,27 +28,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Image data sets a denoiser can be trained on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ImageData {
-    Digits,
-    FashionMnist,
-    Mnist,
-    Cifar10,
-}
-
-impl From<ImageData> for DatasetKind {
-    fn from(d: ImageData) -> Self {
-        match d {
-            ImageData::Digits => DatasetKind::Digits,
-            ImageData::FashionMnist => DatasetKind::FashionMnist,
-            ImageData::Mnist => DatasetKind::Mnist,
-            ImageData::Cifar10 => DatasetKind::Cifar10,
-        }
-    }
-}
 
 fn parse_method(s: &str) -> std::result::Result<DenoiseMethod, String> {
     s.parse()
@@ -71,8 +51,8 @@ pub struct TrainDenoiserArgs {
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// Data set (the classifier's).
-    #[arg(long, value_enum, default_value_t = ImageData::FashionMnist)]
-    pub dataset: ImageData,
+    #[arg(long, value_enum, default_value_t = DataArg::FashionMnist)]
+    pub dataset: DataArg,
     /// Directory with the data set's files.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -158,17 +138,20 @@ pub struct DenoiserSummary {
 
 /// Raw pixels (in [0, 1]) of the data set, the training set limited.
 fn raw_data(
-    dataset: ImageData,
+    dataset: DataArg,
     dir: &Option<PathBuf>,
     limit: Option<usize>,
     seed: u64,
 ) -> Result<(Dataset, Dataset)> {
-    let (mut train, test) = data::load(dataset.into(), dir.as_deref(), seed)
-        .with_context(|| format!("loading --dataset {dataset:?}"))?;
-    if let Some(n) = limit {
-        train = train.take(n.max(1));
-    }
-    Ok((train, test))
+    crate::common::raw_data(
+        &DataOpts {
+            dataset,
+            data_dir: dir.clone(),
+            train_limit: limit,
+            test_limit: None,
+        },
+        seed,
+    )
 }
 
 /// A black box and, where it is a deepzero model, the same classifier as a white box.
@@ -179,31 +162,20 @@ fn open_classifier(spec: &str, shape: [usize; 3]) -> Result<Classifiers> {
     let (kind, rest) = spec.split_once(':').with_context(|| {
         format!("--classifier {spec}: expected run:DIR, process:COMMAND or onnx:FILE")
     })?;
-    let (bb, white): (Arc<dyn BlackBox>, _) = match kind {
-        "run" => {
-            let m = Arc::new(crate::certify::model_classifier(Path::new(rest))?);
-            (m.clone(), Some(m))
+    if kind == "run" {
+        let m = Arc::new(crate::certify::model_classifier(Path::new(rest))?);
+        let want = m.input_shape();
+        if want != shape {
+            bail!("--classifier {spec} takes images of {want:?}, the data set has {shape:?}");
         }
-        "process" => (
-            Arc::new(deepzero_certify::ProcessClassifier::spawn(
-                rest,
-                shape,
-                std::time::Duration::from_secs(60),
-            )?),
-            None,
-        ),
-        "onnx" => (
-            Arc::new(deepzero_certify::OnnxClassifier::load(rest)?),
-            None,
-        ),
-        other => bail!("--classifier {spec}: unknown kind `{other}`"),
-    };
-    if bb.input_shape() != shape {
-        bail!(
-            "--classifier {spec} takes images of {:?}, the data set has {shape:?}",
-            bb.input_shape()
-        );
+        return Ok((m.clone(), Some(m)));
     }
+    let bb: Arc<dyn BlackBox> = Arc::from(crate::certify::classifier_from_spec(
+        spec,
+        shape,
+        std::time::Duration::from_secs(60),
+    )?);
+    let white = None;
     Ok((bb, white))
 }
 
@@ -489,8 +461,8 @@ pub struct CompareArgs {
     /// Noise level σ.
     #[arg(long, default_value_t = 0.25)]
     pub sigma: f64,
-    #[arg(long, value_enum, default_value_t = ImageData::FashionMnist)]
-    pub dataset: ImageData,
+    #[arg(long, value_enum, default_value_t = DataArg::FashionMnist)]
+    pub dataset: DataArg,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 100)]

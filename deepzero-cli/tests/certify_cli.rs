@@ -222,3 +222,92 @@ fn certify_run_through_a_trained_model_and_bad_input() -> Result<()> {
     ensure!(err.contains("run:DIR"), "{err}");
     Ok(())
 }
+
+/// `certify train-denoiser` (mse, then deepzero from it) and `certify compare` end to end on
+/// digits; a second `compare` into the same directory resumes and gives the same table.
+#[test]
+fn train_denoiser_and_compare() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let p = |name: &str| tmp.path().join(name).to_string_lossy().into_owned();
+    ok(
+        tmp.path(),
+        &[
+            "train",
+            "--estimator",
+            "fo",
+            "--epochs",
+            "2",
+            "--out",
+            &p("victim"),
+        ],
+    )?;
+    let victim = format!("run:{}", p("victim"));
+    let common = [
+        "--classifier",
+        victim.as_str(),
+        "--sigma",
+        "0.25",
+        "--dataset",
+        "digits",
+    ];
+    let mut mse = vec![
+        "certify",
+        "train-denoiser",
+        "--method",
+        "mse",
+        "--train-limit",
+        "200",
+    ];
+    mse.extend(["--epochs", "1", "--out"]);
+    let den = p("den");
+    mse.push(&den);
+    mse.extend(common);
+    ok(tmp.path(), &mse)?;
+    let dz = p("dz");
+    let mut zo = vec![
+        "certify",
+        "train-denoiser",
+        "--method",
+        "deepzero",
+        "--init",
+        &den,
+    ];
+    zo.extend([
+        "--train-limit",
+        "64",
+        "--epochs",
+        "1",
+        "--sparsity",
+        "0.9",
+        "--out",
+        &dz,
+    ]);
+    zo.extend(common);
+    ok(tmp.path(), &zo)?;
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(
+        tmp.path().join("dz/summary.json"),
+    )?)?;
+    ensure!(s.to_string().contains("black_box_queries"), "{s}");
+    for f in ["config.json", "denoiser.json", "metrics.jsonl"] {
+        ensure!(tmp.path().join("dz").join(f).is_file(), "dz/{f} missing");
+    }
+    let cmp = p("cmp");
+    let mse_spec = format!("mse={den}");
+    let dz_spec = format!("deepzero={dz}");
+    let mut args = vec!["certify", "compare", "--denoiser", &mse_spec, &dz_spec];
+    args.extend(["--n", "100", "--max", "3", "--out", &cmp]);
+    args.extend(common);
+    ok(tmp.path(), &args)?;
+    let table = std::fs::read_to_string(tmp.path().join("cmp/table.json"))?;
+    let t: Value = serde_json::from_str(&table)?;
+    for m in ["none", "mse", "deepzero"] {
+        ensure!(t[m].is_object(), "{m} missing in {t}");
+        ensure!(rows(&tmp.path().join(format!("cmp/certify-{m}.tsv")))?.len() == 4);
+    }
+    ok(tmp.path(), &args)?;
+    ensure!(
+        std::fs::read_to_string(tmp.path().join("cmp/table.json"))? == table,
+        "resumed table differs"
+    );
+    Ok(())
+}
