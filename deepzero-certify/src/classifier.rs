@@ -41,50 +41,27 @@ pub trait BlackBox: Send + Sync {
     }
 }
 
-impl<T: BlackBox + ?Sized> BlackBox for &T {
-    fn input_shape(&self) -> [usize; 3] {
-        (**self).input_shape()
-    }
-    fn num_classes(&self) -> Result<usize> {
-        (**self).num_classes()
-    }
-    fn logits(&self, images: &[f32], n: usize) -> Result<Vec<f32>> {
-        (**self).logits(images, n)
-    }
-    fn queries(&self) -> u64 {
-        (**self).queries()
-    }
+/// A reference or smart pointer to a black box is the same black box.
+macro_rules! forward_black_box {
+    ($($pointer:ty),*) => {$(
+        impl<T: BlackBox + ?Sized> BlackBox for $pointer {
+            fn input_shape(&self) -> [usize; 3] {
+                (**self).input_shape()
+            }
+            fn num_classes(&self) -> Result<usize> {
+                (**self).num_classes()
+            }
+            fn logits(&self, images: &[f32], n: usize) -> Result<Vec<f32>> {
+                (**self).logits(images, n)
+            }
+            fn queries(&self) -> u64 {
+                (**self).queries()
+            }
+        }
+    )*};
 }
 
-impl<T: BlackBox + ?Sized> BlackBox for Box<T> {
-    fn input_shape(&self) -> [usize; 3] {
-        (**self).input_shape()
-    }
-    fn num_classes(&self) -> Result<usize> {
-        (**self).num_classes()
-    }
-    fn logits(&self, images: &[f32], n: usize) -> Result<Vec<f32>> {
-        (**self).logits(images, n)
-    }
-    fn queries(&self) -> u64 {
-        (**self).queries()
-    }
-}
-
-impl<T: BlackBox + ?Sized> BlackBox for Arc<T> {
-    fn input_shape(&self) -> [usize; 3] {
-        (**self).input_shape()
-    }
-    fn num_classes(&self) -> Result<usize> {
-        (**self).num_classes()
-    }
-    fn logits(&self, images: &[f32], n: usize) -> Result<Vec<f32>> {
-        (**self).logits(images, n)
-    }
-    fn queries(&self) -> u64 {
-        (**self).queries()
-    }
-}
+forward_black_box!(&T, Box<T>, Arc<T>);
 
 /// A thread-safe query counter for [`BlackBox`] implementations.
 #[derive(Debug, Default)]
