@@ -192,11 +192,7 @@ pub fn model_classifier(dir: &Path) -> Result<ModelClassifier> {
     let model = build_model(&args.model, &train)?;
     let state = deepzero_core::checkpoint::load(dir, &candle_core::Device::Cpu)
         .with_context(|| format!("--classifier run:{}", dir.display()))?;
-    let bn: BnState = match state.task.get("bn") {
-        Some(v) => serde_json::from_value(v.clone())
-            .with_context(|| format!("{}: batch-norm statistics", dir.display()))?,
-        None => model.new_bn_state(),
-    };
+    let bn = BnState::from_task_state(&state.task, &model)?.unwrap_or_else(|| model.new_bn_state());
     let params = state.params.to_dtype(candle_core::DType::F32)?;
     Ok(ModelClassifier::from_tensor(model, params, bn, norm)?)
 }

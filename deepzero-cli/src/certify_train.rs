@@ -378,7 +378,7 @@ pub fn run_train_denoiser(args: TrainDenoiserArgs) -> Result<DenoiserSummary> {
                     );
                 }
                 let mut s = TrainState::new(run.params);
-                s.task = serde_json::json!({ "bn": run.bn });
+                s.task = run.bn.to_task_state();
                 s
             }
             None => {

@@ -96,6 +96,41 @@ pub struct BnBatchStats {
 }
 
 impl BnState {
+    /// The checkpointed task state of a model-based task: `{"bn": …}`.
+    pub fn to_task_state(&self) -> serde_json::Value {
+        serde_json::json!({ "bn": self })
+    }
+
+    /// Read what [`BnState::to_task_state`] wrote, checked against `model`'s batch-norm layers;
+    /// `None` when the state holds no statistics.
+    pub fn from_task_state(state: &serde_json::Value, model: &Model) -> Result<Option<BnState>> {
+        let Some(v) = state.get("bn") else {
+            return Ok(None);
+        };
+        let bn: BnState = serde_json::from_value(v.clone()).map_err(|source| Error::Json {
+            context: "batch-norm statistics in the checkpoint".into(),
+            source,
+        })?;
+        let fits = bn.mean.len() == model.bn_channels.len()
+            && bn.var.len() == model.bn_channels.len()
+            && bn
+                .mean
+                .iter()
+                .zip(&bn.var)
+                .zip(&model.bn_channels)
+                .all(|((m, v), &c)| m.len() == c && v.len() == c);
+        if !fits {
+            return Err(Error::Shape(format!(
+                "the checkpoint's batch-norm statistics ({} layers) do not fit model {} ({} layers of {:?} channels)",
+                bn.mean.len(),
+                model.name,
+                model.bn_channels.len(),
+                model.bn_channels
+            )));
+        }
+        Ok(Some(bn))
+    }
+
     /// Fold one batch's statistics into the running estimates (PyTorch's rule).
     pub fn update(&mut self, batch: &BnBatchStats) {
         for (k, (m, v, n)) in batch.stats.iter().enumerate() {

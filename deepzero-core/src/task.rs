@@ -280,25 +280,12 @@ impl Task for ClassificationTask<'_> {
         ])
     }
     fn state(&self) -> Result<serde_json::Value> {
-        Ok(serde_json::json!({ "bn": self.bn }))
+        Ok(self.bn.to_task_state())
     }
     fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
-        let bn = state.get("bn").cloned().ok_or_else(|| {
+        self.bn = BnState::from_task_state(state, self.model)?.ok_or_else(|| {
             Error::Config("classification checkpoint has no batch-norm statistics (`bn`)".into())
         })?;
-        let bn: BnState = serde_json::from_value(bn).map_err(|source| Error::Json {
-            context: "batch-norm statistics in the checkpoint".into(),
-            source,
-        })?;
-        if bn.mean.len() != self.model.bn_channels.len() {
-            return Err(Error::Shape(format!(
-                "checkpoint has {} batch-norm layers, model {} has {}",
-                bn.mean.len(),
-                self.model.name,
-                self.model.bn_channels.len()
-            )));
-        }
-        self.bn = bn;
         Ok(())
     }
     fn pruning_objective(&self, seed: u64) -> Result<Box<dyn Objective + '_>> {

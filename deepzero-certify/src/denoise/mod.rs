@@ -688,7 +688,7 @@ impl Task for DenoiserTask<'_> {
         run().map_err(to_core)
     }
     fn state(&self) -> deepzero_core::Result<serde_json::Value> {
-        Ok(serde_json::json!({ "bn": self.bn }))
+        Ok(self.bn.to_task_state())
     }
     fn load_state(&mut self, state: &serde_json::Value) -> deepzero_core::Result<()> {
         self.bn = bn_from_state(state, self.denoiser).map_err(to_core)?;
@@ -698,18 +698,5 @@ impl Task for DenoiserTask<'_> {
 
 /// The denoiser's batch-norm statistics from a checkpoint's task state (`{"bn": ...}`).
 pub fn bn_from_state(state: &serde_json::Value, model: &Model) -> Result<BnState> {
-    let bn = match state.get("bn") {
-        Some(v) => serde_json::from_value::<BnState>(v.clone())
-            .map_err(|e| Error::Config(format!("batch-norm statistics in the checkpoint: {e}")))?,
-        None => return Ok(model.new_bn_state()),
-    };
-    if bn.mean.len() != model.bn_channels.len() {
-        return Err(Error::Shape(format!(
-            "checkpoint has {} batch-norm layers, denoiser {} has {}",
-            bn.mean.len(),
-            model.name,
-            model.bn_channels.len()
-        )));
-    }
-    Ok(bn)
+    Ok(BnState::from_task_state(state, model)?.unwrap_or_else(|| model.new_bn_state()))
 }
