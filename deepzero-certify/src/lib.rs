@@ -46,6 +46,8 @@
 pub mod classifier;
 pub mod denoise;
 pub mod error;
+#[cfg(feature = "onnx")]
+pub mod export;
 pub mod model;
 #[cfg(feature = "onnx")]
 pub mod onnx;

@@ -464,3 +464,88 @@ impl Drop for ProcessClassifier {
         kill(&mut state.child);
     }
 }
+
+/// The server side of the protocol: answers every request on `input` with `classifier`'s
+/// scores on `output` until end of input, and returns the number of requests answered. This
+/// is `deepzero certify serve`: any black box (a `run:` model, an ONNX file) becomes a
+/// `process:` classifier for deepzero or for another tool.
+///
+/// Scores are written in Rust's shortest round-trip form, so a client that parses them as f32
+/// gets the classifier's values exactly. A malformed request (a header that is not four
+/// numbers, an image shape other than the classifier's, a short payload) is an error naming
+/// the request; nothing is answered for it.
+pub fn serve<C: BlackBox + ?Sized>(
+    classifier: &C,
+    mut input: impl BufRead,
+    mut output: impl Write,
+) -> Result<u64> {
+    let shape = classifier.input_shape();
+    let per_image: usize = shape.iter().product();
+    let io = |e: std::io::Error| Error::Io {
+        path: "<protocol stream>".into(),
+        source: e,
+    };
+    let mut requests = 0u64;
+    let mut header = String::new();
+    loop {
+        header.clear();
+        if input.read_line(&mut header).map_err(io)? == 0 {
+            return Ok(requests);
+        }
+        requests += 1;
+        let fields: Vec<usize> = header
+            .split_ascii_whitespace()
+            .map(|t| t.parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| {
+                Error::Config(format!(
+                    "request {requests}: the header {:?} is not `N C H W` (four whole numbers)",
+                    shorten(header.trim_end())
+                ))
+            })?;
+        let [n, c, h, w] = fields[..] else {
+            return Err(Error::Config(format!(
+                "request {requests}: the header {:?} is not `N C H W` (four whole numbers)",
+                shorten(header.trim_end())
+            )));
+        };
+        if [c, h, w] != shape {
+            return Err(Error::Shape(format!(
+                "request {requests}: images of {:?} (C, H, W), the classifier takes {shape:?}",
+                [c, h, w]
+            )));
+        }
+        let values = n
+            .checked_mul(per_image)
+            .ok_or_else(|| Error::Config(format!("request {requests}: {n} images is too many")))?;
+        let mut bytes = vec![0u8; values * 4];
+        input.read_exact(&mut bytes).map_err(|e| {
+            Error::Config(format!(
+                "request {requests}: the payload of {n} images ({} bytes) is incomplete: {e}",
+                values * 4
+            ))
+        })?;
+        let images: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let scores = if n == 0 {
+            Vec::new()
+        } else {
+            classifier.logits(&images, n)?
+        };
+        let k = scores.len() / n.max(1);
+        let mut text = String::with_capacity(scores.len() * 12);
+        for row in scores.chunks(k.max(1)) {
+            for (j, v) in row.iter().enumerate() {
+                if j > 0 {
+                    text.push(' ');
+                }
+                text.push_str(&v.to_string());
+            }
+            text.push('\n');
+        }
+        output.write_all(text.as_bytes()).map_err(io)?;
+        output.flush().map_err(io)?;
+    }
+}

@@ -40,6 +40,10 @@ pub enum CertifyCommand {
     TrainDenoiser(Box<crate::certify_train::TrainDenoiserArgs>),
     /// Certified accuracy vs radius: no denoiser and each denoiser run, same test images.
     Compare(Box<crate::certify_train::CompareArgs>),
+    /// Export a `run:DIR` classifier to an ONNX file (normalisation included, pixels in [0, 1]).
+    Export(ExportArgs),
+    /// Serve a `run:DIR` or `onnx:FILE` classifier over the process protocol on stdin/stdout.
+    Serve(ServeArgs),
 }
 
 /// Flags of `deepzero certify run`.
@@ -133,6 +137,8 @@ pub fn run(args: CertifyArgs) -> Result<()> {
             crate::certify_train::run_train_denoiser(*a).map(|_| ())
         }
         Some(CertifyCommand::Compare(a)) => crate::certify_train::run_compare(*a),
+        Some(CertifyCommand::Export(a)) => run_export(a),
+        Some(CertifyCommand::Serve(a)) => run_serve(a),
         None => crate::certify_train::run_default(),
     }
 }
@@ -143,22 +149,7 @@ pub fn classifier_from_spec(
     shape: [usize; 3],
     timeout: Duration,
 ) -> Result<Box<dyn BlackBox>> {
-    let (kind, rest) = spec.split_once(':').with_context(|| {
-        format!("--classifier {spec}: expected run:DIR, process:COMMAND or onnx:FILE")
-    })?;
-    let bb: Box<dyn BlackBox> = match kind {
-        "run" => Box::new(model_classifier(Path::new(rest))?),
-        "process" => {
-            if rest.trim().is_empty() {
-                bail!("--classifier process: needs a command, e.g. process:'python3 client.py'");
-            }
-            Box::new(ProcessClassifier::spawn(rest, shape, timeout)?)
-        }
-        "onnx" => onnx_classifier(rest)?,
-        other => bail!(
-            "--classifier {spec}: unknown kind `{other}`; expected run:DIR, process:COMMAND or onnx:FILE"
-        ),
-    };
+    let bb = open_classifier(spec, Some(shape), timeout)?;
     let want = bb.input_shape();
     if want != shape {
         bail!(
@@ -166,6 +157,100 @@ pub fn classifier_from_spec(
         );
     }
     Ok(bb)
+}
+
+/// Open the black box that `spec` names; a `process:` program needs the image `shape` it is
+/// sent (`None` refuses it).
+fn open_classifier(
+    spec: &str,
+    shape: Option<[usize; 3]>,
+    timeout: Duration,
+) -> Result<Box<dyn BlackBox>> {
+    let (kind, rest) = spec.split_once(':').with_context(|| {
+        format!("--classifier {spec}: expected run:DIR, process:COMMAND or onnx:FILE")
+    })?;
+    Ok(match kind {
+        "run" => Box::new(model_classifier(Path::new(rest))?),
+        "process" => {
+            if rest.trim().is_empty() {
+                bail!("--classifier process: needs a command, e.g. process:'python3 client.py'");
+            }
+            let Some(shape) = shape else {
+                bail!("--classifier {spec}: only run:DIR and onnx:FILE classifiers can be served");
+            };
+            Box::new(ProcessClassifier::spawn(rest, shape, timeout)?)
+        }
+        "onnx" => onnx_classifier(rest)?,
+        other => bail!(
+            "--classifier {spec}: unknown kind `{other}`; expected run:DIR, process:COMMAND or onnx:FILE"
+        ),
+    })
+}
+
+/// Flags of `deepzero certify export`.
+#[derive(Args, Debug, Clone)]
+pub struct ExportArgs {
+    /// The classifier to export: `run:DIR` (a `deepzero train` run directory).
+    #[arg(long)]
+    pub classifier: String,
+    /// The ONNX file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// Flags of `deepzero certify serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// The classifier to serve: `run:DIR` or `onnx:FILE`.
+    #[arg(long)]
+    pub classifier: String,
+}
+
+/// `deepzero certify export`: a `run:` classifier (model, last checkpoint, batch-norm
+/// statistics, input normalisation) as one ONNX file that takes pixels in [0, 1].
+pub fn run_export(args: ExportArgs) -> Result<()> {
+    let Some(dir) = args.classifier.strip_prefix("run:") else {
+        bail!(
+            "--classifier {}: only run:DIR classifiers export (a process: or onnx: classifier is not a deepzero model)",
+            args.classifier
+        );
+    };
+    if args.out.extension().and_then(|e| e.to_str()) != Some("onnx") {
+        bail!(
+            "--out {}: give a file name ending in .onnx",
+            args.out.display()
+        );
+    }
+    if args.out.exists() && !args.overwrite {
+        bail!(
+            "--out {} exists; pass --overwrite to replace it",
+            args.out.display()
+        );
+    }
+    let classifier = model_classifier(Path::new(dir))?;
+    deepzero_certify::export::write_onnx(&classifier, &args.out)
+        .with_context(|| format!("--out {}", args.out.display()))?;
+    eprintln!(
+        "exported {} ({} parameters) → {}",
+        classifier.model().name,
+        classifier.model().num_params(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// `deepzero certify serve`: answers the process protocol on stdin/stdout with a classifier
+/// until stdin closes.
+pub fn run_serve(args: ServeArgs) -> Result<()> {
+    let classifier = open_classifier(&args.classifier, None, Duration::from_secs(60))?;
+    let stdin = std::io::stdin();
+    let stdout = std::io::stdout();
+    deepzero_certify::process::serve(classifier.as_ref(), stdin.lock(), stdout.lock())
+        .with_context(|| format!("serving --classifier {}", args.classifier))?;
+    Ok(())
 }
 
 fn onnx_classifier(path: &str) -> Result<Box<dyn BlackBox>> {

@@ -188,6 +188,68 @@ fn certify_run_through_a_trained_model_and_bad_input() -> Result<()> {
         .collect();
     ensure!(idx == ["0", "3", "6", "9"], "{idx:?}");
 
+    // The same model exported to ONNX, and served over the process protocol (the model and its
+    // ONNX file): every black box gives the same predictions and radii on the same images.
+    let onnx = tmp.path().join("victim.onnx");
+    let onnx_s = onnx.to_str().context("utf-8")?;
+    ok(
+        tmp.path(),
+        &["certify", "export", "--classifier", &spec, "--out", onnx_s],
+    )?;
+    let err = fails(
+        tmp.path(),
+        &["certify", "export", "--classifier", &spec, "--out", onnx_s],
+    )?;
+    ensure!(err.contains("--overwrite"), "{err}");
+    let err = fails(
+        tmp.path(),
+        &[
+            "certify",
+            "export",
+            "--classifier",
+            &format!("onnx:{onnx_s}"),
+            "--out",
+            "x.onnx",
+        ],
+    )?;
+    ensure!(err.contains("only run:DIR"), "{err}");
+    let exe = env!("CARGO_BIN_EXE_deepzero");
+    let onnx_spec = format!("onnx:{onnx_s}");
+    for (name, other) in [
+        ("onnx", onnx_spec.clone()),
+        (
+            "process-run",
+            format!("process:'{exe}' certify serve --classifier 'run:{victim_s}'"),
+        ),
+        (
+            "process-onnx",
+            format!("process:'{exe}' certify serve --classifier '{onnx_spec}'"),
+        ),
+    ] {
+        let dir = tmp.path().join(format!("cert-{name}"));
+        ok(
+            tmp.path(),
+            &[
+                "certify",
+                "run",
+                "--classifier",
+                &other,
+                "--sigma",
+                "0.25",
+                "--n",
+                "500",
+                "--max",
+                "4",
+                "--skip",
+                "3",
+                "--out",
+                dir.to_str().context("utf-8")?,
+            ],
+        )?;
+        let got = rows(&dir.join("certify.tsv"))?;
+        ensure!(got == tsv, "{name}: {got:?}\nrun: {tsv:?}");
+    }
+
     // Bad input: each a clear error naming the flag, and no run directory left behind.
     let bad = tmp.path().join("bad");
     let bad_s = bad.to_str().context("utf-8")?;
