@@ -25,6 +25,8 @@ pub enum BenchCommand {
     Kernels(KernelBenchArgs),
     /// Threaded speedup of CGE on a black-box objective (no layer graph) of a given query cost.
     Objective(crate::bench_objective::ObjectiveBenchArgs),
+    /// Seconds to certify one image (n0 + n samples) vs the same number of forward passes.
+    Certify(crate::bench_certify::CertifyBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -115,6 +117,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         }
         BenchCommand::Kernels(a) => bench_kernels(&a)?,
         BenchCommand::Objective(a) => crate::bench_objective::run(&a)?,
+        BenchCommand::Certify(a) => crate::bench_certify::run(&a)?,
     }
     Ok(())
 }

@@ -311,7 +311,11 @@ fn check_smoothing(a: &CertifyRunArgs) -> Result<SmoothingConfig> {
 }
 
 /// The test images (pixels in [0, 1]) and labels of the data options.
-fn test_images(dataset: DataArg, data_dir: &Option<PathBuf>, seed: u64) -> Result<Dataset> {
+pub(crate) fn test_images(
+    dataset: DataArg,
+    data_dir: &Option<PathBuf>,
+    seed: u64,
+) -> Result<Dataset> {
     let opts = DataOpts {
         dataset,
         data_dir: data_dir.clone(),

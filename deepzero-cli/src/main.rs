@@ -4,6 +4,7 @@
 //! progress and writes run directories (config, metrics, summary, plots, checkpoints).
 
 mod bench;
+mod bench_certify;
 mod bench_objective;
 mod certify;
 mod certify_train;
