@@ -9,7 +9,8 @@ use deepzero_core::checkpoint;
 use deepzero_core::trainer::{EpochMetrics, Observer, StepInfo, TrainState};
 use deepzero_pde::correction::{self, prepare, rollouts};
 use deepzero_pde::{
-    CorrectionConfig, Dataset, DatasetConfig, Method, NavierStokesParams, NetworkConfig, Problem,
+    CorrectionConfig, Dataset, DatasetConfig, InitialStateConfig, Method, NavierStokesParams,
+    NetworkConfig, Problem,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -82,12 +83,18 @@ pub struct DataFlags {
     /// Viscosity ν [default: 0.1 Burgers, 1e-3 Navier–Stokes].
     #[arg(long)]
     pub viscosity: Option<f64>,
-    /// Largest amplitude of the Burgers forcing waves [default: 1].
+    /// Largest amplitude of the Burgers forcing waves [default: 0.15].
     #[arg(long)]
     pub forcing_amplitude: Option<f64>,
-    /// Root-mean-square value of the initial state [default: 0.25].
+    /// Largest angular frequency of the Burgers forcing waves [default: 0.4].
+    #[arg(long)]
+    pub forcing_frequency: Option<f64>,
+    /// Root-mean-square value of the initial state [default: 1 Burgers, 0.25 Navier–Stokes].
     #[arg(long)]
     pub initial_rms: Option<f64>,
+    /// Reference steps before the first recorded state [default: 30, Solver-in-the-Loop's].
+    #[arg(long)]
+    pub skip_steps: Option<usize>,
     /// Seed of the simulations [default: 2020].
     #[arg(long)]
     pub data_seed: Option<u64>,
@@ -104,8 +111,8 @@ pub struct RunArgs {
     /// Training epochs of each trained method.
     #[arg(long, default_value_t = 20)]
     pub epochs: usize,
-    /// Peak learning rate (Adam, cosine decay).
-    #[arg(long, default_value_t = 1e-3)]
+    /// Peak learning rate (Adam, cosine decay) [Solver-in-the-Loop's 1e-4].
+    #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
     /// Windows per step [default: 5].
     #[arg(long)]
@@ -210,6 +217,7 @@ fn dataset_config(flags: &DataFlags) -> Result<DatasetConfig> {
                 params.viscosity = nu;
             }
             config.problem = Problem::NavierStokes(params);
+            config.initial = InitialStateConfig::for_problem(&config.problem);
         }
         SolverArg::Burgers1d => bail!(
             "--solver burgers1d: the 1-D Burgers solver has no data set or correction network \
@@ -235,11 +243,20 @@ fn dataset_config(flags: &DataFlags) -> Result<DatasetConfig> {
     if let Some(n) = flags.steps {
         config.steps = n;
     }
+    if let Some(n) = flags.skip_steps {
+        config.skip_steps = n;
+    }
     if let Some(amplitude) = flags.forcing_amplitude {
         if !(amplitude.is_finite() && amplitude >= 0.0) {
             bail!("--forcing-amplitude must be a finite number ≥ 0, got {amplitude}");
         }
         config.forcing.amplitude = amplitude;
+    }
+    if let Some(omega) = flags.forcing_frequency {
+        if !(omega.is_finite() && omega >= 0.0) {
+            bail!("--forcing-frequency must be a finite number ≥ 0, got {omega}");
+        }
+        config.forcing.max_angular_frequency = omega;
     }
     if let Some(rms) = flags.initial_rms {
         if !(rms.is_finite() && rms >= 0.0) {

@@ -16,7 +16,7 @@
 //!
 //! Defaults (width-4 network with one residual block and 3×3 kernels, 518 parameters; 20 epochs
 //! of 20 steps of 5 windows; ZO-SOL with SOL-4 unrolling, sparsity 0.9 = 64 queries a step;
-//! Adam 1e-3) fit `deepzero pde --solver burgers` into about 5 minutes on two CPU cores.
+//! Adam 1e-4, Solver-in-the-Loop's rate) fit `deepzero pde --solver burgers` into about 5 minutes on two CPU cores.
 //! Solver-in-the-Loop's full protocol (5×5 kernels, 32 channels, Adam 1e-4, 100 epochs of
 //! batch 5 over 10 training simulations) is
 //! `deepzero pde --solver burgers --width 32 --blocks 2 --kernel 5 --lr 1e-4 --epochs 100

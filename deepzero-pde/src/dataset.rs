@@ -31,7 +31,7 @@ use crate::waves::WaveField;
 const HEADER_FILE: &str = "dataset.json";
 const DATA_FILE: &str = "trajectories.f64";
 const FORMAT_NAME: &str = "deepzero-pde dataset";
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 
 /// Which PDE a data set simulates, with its parameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,15 +65,29 @@ impl Problem {
 pub struct InitialStateConfig {
     /// Largest wavenumber |k| in the spectrum (default 4).
     pub max_wavenumber: i64,
-    /// Root-mean-square value of each channel (default 0.25).
+    /// Root-mean-square value of each channel (default 1 for Burgers, 0.25 for Navier–Stokes:
+    /// [`InitialStateConfig::for_problem`]).
     pub rms: f64,
 }
 
 impl Default for InitialStateConfig {
     fn default() -> Self {
+        Self::for_problem(&Problem::default())
+    }
+}
+
+impl InitialStateConfig {
+    /// The defaults of `problem`: Burgers velocities of rms 1 (with Solver-in-the-Loop's forcing
+    /// the coarse solver's MAE over 200 steps is then 0.18, as in the paper's SRC row),
+    /// Navier–Stokes vorticity of rms 0.25.
+    pub fn for_problem(problem: &Problem) -> Self {
+        let rms = match problem {
+            Problem::Burgers2d(_) => 1.0,
+            Problem::NavierStokes(_) => 0.25,
+        };
         Self {
             max_wavenumber: 4,
-            rms: 0.25,
+            rms,
         }
     }
 }
@@ -87,9 +101,10 @@ pub struct ForcingConfig {
     pub waves: usize,
     /// Largest |kx|, |ky| (default 4).
     pub max_wavenumber: i64,
-    /// Largest amplitude per channel (default 1).
+    /// Largest amplitude per channel (default 0.15: Solver-in-the-Loop's `burgers.py` draws
+    /// each wave's amplitude uniformly in [−0.15, 0.15]).
     pub amplitude: f64,
-    /// Largest angular frequency (default 1).
+    /// Largest angular frequency (default 0.4, as Solver-in-the-Loop's ω ∈ [−0.4, 0.4]).
     pub max_angular_frequency: f64,
 }
 
@@ -98,8 +113,8 @@ impl Default for ForcingConfig {
         Self {
             waves: 20,
             max_wavenumber: 4,
-            amplitude: 1.0,
-            max_angular_frequency: 1.0,
+            amplitude: 0.15,
+            max_angular_frequency: 0.4,
         }
     }
 }
@@ -121,6 +136,10 @@ pub struct DatasetConfig {
     pub test_simulations: usize,
     /// Steps per simulation (default 200).
     pub steps: usize,
+    /// Reference steps run from the initial state before the first recorded state, so that
+    /// the recorded flow is developed (default 30, Solver-in-the-Loop's `--skipsteps 30`). The
+    /// recorded forcing starts at the same moment ([`WaveField::shifted`]).
+    pub skip_steps: usize,
     /// Base seed; simulation `i` uses [`simulation_seed`]`(seed, i)` (default 2020).
     pub seed: u64,
     /// Initial states.
@@ -138,6 +157,7 @@ impl Default for DatasetConfig {
             train_simulations: 10,
             test_simulations: 5,
             steps: 200,
+            skip_steps: 30,
             seed: 2020,
             initial: InitialStateConfig::default(),
             forcing: ForcingConfig::default(),
@@ -228,9 +248,11 @@ pub struct Simulation {
     pub index: usize,
     /// The seed its initial state and forcing were drawn from.
     pub seed: u64,
-    /// The initial state as a continuous field.
+    /// The initial state as a continuous field (`skip_steps` reference steps before
+    /// `reference[0]`).
     pub initial: WaveField,
-    /// The forcing (zero waves for Navier–Stokes).
+    /// The forcing from `reference[0]` on: at source step `i` it is sampled at time `i·Δt`
+    /// (zero waves for Navier–Stokes).
     pub forcing: WaveField,
     /// The reference trajectory downsampled to the source grid, `steps + 1` states.
     pub reference: Vec<Array3<f64>>,
@@ -439,12 +461,21 @@ fn generate_simulation(config: &DatasetConfig, index: usize) -> Result<Simulatio
     let factor = downsample_factor(config.reference_size, config.source_size)?;
     let reference_solver =
         GridSolver::new(&config.problem, config.reference_size, forcing.clone())?;
-    let source_solver = GridSolver::new(&config.problem, config.source_size, forcing.clone())?;
+    // The recorded part starts `skip_steps` steps in; its forcing is the same waves from then.
+    let forcing_from_start = forcing.shifted(config.skip_steps as f64 * reference_solver.dt());
+    let source_solver = GridSolver::new(
+        &config.problem,
+        config.source_size,
+        forcing_from_start.clone(),
+    )?;
     let mut state = reference_solver.sample(&initial)?;
+    for step in 0..config.skip_steps {
+        state = reference_solver.step(&state, step)?;
+    }
     let mut reference = Vec::with_capacity(config.steps + 1);
     reference.push(downsample_channels(state.view(), factor)?);
     for step in 0..config.steps {
-        state = reference_solver.step(&state, step)?;
+        state = reference_solver.step(&state, config.skip_steps + step)?;
         reference.push(downsample_channels(state.view(), factor)?);
     }
     let source = source_solver.rollout(&reference[0], 0, config.steps)?;
@@ -452,7 +483,7 @@ fn generate_simulation(config: &DatasetConfig, index: usize) -> Result<Simulatio
         index,
         seed,
         initial,
-        forcing,
+        forcing: forcing_from_start,
         reference,
         source,
     })

@@ -215,6 +215,15 @@ impl WaveField {
         }
     }
 
+    /// The same field with its time origin moved to `t0`: `shifted.at(t) = self.at(t0 + t)`.
+    pub fn shifted(&self, t0: f64) -> Self {
+        let mut field = self.clone();
+        for wave in &mut field.waves {
+            wave.phase -= wave.angular_frequency * t0;
+        }
+        field
+    }
+
     /// Samples the field at time `t` on the grid of `fft`; shape `[channels, ny, nx]`.
     pub fn evaluate(&self, fft: &Fft2, t: f64) -> Result<Array3<f64>> {
         let (ny, nx) = fft.shape();

@@ -285,3 +285,34 @@ fn wrong_state_shape_and_bad_parameters_are_refused() -> anyhow::Result<()> {
     ));
     Ok(())
 }
+
+/// The warm-up (`skip_steps`) drops the first reference states and starts the recorded forcing
+/// at the same moment: the recorded trajectory is the tail of a run without warm-up, and the
+/// source solver of a simulation sees the forcing the reference saw at those times.
+#[test]
+fn warm_up_steps_are_the_first_steps_of_one_reference_run() -> anyhow::Result<()> {
+    let skip = 7;
+    let plain = Dataset::generate(&DatasetConfig {
+        steps: 20 + skip,
+        skip_steps: 0,
+        ..small_config(4)
+    })?;
+    let warm = Dataset::generate(&DatasetConfig {
+        steps: 20,
+        skip_steps: skip,
+        ..small_config(4)
+    })?;
+    for (p, w) in plain.train.iter().zip(&warm.train) {
+        assert_eq!(&p.reference[skip..], &w.reference[..]);
+        let (ps, ws) = (plain.source_solver(p)?, warm.source_solver(w)?);
+        for step in [0, 5, 19] {
+            let a = ps.forcing_at(skip + step)?;
+            let b = ws.forcing_at(step)?;
+            let gap = (&a - &b).mapv(f64::abs).fold(0.0f64, |m, &v| m.max(v));
+            assert!(gap < 1e-12, "forcing differs by {gap} at step {step}");
+        }
+        // The source run starts from the first recorded reference state.
+        assert_eq!(w.source[0], w.reference[0]);
+    }
+    Ok(())
+}
