@@ -1,0 +1,376 @@
+//! Forward parallelization across processes and machines: one step's CGE queries shared out over
+//! ranks.
+//!
+//! Every rank holds the model and builds the same step objective (the same seeded batch), so no
+//! data moves. A step's coordinate set is cut into contiguous ranges, one per rank, whose summed
+//! query costs are as equal as the granularity allows ([`split`]; the cost of a query comes from
+//! the fast engine's cost model, [`crate::fast::coordinate_costs`], or is uniform for objectives
+//! without a layer graph). Each rank evaluates its range; one all-gather
+//! ([`Collective::all_gather`]) hands every rank every value, in coordinate order, so every rank
+//! assembles the same gradient and applies the same update.
+//!
+//! **Rank-count invariance is bitwise.** A coordinate's value depends only on the base point and
+//! that coordinate (the fast engine's queries do not depend on the thread count, and ranges are
+//! cut only at the boundaries of the groups that an engine evaluates together), the values are
+//! copied, never summed across ranks, and the optimizer runs the same arithmetic on every rank.
+//! So 1, 2 or N ranks give the same bits.
+//!
+//! [`Collective`] is what a transport must offer: [`Single`] (one process) here, MPI in
+//! [`mpi`] behind the `mpi` cargo feature. Failures: an MPI transport arms a watchdog around
+//! every collective; a rank that dies or hangs stops the job with a clear message within the
+//! configured timeout instead of hanging the others.
+
+use crate::error::{Error, Result};
+use std::ops::Range;
+use std::rc::Rc;
+use std::time::Instant;
+
+#[cfg(feature = "mpi")]
+pub mod mpi;
+
+/// The collective operations a distributed run needs between `size()` ranks.
+pub trait Collective {
+    /// This process's rank, `0..size()`.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn size(&self) -> usize;
+    /// Every rank's piece, concatenated in rank order. `counts[r]` is rank `r`'s piece length;
+    /// every rank passes the same `counts`. `what` names the exchange in error messages.
+    fn all_gather(&self, piece: &[f64], counts: &[usize], what: &str) -> Result<Vec<f64>>;
+}
+
+/// One process: the all-gather returns the piece.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Single;
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_gather(&self, piece: &[f64], counts: &[usize], what: &str) -> Result<Vec<f64>> {
+        if counts != [piece.len()] {
+            return Err(Error::Distributed(format!(
+                "{what}: one rank, piece of {} values, counts {counts:?}",
+                piece.len()
+            )));
+        }
+        Ok(piece.to_vec())
+    }
+}
+
+/// Cut items `0..costs.len()` into `ranks` contiguous ranges of nearly equal summed cost, at
+/// multiples of `block` items only (items evaluated together stay together). Range `r` ends at
+/// the block boundary closest to the cost quantile `(r + 1) / ranks`. Negative or non-finite
+/// costs count as 0; all-zero costs split by count.
+pub fn split(costs: &[f64], block: usize, ranks: usize) -> Vec<Range<usize>> {
+    let (n, block, ranks) = (costs.len(), block.max(1), ranks.max(1));
+    let cost = |c: &f64| if c.is_finite() && *c > 0.0 { *c } else { 0.0 };
+    let mut bounds = vec![0usize];
+    let mut prefix = vec![0.0f64];
+    let mut at = 0;
+    while at < n {
+        let end = (at + block).min(n);
+        let c: f64 = costs[at..end].iter().map(cost).sum();
+        prefix.push(prefix.last().copied().unwrap_or(0.0) + c);
+        bounds.push(end);
+        at = end;
+    }
+    let blocks = bounds.len() - 1;
+    let total = prefix[blocks];
+    let mut cuts = Vec::with_capacity(ranks + 1);
+    cuts.push(0usize);
+    for r in 1..ranks {
+        let prev = *cuts.last().expect("first cut");
+        let cut = if total > 0.0 {
+            let target = total * r as f64 / ranks as f64;
+            // First block boundary at or past the target, or the one before it if closer.
+            let hi = prefix.partition_point(|&p| p < target).min(blocks);
+            if hi > 0 && (target - prefix[hi - 1]) < (prefix[hi] - target) {
+                hi - 1
+            } else {
+                hi
+            }
+        } else {
+            (blocks * r).div_ceil(ranks)
+        };
+        cuts.push(cut.max(prev));
+    }
+    cuts.push(blocks);
+    cuts.windows(2)
+        .map(|w| bounds[w[0]]..bounds[w[1]])
+        .collect()
+}
+
+/// What the ranks did in one shared step.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepShares {
+    /// Per rank: the range of the step's coordinate list it evaluated.
+    pub ranges: Vec<Range<usize>>,
+    /// Per rank: modelled cost of its range (the cost model's units).
+    pub costs: Vec<f64>,
+    /// Per rank: seconds it spent evaluating its range.
+    pub compute_seconds: Vec<f64>,
+    /// Payload bytes each rank sent plus received in the step's all-gather.
+    pub bytes: u64,
+}
+
+impl StepShares {
+    /// Load imbalance: the slowest rank's compute time over the mean (1 = balanced).
+    pub fn imbalance(&self) -> f64 {
+        imbalance(&self.compute_seconds)
+    }
+}
+
+/// Max over mean of `v` (1 for an empty or all-zero `v`).
+pub fn imbalance(v: &[f64]) -> f64 {
+    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let max = v.iter().copied().fold(0.0, f64::max);
+    if mean > 0.0 {
+        max / mean
+    } else {
+        1.0
+    }
+}
+
+/// An estimator's handle on the ranks: splits a step's coordinates, gathers the values.
+#[derive(Clone)]
+pub struct Shard {
+    comm: Rc<dyn Collective>,
+    epoch: usize,
+    step: usize,
+    last: Option<StepShares>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Shard(rank {} of {})",
+            self.comm.rank(),
+            self.comm.size()
+        )
+    }
+}
+
+/// Values each rank puts before its coordinate values: the base loss (checked equal on every
+/// rank) and its compute seconds.
+const HEADER: usize = 2;
+
+impl Shard {
+    /// Share queries over `comm`'s ranks.
+    pub fn new(comm: Rc<dyn Collective>) -> Self {
+        Shard {
+            comm,
+            epoch: 0,
+            step: 0,
+            last: None,
+        }
+    }
+
+    /// The transport.
+    pub fn comm(&self) -> &dyn Collective {
+        self.comm.as_ref()
+    }
+
+    /// Name steps from here on by `epoch` (0-based), counting steps from 1.
+    pub fn begin_epoch(&mut self, epoch: usize) {
+        self.epoch = epoch;
+        self.step = 0;
+    }
+
+    /// How the last shared step was divided.
+    pub fn last(&self) -> Option<&StepShares> {
+        self.last.as_ref()
+    }
+
+    /// Evaluate the items `0..costs.len()` of a step over the ranks: `eval(range)` returns the
+    /// base loss and this rank's values for its range, in order. Returns the base loss and every
+    /// item's value in order. The ranks' base losses must agree bit for bit (they evaluate the
+    /// same batch at the same parameters); a disagreement is an error, not a silent divergence.
+    pub fn run(
+        &mut self,
+        costs: &[f64],
+        block: usize,
+        eval: impl FnOnce(Range<usize>) -> Result<(f64, Vec<f64>)>,
+    ) -> Result<(f64, Vec<f64>)> {
+        self.step += 1;
+        let (rank, size) = (self.comm.rank(), self.comm.size());
+        let ranges = split(costs, block, size);
+        let mine = ranges[rank].clone();
+        let started = Instant::now();
+        let (loss, values) = eval(mine.clone())?;
+        let seconds = started.elapsed().as_secs_f64();
+        if values.len() != mine.len() {
+            return Err(Error::Distributed(format!(
+                "rank {rank} evaluated {} values for {} coordinates",
+                values.len(),
+                mine.len()
+            )));
+        }
+        let mut piece = Vec::with_capacity(HEADER + values.len());
+        piece.extend([loss, seconds]);
+        piece.extend(values);
+        let counts: Vec<usize> = ranges.iter().map(|r| HEADER + r.len()).collect();
+        let what = format!(
+            "the gradient exchange of epoch {}, step {}",
+            self.epoch + 1,
+            self.step
+        );
+        let all = self.comm.all_gather(&piece, &counts, &what)?;
+        let mut out = Vec::with_capacity(costs.len());
+        let mut compute_seconds = Vec::with_capacity(size);
+        let mut at = 0;
+        for (r, range) in ranges.iter().enumerate() {
+            let (their_loss, their_seconds) = (all[at], all[at + 1]);
+            if their_loss.to_bits() != loss.to_bits() {
+                return Err(Error::Distributed(format!(
+                    "{what}: rank {r} has base loss {their_loss}, rank {rank} {loss}; every rank \
+                     must train on the same data from the same parameters (same seed, files, \
+                     precision)"
+                )));
+            }
+            compute_seconds.push(their_seconds);
+            out.extend_from_slice(&all[at + HEADER..at + HEADER + range.len()]);
+            at += HEADER + range.len();
+        }
+        let cost_of = |r: &Range<usize>| costs[r.clone()].iter().sum::<f64>();
+        self.last = Some(StepShares {
+            costs: ranges.iter().map(cost_of).collect(),
+            ranges,
+            compute_seconds,
+            bytes: 8 * all.len() as u64,
+        });
+        Ok((loss, out))
+    }
+}
+
+/// The hidden fault a test injects into a rank, to check that the job stops cleanly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// Rank that fails.
+    pub rank: usize,
+    /// 1-based number of the all-gather at which it fails (before taking part).
+    pub exchange: u64,
+    /// How it fails.
+    pub kind: FaultKind,
+}
+
+/// How an injected fault fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The process dies (abort, as a crash).
+    Die,
+    /// The process stops answering (sleeps forever).
+    Hang,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = Error;
+    /// `RANK:EXCHANGE:die` or `RANK:EXCHANGE:hang`.
+    fn from_str(s: &str) -> Result<Fault> {
+        let bad = || {
+            Error::Config(format!(
+                "fault `{s}` is not RANK:EXCHANGE:die or RANK:EXCHANGE:hang"
+            ))
+        };
+        let parts: Vec<&str> = s.split(':').collect();
+        let [rank, exchange, kind] = parts.as_slice() else {
+            return Err(bad());
+        };
+        Ok(Fault {
+            rank: rank.parse().map_err(|_| bad())?,
+            exchange: exchange.parse().map_err(|_| bad())?,
+            kind: match *kind {
+                "die" => FaultKind::Die,
+                "hang" => FaultKind::Hang,
+                _ => return Err(bad()),
+            },
+        })
+    }
+}
+
+impl Fault {
+    /// Fail now if this is the faulty rank's faulty exchange.
+    pub fn strike(&self, rank: usize, exchange: u64) {
+        if rank != self.rank || exchange != self.exchange {
+            return;
+        }
+        eprintln!(
+            "rank {rank}: injected fault at exchange {exchange}: {:?}",
+            self.kind
+        );
+        match self.kind {
+            FaultKind::Die => std::process::abort(),
+            FaultKind::Hang => loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_balances_cost_not_count() {
+        // One expensive item then many cheap ones: the first rank takes the expensive item only.
+        let mut costs = vec![10.0];
+        costs.extend(vec![1.0; 10]);
+        let r = split(&costs, 1, 2);
+        assert_eq!(r, vec![0..1, 1..11]);
+        // Covers everything, in order, for any rank count.
+        for ranks in 1..15 {
+            let r = split(&costs, 3, ranks);
+            assert_eq!(r.len(), ranks);
+            assert_eq!(r[0].start, 0);
+            assert_eq!(r[ranks - 1].end, 11);
+            for w in r.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+            }
+            for x in &r {
+                assert!(x.start % 3 == 0 || x.start == 11, "{r:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn split_uniform_and_degenerate() {
+        assert_eq!(split(&[1.0; 8], 1, 4), vec![0..2, 2..4, 4..6, 6..8]);
+        assert_eq!(split(&[0.0; 4], 1, 2), vec![0..2, 2..4]);
+        assert_eq!(split(&[], 1, 3), vec![0..0, 0..0, 0..0]);
+    }
+
+    #[test]
+    fn faults_parse() {
+        let f: Fault = "1:3:die".parse().unwrap();
+        assert_eq!(
+            f,
+            Fault {
+                rank: 1,
+                exchange: 3,
+                kind: FaultKind::Die
+            }
+        );
+        assert!("1:x:die".parse::<Fault>().is_err());
+        assert!("1:2:explode".parse::<Fault>().is_err());
+    }
+
+    #[test]
+    fn single_rank_shard_returns_all_values() {
+        let mut shard = Shard::new(Rc::new(Single));
+        let (loss, v) = shard
+            .run(&[1.0, 2.0, 3.0], 1, |r| {
+                Ok((0.5, r.map(|i| i as f64 * 10.0).collect()))
+            })
+            .unwrap();
+        assert_eq!(loss, 0.5);
+        assert_eq!(v, vec![0.0, 10.0, 20.0]);
+        let last = shard.last().unwrap();
+        assert_eq!(last.ranges, vec![0..3]);
+        assert_eq!(last.costs, vec![6.0]);
+    }
+}
