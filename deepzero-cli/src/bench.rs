@@ -25,6 +25,9 @@ pub enum BenchCommand {
     Kernels(KernelBenchArgs),
     /// Threaded speedup of CGE on a black-box objective (no layer graph) of a given query cost.
     Objective(crate::bench_objective::ObjectiveBenchArgs),
+    /// A sparse-CGE step shared over MPI ranks (one thread each) vs one rank: compute time per
+    /// rank, load imbalance, bytes exchanged, speedup; and a projection to many ranks.
+    Distributed(Box<crate::bench_distributed::DistributedBenchArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -115,6 +118,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         }
         BenchCommand::Kernels(a) => bench_kernels(&a)?,
         BenchCommand::Objective(a) => crate::bench_objective::run(&a)?,
+        BenchCommand::Distributed(a) => crate::bench_distributed::run(&a)?,
     }
     Ok(())
 }
@@ -125,7 +129,7 @@ fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
     (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
 
-fn model_for(
+pub(crate) fn model_for(
     model: ModelArg,
     depth: Option<usize>,
     width: Option<usize>,

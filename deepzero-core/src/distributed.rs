@@ -37,6 +37,8 @@ pub trait Collective {
     /// Every rank's piece, concatenated in rank order. `counts[r]` is rank `r`'s piece length;
     /// every rank passes the same `counts`. `what` names the exchange in error messages.
     fn all_gather(&self, piece: &[f64], counts: &[usize], what: &str) -> Result<Vec<f64>>;
+    /// Stop every rank now with exit status `code` (an error that only this rank saw).
+    fn abort(&self, code: i32) -> !;
 }
 
 /// One process: the all-gather returns the piece.
@@ -58,6 +60,9 @@ impl Collective for Single {
             )));
         }
         Ok(piece.to_vec())
+    }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
     }
 }
 

@@ -129,4 +129,7 @@ impl Collective for Mpi {
         self.arm(None);
         Ok(all)
     }
+    fn abort(&self, code: i32) -> ! {
+        self.world.abort(code)
+    }
 }
