@@ -9,7 +9,7 @@
 use crate::common::{set_threads, DataArg, DistributedOpts, ModelArg};
 use anyhow::{bail, Result};
 use clap::Args;
-use deepzero_core::distributed::{imbalance, split};
+use deepzero_core::distributed::{imbalance, split, QueryTiming};
 use deepzero_core::estimator::{Cge, Difference, GradientEstimator, QueryEngine};
 use deepzero_core::fast::{coordinate_costs, Engine};
 use deepzero_core::head::Head;
@@ -48,6 +48,10 @@ pub struct DistributedBenchArgs {
     /// Shared steps timed (one-rank steps: the same number).
     #[arg(long, default_value_t = 2)]
     pub steps: usize,
+    /// Shared steps run first, untimed: the split's fit of the fixed part of a query
+    /// (`QueryTiming`) learns from them, as in the first steps of a training run.
+    #[arg(long, default_value_t = 1)]
+    pub warmup_steps: usize,
     /// Seed of the parameters, the batch, the coordinate set and its sample.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -79,6 +83,8 @@ pub struct DistributedBenchArgs {
 /// One shared step.
 #[derive(Serialize, Debug)]
 pub struct SharedStep {
+    /// Per rank: the cost model's multiply-adds per sample of its share.
+    pub cost_total: Vec<f64>,
     /// Wall seconds of the whole step on rank 0 (base forward, its queries, the exchange).
     pub seconds: f64,
     /// Per rank: seconds evaluating its queries.
@@ -115,6 +121,8 @@ pub struct Projection {
     pub coords_per_step: usize,
     /// Measured: multiply-adds of the cost model per second per rank (one core).
     pub madds_per_second: f64,
+    /// Measured: fixed seconds per query at the projected batch (beyond its multiply-adds).
+    pub query_overhead_seconds: f64,
     /// Measured: seconds of the base forward per sample (every rank runs it).
     pub base_seconds_per_sample: f64,
     pub bandwidth_gbps: f64,
@@ -231,6 +239,9 @@ fn bench(
 
     let mut shared_cge = cge;
     shared_cge.distribute(std::rc::Rc::clone(&ranks.comm))?;
+    for _ in 0..a.warmup_steps {
+        shared_cge.estimate(&obj, &params, &mut rng)?;
+    }
     let mut shared = Vec::with_capacity(a.steps);
     let mut identical = true;
     for _ in 0..a.steps {
@@ -252,6 +263,7 @@ fn bench(
         });
         let total: f64 = s.costs.iter().sum::<f64>().max(f64::MIN_POSITIVE);
         shared.push(SharedStep {
+            cost_total: s.costs.clone(),
             seconds,
             imbalance: s.imbalance(),
             coords: s.ranges.iter().map(|r| r.len()).collect(),
@@ -265,20 +277,16 @@ fn bench(
     }
     let mean_step = shared.iter().map(|s| s.seconds).sum::<f64>() / shared.len() as f64;
     let projection = if a.model == ModelArg::Resnet20 {
-        // Cost-model multiply-adds per second per rank, from the shared steps' measured times.
-        let costs = coordinate_costs(&model, &coords, QueryEngine::Fast)?;
-        let step_madds = costs.iter().sum::<f64>() * idx.len() as f64;
-        let compute: f64 = shared
-            .iter()
-            .map(|s| s.compute_seconds.iter().sum::<f64>())
-            .sum::<f64>()
-            / shared.len() as f64;
-        Some(project(
-            a,
-            &model,
-            step_madds / compute.max(f64::MIN_POSITIVE),
-            base_seconds / idx.len() as f64,
-        )?)
+        // The ranks' fitted query time; alone, the cost model's rate without a fixed part.
+        let timing = shared_cge.query_timing().unwrap_or_else(|| {
+            let costs: f64 = shared.iter().flat_map(|s| s.cost_total.iter()).sum();
+            let compute: f64 = shared.iter().flat_map(|s| s.compute_seconds.iter()).sum();
+            QueryTiming {
+                seconds_per_cost: compute / costs.max(f64::MIN_POSITIVE),
+                seconds_per_query: 0.0,
+            }
+        });
+        Some(project(a, &model, timing, idx.len(), base_seconds)?)
     } else {
         None
     };
@@ -300,16 +308,19 @@ fn bench(
 }
 
 /// The step time at many ranks: every rank runs the base forward, then the slowest rank's
-/// share of the cost-balanced split at the measured rate, then a ring all-gather of the values.
+/// share of the cost-balanced split at the measured query time (`timing`, measured at batch
+/// `batch`, scaled linearly to the projected batch), then a ring all-gather of the values.
 fn project(
     a: &DistributedBenchArgs,
     model: &Model,
-    madds_per_second: f64,
-    base_seconds_per_sample: f64,
+    timing: QueryTiming,
+    batch: usize,
+    base_seconds: f64,
 ) -> Result<Projection> {
     let (_, coords) = step_coords(model, a.project_sparsity, 0, a.seed)?;
     let costs = coordinate_costs(model, &coords, QueryEngine::Fast)?;
-    let batch = a.project_batch as f64;
+    let scale = a.project_batch as f64 / batch as f64;
+    let weights: Vec<f64> = costs.iter().map(|c| c + timing.overhead()).collect();
     let bandwidth = a.bandwidth_gbps * 1e9 / 8.0;
     let latency = a.latency_us * 1e-6;
     let steps_per_epoch = a.epoch_images.div_ceil(a.project_batch);
@@ -318,13 +329,17 @@ fn project(
         .iter()
         .filter(|&&n| n > 0)
         .map(|&n| {
-            let shares: Vec<f64> = split(&costs, 1, n)
+            let seconds: Vec<f64> = split(&weights, 1, n)
                 .into_iter()
-                .map(|r| costs[r].iter().sum())
+                .map(|r| {
+                    let cost: f64 = costs[r.clone()].iter().sum();
+                    scale
+                        * (timing.seconds_per_cost * cost
+                            + timing.seconds_per_query * r.len() as f64)
+                })
                 .collect();
-            let max = shares.iter().copied().fold(0.0, f64::max);
-            let compute_seconds = max * batch / madds_per_second;
-            let base_seconds = base_seconds_per_sample * batch;
+            let compute_seconds = seconds.iter().copied().fold(0.0, f64::max);
+            let base_seconds = base_seconds * scale;
             // Each rank's piece: its values plus two header values; a ring passes n − 1 pieces.
             let bytes = 8.0 * (coords.len() + 2 * n) as f64;
             let exchange_seconds = if n > 1 {
@@ -339,7 +354,7 @@ fn project(
                 base_seconds,
                 exchange_seconds,
                 step_seconds,
-                imbalance: imbalance(&shares),
+                imbalance: imbalance(&seconds),
                 epoch_minutes: step_seconds * steps_per_epoch as f64 / 60.0,
             }
         })
@@ -349,8 +364,9 @@ fn project(
         batch: a.project_batch,
         sparsity: a.project_sparsity,
         coords_per_step: coords.len(),
-        madds_per_second,
-        base_seconds_per_sample,
+        madds_per_second: batch as f64 / timing.seconds_per_cost,
+        query_overhead_seconds: timing.seconds_per_query * scale,
+        base_seconds_per_sample: base_seconds / batch as f64,
         bandwidth_gbps: a.bandwidth_gbps,
         latency_us: a.latency_us,
         steps_per_epoch,
@@ -386,12 +402,13 @@ fn print_table(r: &DistributedBench) {
     );
     if let Some(p) = &r.projection {
         println!(
-            "projection: {} batch {}, sparsity {} ({} coordinates per step), {:.2} GMAdd/s per rank, {} Gbit/s, {} µs, {} steps per epoch",
+            "projection: {} batch {}, sparsity {} ({} coordinates per step), {:.2} GMAdd/s per rank + {:.2} ms per query, {} Gbit/s, {} µs, {} steps per epoch",
             p.model,
             p.batch,
             p.sparsity,
             p.coords_per_step,
             p.madds_per_second / 1e9,
+            p.query_overhead_seconds * 1e3,
             p.bandwidth_gbps,
             p.latency_us,
             p.steps_per_epoch

@@ -140,6 +140,49 @@ pub fn imbalance(v: &[f64]) -> f64 {
     }
 }
 
+/// Seconds of a rank's queries as `seconds_per_cost · cost + seconds_per_query · queries`: the
+/// cost model's multiply-adds at a rate, plus a fixed part per query that multiply-adds do not
+/// see (allocation, memory-bound per-channel nodes, the head). Fitted to the ranks' measured
+/// times of the previous steps.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QueryTiming {
+    /// Seconds per unit of modelled cost.
+    pub seconds_per_cost: f64,
+    /// Fixed seconds per query.
+    pub seconds_per_query: f64,
+}
+
+impl QueryTiming {
+    /// Least squares over ranks of `seconds = a·cost + b·queries`; `None` when the ranks'
+    /// cost-per-query ratios do not separate the two terms or the fit is not positive.
+    pub fn fit(costs: &[f64], queries: &[usize], seconds: &[f64]) -> Option<QueryTiming> {
+        let (mut cc, mut cn, mut nn, mut ct, mut nt) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        for ((&c, &n), &t) in costs.iter().zip(queries).zip(seconds) {
+            let n = n as f64;
+            cc += c * c;
+            cn += c * n;
+            nn += n * n;
+            ct += c * t;
+            nt += n * t;
+        }
+        let det = cc * nn - cn * cn;
+        if !(det > 1e-9 * cc * nn) {
+            return None;
+        }
+        let a = (ct * nn - nt * cn) / det;
+        let b = ((cc * nt - cn * ct) / det).max(0.0);
+        (a > 0.0 && a.is_finite() && b.is_finite()).then_some(QueryTiming {
+            seconds_per_cost: a,
+            seconds_per_query: b,
+        })
+    }
+
+    /// The fixed part of a query in units of modelled cost.
+    pub fn overhead(&self) -> f64 {
+        self.seconds_per_query / self.seconds_per_cost
+    }
+}
+
 /// An estimator's handle on the ranks: splits a step's coordinates, gathers the values.
 #[derive(Clone)]
 pub struct Shard {
@@ -147,6 +190,7 @@ pub struct Shard {
     epoch: usize,
     step: usize,
     last: Option<StepShares>,
+    timing: Option<QueryTiming>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -172,7 +216,13 @@ impl Shard {
             epoch: 0,
             step: 0,
             last: None,
+            timing: None,
         }
+    }
+
+    /// The fitted time of a query (after a shared step whose ranks' loads separate the terms).
+    pub fn timing(&self) -> Option<QueryTiming> {
+        self.timing
     }
 
     /// The transport.
@@ -195,6 +245,10 @@ impl Shard {
     /// base loss and this rank's values for its range, in order. Returns the base loss and every
     /// item's value in order. The ranks' base losses must agree bit for bit (they evaluate the
     /// same batch at the same parameters); a disagreement is an error, not a silent divergence.
+    ///
+    /// Items are weighted by `costs` plus the fixed part of a query fitted to earlier steps
+    /// ([`QueryTiming`]). The fit uses the exchanged times, so every rank computes the same
+    /// split; the values do not depend on the split, so the fit cannot change the numbers.
     pub fn run(
         &mut self,
         costs: &[f64],
@@ -203,7 +257,9 @@ impl Shard {
     ) -> Result<(f64, Vec<f64>)> {
         self.step += 1;
         let (rank, size) = (self.comm.rank(), self.comm.size());
-        let ranges = split(costs, block, size);
+        let overhead = self.timing.map_or(0.0, |t| t.overhead());
+        let weights: Vec<f64> = costs.iter().map(|c| c + overhead).collect();
+        let ranges = split(&weights, block, size);
         let mine = ranges[rank].clone();
         let started = Instant::now();
         let (loss, values) = eval(mine.clone())?;
@@ -242,8 +298,20 @@ impl Shard {
             at += HEADER + range.len();
         }
         let cost_of = |r: &Range<usize>| costs[r.clone()].iter().sum::<f64>();
+        let shares: Vec<f64> = ranges.iter().map(cost_of).collect();
+        let queries: Vec<usize> = ranges.iter().map(|r| r.len()).collect();
+        if let Some(fit) = QueryTiming::fit(&shares, &queries, &compute_seconds) {
+            // Halfway to the newest fit: timings of a shared machine are noisy.
+            self.timing = Some(match self.timing {
+                None => fit,
+                Some(old) => QueryTiming {
+                    seconds_per_cost: 0.5 * (old.seconds_per_cost + fit.seconds_per_cost),
+                    seconds_per_query: 0.5 * (old.seconds_per_query + fit.seconds_per_query),
+                },
+            });
+        }
         self.last = Some(StepShares {
-            costs: ranges.iter().map(cost_of).collect(),
+            costs: shares,
             ranges,
             compute_seconds,
             bytes: 8 * all.len() as u64,
@@ -347,6 +415,23 @@ mod tests {
         assert_eq!(split(&[1.0; 8], 1, 4), vec![0..2, 2..4, 4..6, 6..8]);
         assert_eq!(split(&[0.0; 4], 1, 2), vec![0..2, 2..4]);
         assert_eq!(split(&[], 1, 3), vec![0..0, 0..0, 0..0]);
+    }
+
+    #[test]
+    fn timing_fit_recovers_rate_and_overhead() {
+        // seconds = 2·cost + 3·queries, exactly.
+        let (costs, queries) = ([10.0, 1.0, 5.0], [1usize, 20, 4]);
+        let secs: Vec<f64> = costs
+            .iter()
+            .zip(queries)
+            .map(|(c, n)| 2.0 * c + 3.0 * n as f64)
+            .collect();
+        let t = QueryTiming::fit(&costs, &queries, &secs).unwrap();
+        assert!((t.seconds_per_cost - 2.0).abs() < 1e-9, "{t:?}");
+        assert!((t.seconds_per_query - 3.0).abs() < 1e-9, "{t:?}");
+        assert!((t.overhead() - 1.5).abs() < 1e-9);
+        // Proportional loads cannot separate the terms.
+        assert!(QueryTiming::fit(&[2.0, 4.0], &[1, 2], &[1.0, 2.0]).is_none());
     }
 
     #[test]

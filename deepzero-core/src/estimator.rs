@@ -6,7 +6,7 @@
 //! coordinate's difference to its own place, and RGE adds its terms in fixed groups in a fixed
 //! order.
 
-use crate::distributed::{Collective, Shard, StepShares};
+use crate::distributed::{Collective, QueryTiming, Shard, StepShares};
 use crate::error::{Error, Result, Setting};
 use crate::fast;
 use crate::objective::{FastCapable, Objective};
@@ -355,6 +355,10 @@ impl Cge {
     /// How the ranks divided the last estimate (distributed runs only).
     pub fn last_shares(&self) -> Option<&StepShares> {
         self.shard.as_ref().and_then(|s| s.last())
+    }
+    /// The query time fitted to the ranks' measured times (distributed runs only).
+    pub fn query_timing(&self) -> Option<QueryTiming> {
+        self.shard.as_ref().and_then(|s| s.timing())
     }
 
     /// Restrict to a coordinate set (sorted and deduplicated here).
