@@ -7,7 +7,7 @@
 //! give bitwise the same gradient, which is checked.
 
 use crate::common::{set_threads, DataArg, DistributedOpts, ModelArg};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use deepzero_core::distributed::{imbalance, split, QueryTiming};
 use deepzero_core::estimator::{Cge, Difference, GradientEstimator, QueryEngine};
@@ -238,7 +238,7 @@ fn bench(
     ranks.barrier("waiting for rank 0's one-rank steps")?;
 
     let mut shared_cge = cge;
-    shared_cge.distribute(std::rc::Rc::clone(&ranks.comm))?;
+    shared_cge.distribute(std::sync::Arc::clone(&ranks.comm))?;
     for _ in 0..a.warmup_steps {
         shared_cge.estimate(&obj, &params, &mut rng)?;
     }
@@ -253,14 +253,10 @@ fn bench(
             let mine = e.grad.to_vec1::<f32>()?;
             identical &= mine.iter().zip(g).all(|(p, q)| p.to_bits() == q.to_bits());
         }
-        let s = shared_cge.last_shares().cloned().unwrap_or_else(|| {
-            deepzero_core::distributed::StepShares {
-                ranges: vec![0..coords.len()],
-                costs: vec![1.0],
-                compute_seconds: vec![seconds],
-                bytes: 0,
-            }
-        });
+        let s = shared_cge
+            .last_shares()
+            .cloned()
+            .context("the shared estimator recorded no shares")?;
         let total: f64 = s.costs.iter().sum::<f64>().max(f64::MIN_POSITIVE);
         shared.push(SharedStep {
             cost_total: s.costs.clone(),

@@ -12,7 +12,7 @@ use deepzero_core::model::{DeviceKind, Model, ModelSpec, Precision};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use std::rc::Rc;
+use std::sync::Arc;
 
 /// Data sets the CLI knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -541,14 +541,14 @@ macro_rules! note {
 /// This process's place among the ranks of a run.
 pub struct Ranks {
     /// The transport (a single process when not distributed).
-    pub comm: Rc<dyn Collective>,
+    pub comm: Arc<dyn Collective>,
 }
 
 impl DistributedOpts {
     /// Join the run's ranks (MPI is initialised here, once per process).
     pub fn connect(&self) -> Result<Ranks> {
-        let comm: Rc<dyn Collective> = match self.distributed {
-            None => Rc::new(Single),
+        let comm: Arc<dyn Collective> = match self.distributed {
+            None => Arc::new(Single),
             Some(DistributedArg::Mpi) => {
                 let timeout = self.rank_timeout;
                 if !(timeout.is_finite() && timeout > 0.0) {
@@ -567,7 +567,7 @@ impl DistributedOpts {
 }
 
 #[cfg(feature = "mpi")]
-fn mpi_world(timeout: f64, fault: Option<Fault>) -> Result<Rc<dyn Collective>> {
+fn mpi_world(timeout: f64, fault: Option<Fault>) -> Result<Arc<dyn Collective>> {
     let hint = "Raise --rank-timeout if a step legitimately takes longer. The last checkpoint is \
                 intact: continue with --resume DIR (any number of ranks)."
         .to_string();
@@ -576,11 +576,11 @@ fn mpi_world(timeout: f64, fault: Option<Fault>) -> Result<Rc<dyn Collective>> {
         hint,
         fault,
     )?;
-    Ok(Rc::new(mpi))
+    Ok(Arc::new(mpi))
 }
 
 #[cfg(not(feature = "mpi"))]
-fn mpi_world(_timeout: f64, _fault: Option<Fault>) -> Result<Rc<dyn Collective>> {
+fn mpi_world(_timeout: f64, _fault: Option<Fault>) -> Result<Arc<dyn Collective>> {
     bail!(
         "--distributed mpi: this deepzero was built without MPI; rebuild it with `cargo build \
          --release -p deepzero-cli --features mpi` (needs libopenmpi-dev, openmpi-bin and \
@@ -600,7 +600,7 @@ impl Ranks {
         if size == 1 {
             return Ok(());
         }
-        if estimator.distribute(Rc::clone(&self.comm))? {
+        if estimator.distribute(Arc::clone(&self.comm))? {
             crate::note!(
                 "distributed: {} shares each step's queries over {size} ranks",
                 estimator.name()

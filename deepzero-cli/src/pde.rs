@@ -415,7 +415,7 @@ fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
             };
             let mut observer = PdeObserver::new(&method_dir, method);
             let mut silent = deepzero_core::trainer::Silent;
-            let shared = (ranks.comm.size() > 1).then(|| std::rc::Rc::clone(&ranks.comm));
+            let shared = (ranks.comm.size() > 1).then(|| std::sync::Arc::clone(&ranks.comm));
             correction::train(
                 method,
                 &model,

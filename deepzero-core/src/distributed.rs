@@ -22,14 +22,16 @@
 
 use crate::error::{Error, Result};
 use std::ops::Range;
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
 
-/// The collective operations a distributed run needs between `size()` ranks.
-pub trait Collective {
+/// The collective operations a distributed run needs between `size()` ranks. `Send + Sync` so
+/// that estimators holding one stay usable from thread pools; a transport that may only be
+/// called from one thread checks the caller itself.
+pub trait Collective: Send + Sync {
     /// This process's rank, `0..size()`.
     fn rank(&self) -> usize;
     /// Number of ranks.
@@ -166,7 +168,7 @@ impl QueryTiming {
             nt += n * t;
         }
         let det = cc * nn - cn * cn;
-        if !(det > 1e-9 * cc * nn) {
+        if det.is_nan() || det <= 1e-9 * cc * nn {
             return None;
         }
         let a = (ct * nn - nt * cn) / det;
@@ -186,7 +188,7 @@ impl QueryTiming {
 /// An estimator's handle on the ranks: splits a step's coordinates, gathers the values.
 #[derive(Clone)]
 pub struct Shard {
-    comm: Rc<dyn Collective>,
+    comm: Arc<dyn Collective>,
     epoch: usize,
     step: usize,
     last: Option<StepShares>,
@@ -210,7 +212,7 @@ const HEADER: usize = 2;
 
 impl Shard {
     /// Share queries over `comm`'s ranks.
-    pub fn new(comm: Rc<dyn Collective>) -> Self {
+    pub fn new(comm: Arc<dyn Collective>) -> Self {
         Shard {
             comm,
             epoch: 0,
@@ -451,7 +453,7 @@ mod tests {
 
     #[test]
     fn single_rank_shard_returns_all_values() {
-        let mut shard = Shard::new(Rc::new(Single));
+        let mut shard = Shard::new(Arc::new(Single));
         let (loss, v) = shard
             .run(&[1.0, 2.0, 3.0], 1, |r| {
                 Ok((0.5, r.map(|i| i as f64 * 10.0).collect()))

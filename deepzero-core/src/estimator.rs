@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::rc::Rc;
+use std::sync::Arc;
 
 pub use crate::query::{draw_direction, Difference, Direction, QueryEngine};
 
@@ -52,7 +52,7 @@ pub trait GradientEstimator {
     /// then returns the whole, identical estimate. Returns whether this estimator shares its
     /// queries: those that do not (backprop, RGE) compute the whole estimate on every rank, which
     /// gives the same numbers, without the speed-up.
-    fn distribute(&mut self, _comm: Rc<dyn Collective>) -> Result<bool> {
+    fn distribute(&mut self, _comm: Arc<dyn Collective>) -> Result<bool> {
         Ok(false)
     }
 }
@@ -535,7 +535,7 @@ impl GradientEstimator for Cge {
         }
         Ok(())
     }
-    fn distribute(&mut self, comm: Rc<dyn Collective>) -> Result<bool> {
+    fn distribute(&mut self, comm: Arc<dyn Collective>) -> Result<bool> {
         self.shard = Some(Shard::new(comm));
         Ok(true)
     }

@@ -40,7 +40,7 @@ use rand::seq::index::sample;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::rc::Rc;
+use std::sync::Arc;
 
 /// Stream tag of the sparse-gradient coordinate draws in [`derive_seed`].
 const SAMPLER_STREAM: u64 = 0x5350_4152;
@@ -808,7 +808,7 @@ impl GradientEstimator for SparseCge {
         }
         self.inner.on_epoch_start(epoch, seed, params)
     }
-    fn distribute(&mut self, comm: Rc<dyn Collective>) -> Result<bool> {
+    fn distribute(&mut self, comm: Arc<dyn Collective>) -> Result<bool> {
         self.inner.distribute(comm)
     }
 }

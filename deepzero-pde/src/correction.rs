@@ -859,7 +859,7 @@ pub fn train(
     train_config: &deepzero_core::trainer::TrainConfig,
     state: &mut deepzero_core::trainer::TrainState,
     observer: &mut dyn deepzero_core::trainer::Observer,
-    ranks: Option<std::rc::Rc<dyn deepzero_core::distributed::Collective>>,
+    ranks: Option<std::sync::Arc<dyn deepzero_core::distributed::Collective>>,
 ) -> Result<()> {
     let mut task = CorrectionTask::new(method, model, scaling, train, test, config.clone())?;
     let mut est = estimator(method, model, config, train_config.seed)?;

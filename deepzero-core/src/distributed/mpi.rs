@@ -1,7 +1,7 @@
 //! [`Collective`] over MPI (rsmpi), with a watchdog on every collective.
 //!
 //! Only the thread that created [`Mpi`] calls MPI (`MPI_THREAD_FUNNELED`); the rayon workers of
-//! a rank never do. The watchdog is a plain thread that never calls MPI either: when a
+//! a rank never do, and a call from another thread is an error (checked on every call). The watchdog is a plain thread that never calls MPI either: when a
 //! collective has not completed within the timeout it prints which exchange stalled and exits
 //! the process with [`EXIT_TIMEOUT`], and the MPI launcher then stops the other ranks. A rank
 //! that dies is noticed by the launcher directly (it stops the job and names the rank); the
@@ -14,8 +14,9 @@ use ::mpi::environment::Universe;
 use ::mpi::topology::SimpleCommunicator;
 use ::mpi::traits::*;
 use ::mpi::Count;
-use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 /// Exit status of a rank whose watchdog fired.
@@ -23,15 +24,39 @@ pub const EXIT_TIMEOUT: i32 = 3;
 
 type Armed = Arc<Mutex<Option<(Instant, String)>>>;
 
+/// The MPI handles, used only on the thread that initialised MPI (`owner`).
+struct World {
+    comm: SimpleCommunicator,
+    owner: ThreadId,
+    universe: Option<Universe>,
+}
+
+// SAFETY: MPI runs at MPI_THREAD_FUNNELED: only the initialising thread may call it. `World` is
+// reached only through `Mpi::world`, which hands it out on that thread alone, and its `Drop`
+// finalises MPI only there; on any other thread the handles are plain values that are never
+// passed to MPI, so moving or sharing them is harmless.
+#[allow(unsafe_code)]
+unsafe impl Send for World {}
+#[allow(unsafe_code)]
+unsafe impl Sync for World {}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::current().id() != self.owner {
+            // Finalising from another thread is not allowed: leave it to process exit.
+            std::mem::forget(self.universe.take());
+        }
+    }
+}
+
 /// MPI's world communicator, initialised once per process; dropping it finalises MPI.
 pub struct Mpi {
-    world: SimpleCommunicator,
+    world: World,
     rank: usize,
     size: usize,
     armed: Armed,
-    exchanges: Cell<u64>,
+    exchanges: AtomicU64,
     fault: Option<Fault>,
-    _universe: Universe,
 }
 
 impl Mpi {
@@ -70,14 +95,27 @@ impl Mpi {
             })
             .map_err(|e| Error::Distributed(format!("cannot start the watchdog thread: {e}")))?;
         Ok(Mpi {
-            world,
+            world: World {
+                comm: world,
+                owner: std::thread::current().id(),
+                universe: Some(universe),
+            },
             rank,
             size,
             armed,
-            exchanges: Cell::new(0),
+            exchanges: AtomicU64::new(0),
             fault,
-            _universe: universe,
         })
+    }
+
+    /// The communicator, on the thread that initialised MPI only.
+    fn world(&self, what: &str) -> Result<&SimpleCommunicator> {
+        if std::thread::current().id() != self.world.owner {
+            return Err(Error::Distributed(format!(
+                "{what}: MPI called from a thread other than the one that initialised it"
+            )));
+        }
+        Ok(&self.world.comm)
     }
 
     fn arm(&self, what: Option<&str>) {
@@ -103,8 +141,8 @@ impl Collective for Mpi {
                 self.size
             )));
         }
-        let exchange = self.exchanges.get() + 1;
-        self.exchanges.set(exchange);
+        let world = self.world(what)?;
+        let exchange = self.exchanges.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(f) = &self.fault {
             f.strike(self.rank, exchange);
         }
@@ -124,12 +162,15 @@ impl Collective for Mpi {
         self.arm(Some(what));
         {
             let mut partition = PartitionMut::new(&mut all[..], counts_c, &displs[..]);
-            self.world.all_gather_varcount_into(piece, &mut partition);
+            world.all_gather_varcount_into(piece, &mut partition);
         }
         self.arm(None);
         Ok(all)
     }
     fn abort(&self, code: i32) -> ! {
-        self.world.abort(code)
+        match self.world("abort") {
+            Ok(world) => world.abort(code),
+            Err(_) => std::process::exit(code),
+        }
     }
 }
