@@ -158,25 +158,7 @@ impl QueryTiming {
     /// Least squares over ranks of `seconds = a·cost + b·queries`; `None` when the ranks'
     /// cost-per-query ratios do not separate the two terms or the fit is not positive.
     pub fn fit(costs: &[f64], queries: &[usize], seconds: &[f64]) -> Option<QueryTiming> {
-        let (mut cc, mut cn, mut nn, mut ct, mut nt) = (0.0, 0.0, 0.0, 0.0, 0.0);
-        for ((&c, &n), &t) in costs.iter().zip(queries).zip(seconds) {
-            let n = n as f64;
-            cc += c * c;
-            cn += c * n;
-            nn += n * n;
-            ct += c * t;
-            nt += n * t;
-        }
-        let det = cc * nn - cn * cn;
-        if det.is_nan() || det <= 1e-9 * cc * nn {
-            return None;
-        }
-        let a = (ct * nn - nt * cn) / det;
-        let b = ((cc * nt - cn * ct) / det).max(0.0);
-        (a > 0.0 && a.is_finite() && b.is_finite()).then_some(QueryTiming {
-            seconds_per_cost: a,
-            seconds_per_query: b,
-        })
+        TimingSums::default().add(costs, queries, seconds).fit()
     }
 
     /// The fixed part of a query in units of modelled cost.
@@ -185,6 +167,60 @@ impl QueryTiming {
     }
 }
 
+/// The normal equations of [`QueryTiming`]'s least squares, summed over observations (ranks and
+/// steps).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct TimingSums {
+    cc: f64,
+    cn: f64,
+    nn: f64,
+    ct: f64,
+    nt: f64,
+}
+
+impl TimingSums {
+    /// Add one step's observations (per rank: modelled cost, queries, seconds).
+    fn add(mut self, costs: &[f64], queries: &[usize], seconds: &[f64]) -> Self {
+        for ((&c, &n), &t) in costs.iter().zip(queries).zip(seconds) {
+            let n = n as f64;
+            self.cc += c * c;
+            self.cn += c * n;
+            self.nn += n * n;
+            self.ct += c * t;
+            self.nt += n * t;
+        }
+        self
+    }
+
+    /// Older observations weigh `factor` as much.
+    fn decay(self, factor: f64) -> Self {
+        TimingSums {
+            cc: self.cc * factor,
+            cn: self.cn * factor,
+            nn: self.nn * factor,
+            ct: self.ct * factor,
+            nt: self.nt * factor,
+        }
+    }
+
+    fn fit(&self) -> Option<QueryTiming> {
+        let det = self.cc * self.nn - self.cn * self.cn;
+        if det.is_nan() || det <= 1e-9 * self.cc * self.nn {
+            return None;
+        }
+        let a = (self.ct * self.nn - self.nt * self.cn) / det;
+        let b = ((self.cc * self.nt - self.cn * self.ct) / det).max(0.0);
+        (a > 0.0 && a.is_finite() && b.is_finite()).then_some(QueryTiming {
+            seconds_per_cost: a,
+            seconds_per_query: b,
+        })
+    }
+}
+
+/// Weight of the previous steps' timings against the newest step's in the fit: noise of a
+/// shared machine averages out, a drift (another batch size, a busier machine) is followed.
+const TIMING_MEMORY: f64 = 0.8;
+
 /// An estimator's handle on the ranks: splits a step's coordinates, gathers the values.
 #[derive(Clone)]
 pub struct Shard {
@@ -192,6 +228,7 @@ pub struct Shard {
     epoch: usize,
     step: usize,
     last: Option<StepShares>,
+    sums: TimingSums,
     timing: Option<QueryTiming>,
 }
 
@@ -218,6 +255,7 @@ impl Shard {
             epoch: 0,
             step: 0,
             last: None,
+            sums: TimingSums::default(),
             timing: None,
         }
     }
@@ -302,15 +340,12 @@ impl Shard {
         let cost_of = |r: &Range<usize>| costs[r.clone()].iter().sum::<f64>();
         let shares: Vec<f64> = ranges.iter().map(cost_of).collect();
         let queries: Vec<usize> = ranges.iter().map(|r| r.len()).collect();
-        if let Some(fit) = QueryTiming::fit(&shares, &queries, &compute_seconds) {
-            // Halfway to the newest fit: timings of a shared machine are noisy.
-            self.timing = Some(match self.timing {
-                None => fit,
-                Some(old) => QueryTiming {
-                    seconds_per_cost: 0.5 * (old.seconds_per_cost + fit.seconds_per_cost),
-                    seconds_per_query: 0.5 * (old.seconds_per_query + fit.seconds_per_query),
-                },
-            });
+        self.sums = self
+            .sums
+            .decay(TIMING_MEMORY)
+            .add(&shares, &queries, &compute_seconds);
+        if let Some(fit) = self.sums.fit() {
+            self.timing = Some(fit);
         }
         self.last = Some(StepShares {
             costs: shares,
