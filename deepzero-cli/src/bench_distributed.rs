@@ -87,14 +87,18 @@ pub struct SharedStep {
     pub cost_total: Vec<f64>,
     /// Wall seconds of the whole step on rank 0 (base forward, its queries, the exchange).
     pub seconds: f64,
-    /// Per rank: seconds evaluating its queries.
+    /// Per rank: wall seconds evaluating its queries.
     pub compute_seconds: Vec<f64>,
+    /// Per rank: CPU seconds evaluating its queries (not counting time other programs took).
+    pub cpu_seconds: Vec<f64>,
     /// Per rank: coordinates evaluated.
     pub coords: Vec<usize>,
     /// Per rank: the cost model's share of the step, in [0, 1].
     pub cost_share: Vec<f64>,
-    /// Slowest rank's compute time over the mean.
+    /// Largest rank's CPU time over the mean: the balance of the split.
     pub imbalance: f64,
+    /// Slowest rank's wall compute time over the mean (also counts other programs' load).
+    pub wall_imbalance: f64,
     /// Payload bytes each rank sent plus received in the exchange.
     pub bytes: u64,
 }
@@ -146,8 +150,10 @@ pub struct DistributedBench {
     pub shared: Vec<SharedStep>,
     /// One-rank seconds over the mean shared step's seconds.
     pub speedup: f64,
-    /// Mean load imbalance over the shared steps.
+    /// Mean load imbalance (CPU time) over the shared steps.
     pub imbalance: f64,
+    /// Mean wall-time imbalance over the shared steps.
+    pub wall_imbalance: f64,
     /// Shared and one-rank gradients are bitwise identical.
     pub bitwise_identical: bool,
     /// Present for ResNet-20.
@@ -262,6 +268,8 @@ fn bench(
             cost_total: s.costs.clone(),
             seconds,
             imbalance: s.imbalance(),
+            wall_imbalance: s.wall_imbalance(),
+            cpu_seconds: s.cpu_seconds.clone(),
             coords: s.ranges.iter().map(|r| r.len()).collect(),
             cost_share: s.costs.iter().map(|c| c / total).collect(),
             compute_seconds: s.compute_seconds,
@@ -276,7 +284,7 @@ fn bench(
         // The ranks' fitted query time; alone, the cost model's rate without a fixed part.
         let timing = shared_cge.query_timing().unwrap_or_else(|| {
             let costs: f64 = shared.iter().flat_map(|s| s.cost_total.iter()).sum();
-            let compute: f64 = shared.iter().flat_map(|s| s.compute_seconds.iter()).sum();
+            let compute: f64 = shared.iter().flat_map(|s| s.cpu_seconds.iter()).sum();
             QueryTiming {
                 seconds_per_cost: compute / costs.max(f64::MIN_POSITIVE),
                 seconds_per_query: 0.0,
@@ -297,6 +305,7 @@ fn bench(
         one_rank_seconds,
         speedup: one_rank_seconds / mean_step,
         imbalance: shared.iter().map(|s| s.imbalance).sum::<f64>() / shared.len() as f64,
+        wall_imbalance: shared.iter().map(|s| s.wall_imbalance).sum::<f64>() / shared.len() as f64,
         shared,
         bitwise_identical: identical,
         projection,
@@ -380,21 +389,23 @@ fn print_table(r: &DistributedBench) {
         let per_rank: Vec<String> = s
             .compute_seconds
             .iter()
+            .zip(&s.cpu_seconds)
             .zip(&s.coords)
-            .map(|(t, c)| format!("{t:.3} s/{c} coords"))
+            .map(|((t, cpu), c)| format!("{t:.3} s ({cpu:.3} s CPU)/{c} coords"))
             .collect();
         println!(
-            "shared step {}: {:.3} s; compute per rank [{}]; imbalance {:.3}; {} bytes per rank",
+            "shared step {}: {:.3} s; compute per rank [{}]; imbalance {:.3} CPU, {:.3} wall; {} bytes per rank",
             i + 1,
             s.seconds,
             per_rank.join(", "),
             s.imbalance,
+            s.wall_imbalance,
             s.bytes
         );
     }
     println!(
-        "speedup {:.2}× over one rank, mean imbalance {:.3}, bitwise identical: {}",
-        r.speedup, r.imbalance, r.bitwise_identical
+        "speedup {:.2}× over one rank, mean imbalance {:.3} CPU, {:.3} wall, bitwise identical: {}",
+        r.speedup, r.imbalance, r.wall_imbalance, r.bitwise_identical
     );
     if let Some(p) = &r.projection {
         println!(

@@ -118,17 +118,40 @@ pub struct StepShares {
     pub ranges: Vec<Range<usize>>,
     /// Per rank: modelled cost of its range (the cost model's units).
     pub costs: Vec<f64>,
-    /// Per rank: seconds it spent evaluating its range.
+    /// Per rank: wall seconds it spent evaluating its range.
     pub compute_seconds: Vec<f64>,
+    /// Per rank: CPU seconds (all its threads) it spent evaluating its range; the wall seconds
+    /// where the system does not say ([`process_cpu_seconds`]). Unlike wall time, this does not
+    /// count time that other programs took from the rank's cores.
+    pub cpu_seconds: Vec<f64>,
     /// Payload bytes each rank sent plus received in the step's all-gather.
     pub bytes: u64,
 }
 
 impl StepShares {
-    /// Load imbalance: the slowest rank's compute time over the mean (1 = balanced).
+    /// Load imbalance: the largest rank's CPU time over the mean (1 = balanced).
     pub fn imbalance(&self) -> f64 {
+        imbalance(&self.cpu_seconds)
+    }
+    /// The same on wall time (includes time other programs took from the ranks).
+    pub fn wall_imbalance(&self) -> f64 {
         imbalance(&self.compute_seconds)
     }
+}
+
+/// CPU seconds this process has run so far, all threads together, from Linux's per-thread
+/// `schedstat` (nanoseconds on the CPU); `None` where that is not available.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let mut nanos = 0u64;
+    for entry in std::fs::read_dir("/proc/self/task").ok()? {
+        let Ok(entry) = entry else { continue };
+        // A thread may end between the listing and the read: skip it.
+        let Ok(text) = std::fs::read_to_string(entry.path().join("schedstat")) else {
+            continue;
+        };
+        nanos += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(nanos as f64 * 1e-9)
 }
 
 /// Max over mean of `v` (1 for an empty or all-zero `v`).
@@ -244,8 +267,8 @@ impl std::fmt::Debug for Shard {
 }
 
 /// Values each rank puts before its coordinate values: the base loss (checked equal on every
-/// rank) and its compute seconds.
-const HEADER: usize = 2;
+/// rank), its wall and its CPU compute seconds.
+const HEADER: usize = 3;
 
 impl Shard {
     /// Share queries over `comm`'s ranks.
@@ -302,8 +325,13 @@ impl Shard {
         let ranges = split(&weights, block, size);
         let mine = ranges[rank].clone();
         let started = Instant::now();
+        let cpu_started = process_cpu_seconds();
         let (loss, values) = eval(mine.clone())?;
         let seconds = started.elapsed().as_secs_f64();
+        let cpu = match (cpu_started, process_cpu_seconds()) {
+            (Some(a), Some(b)) => b - a,
+            _ => seconds,
+        };
         if values.len() != mine.len() {
             return Err(Error::Distributed(format!(
                 "rank {rank} evaluated {} values for {} coordinates",
@@ -312,7 +340,7 @@ impl Shard {
             )));
         }
         let mut piece = Vec::with_capacity(HEADER + values.len());
-        piece.extend([loss, seconds]);
+        piece.extend([loss, seconds, cpu]);
         piece.extend(values);
         let counts: Vec<usize> = ranges.iter().map(|r| HEADER + r.len()).collect();
         let what = format!(
@@ -323,9 +351,11 @@ impl Shard {
         let all = self.comm.all_gather(&piece, &counts, &what)?;
         let mut out = Vec::with_capacity(costs.len());
         let mut compute_seconds = Vec::with_capacity(size);
+        let mut cpu_seconds = Vec::with_capacity(size);
         let mut at = 0;
         for (r, range) in ranges.iter().enumerate() {
             let (their_loss, their_seconds) = (all[at], all[at + 1]);
+            cpu_seconds.push(all[at + 2]);
             if their_loss.to_bits() != loss.to_bits() {
                 return Err(Error::Distributed(format!(
                     "{what}: rank {r} has base loss {their_loss}, rank {rank} {loss}; every rank \
@@ -343,7 +373,7 @@ impl Shard {
         self.sums = self
             .sums
             .decay(TIMING_MEMORY)
-            .add(&shares, &queries, &compute_seconds);
+            .add(&shares, &queries, &cpu_seconds);
         if let Some(fit) = self.sums.fit() {
             self.timing = Some(fit);
         }
@@ -351,6 +381,7 @@ impl Shard {
             costs: shares,
             ranges,
             compute_seconds,
+            cpu_seconds,
             bytes: 8 * all.len() as u64,
         });
         Ok((loss, out))
