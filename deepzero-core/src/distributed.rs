@@ -231,8 +231,14 @@ impl TimingSums {
         if det.is_nan() || det <= 1e-9 * self.cc * self.nn {
             return None;
         }
-        let a = (self.ct * self.nn - self.nt * self.cn) / det;
-        let b = ((self.cc * self.nt - self.cn * self.ct) / det).max(0.0);
+        let (mut a, mut b) = (
+            (self.ct * self.nn - self.nt * self.cn) / det,
+            (self.cc * self.nt - self.cn * self.ct) / det,
+        );
+        if b < 0.0 {
+            // No fixed part: the rate alone, fitted again.
+            (a, b) = (self.ct / self.cc, 0.0);
+        }
         (a > 0.0 && a.is_finite() && b.is_finite()).then_some(QueryTiming {
             seconds_per_cost: a,
             seconds_per_query: b,
@@ -498,6 +504,11 @@ mod tests {
         assert!((t.seconds_per_cost - 2.0).abs() < 1e-9, "{t:?}");
         assert!((t.seconds_per_query - 3.0).abs() < 1e-9, "{t:?}");
         assert!((t.overhead() - 1.5).abs() < 1e-9);
+        // A negative fixed part is dropped and the rate fitted alone: seconds = 2·cost − queries/20.
+        let secs = [19.95, 1.0, 9.8];
+        let t = QueryTiming::fit(&[10.0, 1.0, 5.0], &[1, 20, 4], &secs).unwrap();
+        assert_eq!(t.seconds_per_query, 0.0);
+        assert!(t.seconds_per_cost > 0.0);
         // Proportional loads cannot separate the terms.
         assert!(QueryTiming::fit(&[2.0, 4.0], &[1, 2], &[1.0, 2.0]).is_none());
     }
