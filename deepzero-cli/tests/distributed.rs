@@ -307,3 +307,27 @@ fn distributed_without_the_feature_or_launcher_is_a_clear_error() -> Result<()> 
     }
     Ok(())
 }
+
+#[test]
+fn an_error_on_rank_zero_alone_stops_every_rank() -> Result<()> {
+    if !mpi_available()? {
+        return Ok(());
+    }
+    // Only rank 0 prepares the run directory: a non-empty one fails there alone, and the other
+    // rank must not be left waiting for it at the first exchange.
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("taken");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("something"), "x")?;
+    let o = run(
+        mpirun(2, &train_args(&dir, 1), &["--rank-timeout", "600"]),
+        Duration::from_secs(300),
+    )?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("error on rank 0 of 2") && err.contains("--overwrite"),
+        "{err}"
+    );
+    Ok(())
+}
