@@ -15,8 +15,8 @@
 //! copied, never summed across ranks, and the optimizer runs the same arithmetic on every rank.
 //! So 1, 2 or N ranks give the same bits.
 //!
-//! [`Collective`] is what a transport must offer: [`Single`] (one process) here, MPI in
-//! [`mpi`] behind the `mpi` cargo feature. Failures: an MPI transport arms a watchdog around
+//! [`Collective`] is what a transport must offer: [`Single`] (one process) here, MPI in `mpi`
+//! behind the `mpi` cargo feature. Failures: an MPI transport arms a watchdog around
 //! every collective; a rank that dies or hangs stops the job with a clear message within the
 //! configured timeout instead of hanging the others.
 
