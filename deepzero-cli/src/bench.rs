@@ -27,6 +27,9 @@ pub enum BenchCommand {
     Objective(crate::bench_objective::ObjectiveBenchArgs),
     /// Seconds to certify one image (n0 + n samples) vs the same number of forward passes.
     Certify(crate::bench_certify::CertifyBenchArgs),
+    /// A sparse-CGE step shared over MPI ranks (one thread each) vs one rank: compute time per
+    /// rank, load imbalance, bytes exchanged, speedup; and a projection to many ranks.
+    Distributed(Box<crate::bench_distributed::DistributedBenchArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +121,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Kernels(a) => bench_kernels(&a)?,
         BenchCommand::Objective(a) => crate::bench_objective::run(&a)?,
         BenchCommand::Certify(a) => crate::bench_certify::run(&a)?,
+        BenchCommand::Distributed(a) => crate::bench_distributed::run(&a)?,
     }
     Ok(())
 }
@@ -128,7 +132,7 @@ fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
     (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
 
-fn model_for(
+pub(crate) fn model_for(
     model: ModelArg,
     depth: Option<usize>,
     width: Option<usize>,

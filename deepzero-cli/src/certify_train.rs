@@ -2,7 +2,8 @@
 //! black-box classifier. The algorithms live in `deepzero_certify::denoise`; this file parses,
 //! calls and reports.
 
-use crate::common::{DataArg, DataOpts};
+use crate::common::{DataArg, DataOpts, DistributedOpts, Ranks};
+use crate::note;
 use crate::report::{self, LineChart, Series};
 use crate::train::{epoch_line, plot_history};
 use anyhow::{bail, Context, Result};
@@ -21,7 +22,9 @@ use deepzero_core::model::{Model, ModelSpec, Precision};
 use deepzero_core::optim::{OptimizerConfig, OptimizerKind};
 use deepzero_core::seed::initial_params;
 use deepzero_core::task::Task;
-use deepzero_core::trainer::{EpochMetrics, Observer, StepInfo, TrainConfig, TrainState, Trainer};
+use deepzero_core::trainer::{
+    EpochMetrics, Observer, Silent, StepInfo, TrainConfig, TrainState, Trainer,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -101,6 +104,9 @@ pub struct TrainDenoiserArgs {
     /// Threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub distributed: DistributedOpts,
     /// Run directory [default: runs/denoiser-<method>-<UTC time>].
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -231,7 +237,7 @@ fn autoencoder(
     );
     let config = adam(args.ae_epochs.max(1), 1e-3, args.seed);
     let mut opt = config.optimizer.build()?;
-    eprintln!(
+    note!(
         "pre-training the autoencoder {} ({} params, {} epochs)",
         model.name,
         model.num_params(),
@@ -255,7 +261,7 @@ fn autoencoder(
 struct Lines;
 impl Observer for Lines {
     fn on_epoch_end(&mut self, m: &EpochMetrics, _: &TrainState) -> deepzero_core::Result<()> {
-        eprintln!("  {}", epoch_line(m));
+        note!("  {}", epoch_line(m));
         Ok(())
     }
 }
@@ -297,6 +303,13 @@ impl Observer for RunObserver {
 /// `deepzero certify train-denoiser`: train a denoiser into a run directory that
 /// `certify compare` / `certify run --denoiser` load.
 pub fn run_train_denoiser(args: TrainDenoiserArgs) -> Result<DenoiserSummary> {
+    let ranks = args.distributed.connect()?;
+    let result = train_denoiser_on(args, &ranks);
+    ranks.finish(result)
+}
+
+/// [`run_train_denoiser`] as one of `ranks` (rank 0 writes the run directory and reports).
+fn train_denoiser_on(args: TrainDenoiserArgs, ranks: &Ranks) -> Result<DenoiserSummary> {
     let (args, dir, resumed) = match &args.resume {
         Some(dir) => {
             let path = dir.join("config.json");
@@ -304,6 +317,7 @@ pub fn run_train_denoiser(args: TrainDenoiserArgs) -> Result<DenoiserSummary> {
                 .with_context(|| format!("--resume: cannot read {}", path.display()))?;
             let mut saved: TrainDenoiserArgs = serde_json::from_str(&text)?;
             saved.threads = args.threads;
+            saved.distributed = args.distributed.clone();
             (saved, dir.clone(), true)
         }
         None => {
@@ -311,7 +325,9 @@ pub fn run_train_denoiser(args: TrainDenoiserArgs) -> Result<DenoiserSummary> {
                 .out
                 .clone()
                 .unwrap_or_else(|| report::default_run_dir(&format!("denoiser-{}", args.method)));
-            report::prepare_run_dir(&dir, args.overwrite)?;
+            if ranks.is_root() {
+                report::prepare_run_dir(&dir, args.overwrite)?;
+            }
             (args, dir, false)
         }
     };
@@ -354,18 +370,20 @@ pub fn run_train_denoiser(args: TrainDenoiserArgs) -> Result<DenoiserSummary> {
     )?;
     let mut state = if resumed {
         let s = checkpoint::load(&dir, &candle_core::Device::Cpu)?;
-        eprintln!("resuming {} at epoch {}", dir.display(), s.epoch + 1);
+        note!("resuming {} at epoch {}", dir.display(), s.epoch + 1);
         s
     } else {
-        report::write_json_atomic(&dir.join("config.json"), &args)?;
-        let record = DenoiserRecord {
-            method: args.method,
-            sigma: args.sigma,
-            spec: spec.clone(),
-            input_shape: shape,
-            autoencoder: ae.as_ref().map(|a| a.spec),
-        };
-        record.save(&dir, ae.as_deref())?;
+        if ranks.is_root() {
+            report::write_json_atomic(&dir.join("config.json"), &args)?;
+            let record = DenoiserRecord {
+                method: args.method,
+                sigma: args.sigma,
+                spec: spec.clone(),
+                input_shape: shape,
+                autoencoder: ae.as_ref().map(|a| a.spec),
+            };
+            record.save(&dir, ae.as_deref())?;
+        }
         match &args.init {
             Some(init) => {
                 let run = DenoiserRun::load(init)
@@ -398,7 +416,8 @@ pub fn run_train_denoiser(args: TrainDenoiserArgs) -> Result<DenoiserSummary> {
         task.load_state(&state.task)?;
     }
     let (mut estimator, ratios) = args.method.estimator(&task, &state.params, &config.zo)?;
-    if let (Some(r), false) = (&ratios, resumed) {
+    ranks.share(estimator.as_mut())?;
+    if let (Some(r), false, true) = (&ratios, resumed, ranks.is_root()) {
         report::write_json_atomic(&dir.join("ratios.json"), r)?;
     }
     let train_cfg = adam(args.epochs, args.lr, args.seed);
@@ -406,7 +425,7 @@ pub fn run_train_denoiser(args: TrainDenoiserArgs) -> Result<DenoiserSummary> {
     if resumed {
         opt.load_state(&state.optimizer)?;
     }
-    eprintln!(
+    note!(
         "deepzero certify train-denoiser: {} ({} params), method {}, σ = {}, {} train images, estimator {} → {}",
         model.name, model.num_params(), args.method, args.sigma, train.len(), estimator.name(), dir.display()
     );
@@ -415,12 +434,17 @@ pub fn run_train_denoiser(args: TrainDenoiserArgs) -> Result<DenoiserSummary> {
         label: format!("{} {}", model.name, args.method),
         last: Instant::now(),
     };
+    let mut silent = Silent;
     Trainer { config: &train_cfg }.run(
         &mut task,
         &mut state,
         estimator.as_mut(),
         opt.as_mut(),
-        &mut obs,
+        if ranks.is_root() {
+            &mut obs
+        } else {
+            &mut silent
+        },
     )?;
     let last = state.history.last().context("no epoch finished")?;
     let steps = (task.steps_per_epoch() * state.epoch).max(1) as f64;
@@ -440,6 +464,9 @@ pub fn run_train_denoiser(args: TrainDenoiserArgs) -> Result<DenoiserSummary> {
         estimator: estimator.name(),
         wall_seconds: state.seconds,
     };
+    if !ranks.is_root() {
+        return Ok(summary);
+    }
     report::write_json_atomic(&dir.join("summary.json"), &summary)?;
     eprintln!(
         "done in {:.0}s: stability {:.3}, accuracy {:.3} on {} noisy test images; {} black-box queries → {}",

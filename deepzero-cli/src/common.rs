@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use deepzero_core::data::{self, Augment, Dataset, DatasetKind, Normalization};
+use deepzero_core::distributed::{Collective, Fault, Single};
 use deepzero_core::error::Setting;
 use deepzero_core::estimator::{
     Cge, Difference, Direction, EstimatorConfig, EstimatorKind, GradientEstimator, QueryEngine,
@@ -11,6 +12,7 @@ use deepzero_core::model::{DeviceKind, Model, ModelSpec, Precision};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Data sets the CLI knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -267,6 +269,19 @@ pub fn flag_error(e: deepzero_core::Error) -> anyhow::Error {
     }
 }
 
+/// An error as the user reads it: core names settings in its own words, so say which flag it
+/// was (an error with context of its own keeps it).
+pub fn in_flags(e: anyhow::Error) -> anyhow::Error {
+    if e.chain().count() == 1 {
+        match e.downcast::<deepzero_core::Error>() {
+            Ok(core) => flag_error(core),
+            Err(other) => other,
+        }
+    } else {
+        e
+    }
+}
+
 /// Train and test sets, normalised, limited, plus the augmentation to use.
 pub fn load_data(
     opts: &DataOpts,
@@ -464,4 +479,164 @@ pub fn initial_params(
         precision,
         device,
     )?)
+}
+
+/// How a command's processes work together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DistributedArg {
+    /// The processes of an MPI job (`mpirun -np N deepzero … --distributed mpi`).
+    Mpi,
+}
+
+/// Distributed runs: each step's CGE queries shared over processes and machines. How to run,
+/// not what to compute (results do not depend on the rank count): not saved in `config.json`,
+/// and `--resume` takes it from the resuming command.
+#[derive(Args, Debug, Clone)]
+pub struct DistributedOpts {
+    /// Share each step's CGE queries over the ranks of an MPI job, cost-balanced; every rank
+    /// applies the same update and rank 0 writes the run directory. Needs a build with
+    /// `--features mpi`.
+    #[arg(long, value_enum)]
+    pub distributed: Option<DistributedArg>,
+    /// Seconds a rank waits for the others at a step's exchange before the job stops with an
+    /// error (a rank died or hangs).
+    #[arg(long, default_value_t = DEFAULT_RANK_TIMEOUT)]
+    pub rank_timeout: f64,
+}
+
+impl Default for DistributedOpts {
+    fn default() -> Self {
+        DistributedOpts {
+            distributed: None,
+            rank_timeout: DEFAULT_RANK_TIMEOUT,
+        }
+    }
+}
+
+/// The hidden, test-only fault injection of distributed runs: `RANK:EXCHANGE:die|hang` makes
+/// that rank abort or hang at that (1-based) gradient exchange.
+pub const FAULT_ENV: &str = "DEEPZERO_FAULT";
+
+/// Default of `--rank-timeout`, seconds.
+pub const DEFAULT_RANK_TIMEOUT: f64 = 600.0;
+
+static ROOT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether this process reports (rank 0, or not distributed).
+pub fn is_root() -> bool {
+    ROOT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `eprintln!` on rank 0 only.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {
+        if $crate::common::is_root() {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
+/// This process's place among the ranks of a run.
+pub struct Ranks {
+    /// The transport (a single process when not distributed).
+    pub comm: Arc<dyn Collective>,
+}
+
+impl DistributedOpts {
+    /// Join the run's ranks (MPI is initialised here, once per process).
+    pub fn connect(&self) -> Result<Ranks> {
+        let comm: Arc<dyn Collective> = match self.distributed {
+            None => Arc::new(Single),
+            Some(DistributedArg::Mpi) => {
+                let timeout = self.rank_timeout;
+                if !(timeout.is_finite() && timeout > 0.0) {
+                    bail!("--rank-timeout must be a positive number of seconds, got {timeout}");
+                }
+                let fault = match std::env::var(FAULT_ENV) {
+                    Ok(s) => Some(s.parse().with_context(|| format!("{FAULT_ENV}={s}"))?),
+                    Err(_) => None,
+                };
+                mpi_world(timeout, fault)?
+            }
+        };
+        ROOT.store(comm.rank() == 0, std::sync::atomic::Ordering::Relaxed);
+        Ok(Ranks { comm })
+    }
+}
+
+#[cfg(feature = "mpi")]
+fn mpi_world(timeout: f64, fault: Option<Fault>) -> Result<Arc<dyn Collective>> {
+    let hint = "Raise --rank-timeout if a step legitimately takes longer. The last checkpoint is \
+                intact: continue with --resume DIR (any number of ranks)."
+        .to_string();
+    let mpi = deepzero_core::distributed::mpi::Mpi::init(
+        std::time::Duration::from_secs_f64(timeout),
+        hint,
+        fault,
+    )?;
+    Ok(Arc::new(mpi))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_world(_timeout: f64, _fault: Option<Fault>) -> Result<Arc<dyn Collective>> {
+    bail!(
+        "--distributed mpi: this deepzero was built without MPI; rebuild it with `cargo build \
+         --release -p deepzero-cli --features mpi` (needs libopenmpi-dev, openmpi-bin and \
+         libclang-dev) and start it under mpirun"
+    )
+}
+
+impl Ranks {
+    /// Whether this is rank 0 (the one that writes and reports).
+    pub fn is_root(&self) -> bool {
+        self.comm.rank() == 0
+    }
+
+    /// Share `estimator`'s queries over the ranks (nothing to do for a single process).
+    pub fn share(&self, estimator: &mut dyn GradientEstimator) -> Result<()> {
+        let size = self.comm.size();
+        if size == 1 {
+            return Ok(());
+        }
+        if estimator.distribute(Arc::clone(&self.comm))? {
+            crate::note!(
+                "distributed: {} shares each step's queries over {size} ranks",
+                estimator.name()
+            );
+        } else {
+            crate::note!(
+                "distributed: {} does not share its queries; each of the {size} ranks computes \
+                 the whole estimate (same numbers, no speed-up)",
+                estimator.name()
+            );
+        }
+        Ok(())
+    }
+
+    /// A command's result on this rank. An error on one rank of several stops them all now
+    /// (the others would wait for it at the next exchange).
+    pub fn finish<T>(&self, result: Result<T>) -> Result<T> {
+        match result {
+            Err(e) if self.comm.size() > 1 => {
+                eprintln!(
+                    "error on rank {} of {}: {:#}",
+                    self.comm.rank(),
+                    self.comm.size(),
+                    in_flags(e)
+                );
+                self.comm.abort(1)
+            }
+            other => other,
+        }
+    }
+
+    /// Wait until every rank gets here (`what`: for the timeout message). One value each: an
+    /// MPI library may complete an exchange of nothing without waiting.
+    pub fn barrier(&self, what: &str) -> Result<()> {
+        let counts = vec![1; self.comm.size()];
+        self.comm.all_gather(&[0.0], &counts, what)?;
+        Ok(())
+    }
 }

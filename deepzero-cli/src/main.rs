@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_certify;
+mod bench_distributed;
 mod bench_objective;
 mod certify;
 mod certify_train;
@@ -81,17 +82,7 @@ fn main() {
         Command::Pde(args) => pde::run(*args),
     };
     if let Err(e) = result {
-        // Core names settings in its own words; say which flag it was (an error with context
-        // of its own keeps it).
-        let e = if e.chain().count() == 1 {
-            match e.downcast::<deepzero_core::Error>() {
-                Ok(core) => common::flag_error(core),
-                Err(other) => other,
-            }
-        } else {
-            e
-        };
-        eprintln!("error: {e:#}");
+        eprintln!("error: {:#}", common::in_flags(e));
         std::process::exit(1);
     }
 }

@@ -144,6 +144,9 @@ pub struct RunArgs {
     /// Threads (0 = all cores); results do not depend on it.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub distributed: crate::common::DistributedOpts,
     /// Data directory [default: <out>/data]; a matching data set there is reused.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -335,6 +338,14 @@ struct Outcome {
 }
 
 fn execute(args: RunArgs) -> Result<()> {
+    let ranks = args.distributed.connect()?;
+    let result = execute_on(args, &ranks);
+    ranks.finish(result)
+}
+
+/// [`execute`] as one of `ranks`: rank 0 writes the data set and the run directory and reports.
+fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
+    let root = ranks.is_root();
     crate::common::set_threads(args.threads);
     let dir = args
         .out
@@ -376,23 +387,28 @@ fn execute(args: RunArgs) -> Result<()> {
         // Builds the estimator once so that a bad --sparsity or --mu fails before any work.
         correction::estimator(method, &model, &correction, args.seed).map_err(flag_error)?;
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    report::write_json_atomic(
-        &dir.join("config.json"),
-        &ResolvedConfig {
-            args: &args,
-            dataset: &data,
-            network: &network,
-            correction: &correction,
-            train: train_config.clone(),
-        },
-    )?;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| dir.join("data"));
+    if root {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        report::write_json_atomic(
+            &dir.join("config.json"),
+            &ResolvedConfig {
+                args: &args,
+                dataset: &data,
+                network: &network,
+                correction: &correction,
+                train: train_config.clone(),
+            },
+        )?;
+        load_data(&data_dir, &data)?;
+    }
+    // The other ranks read the data set rank 0 found or generated.
+    ranks.barrier("waiting for rank 0 to generate the data set")?;
     let dataset = load_data(&data_dir, &data)?;
     let train = prepare(&dataset, &dataset.train).map_err(flag_error)?;
     let test = prepare(&dataset, &dataset.test).map_err(flag_error)?;
     let scaling = deepzero_pde::Scaling::measure(&train).map_err(flag_error)?;
-    eprintln!(
+    crate::note!(
         "{}: {} + {} simulations × {} steps, network {} ({} parameters)",
         dir.display(),
         train.len(),
@@ -406,13 +422,17 @@ fn execute(args: RunArgs) -> Result<()> {
         let started = Instant::now();
         let outcome = if method.trains() {
             let method_dir = dir.join(method.name());
-            std::fs::create_dir_all(&method_dir)?;
+            if root {
+                std::fs::create_dir_all(&method_dir)?;
+            }
             let mut state = if checkpoint::exists(&method_dir) {
                 checkpoint::load(&method_dir, &candle_core::Device::Cpu)?
             } else {
                 correction::initial_state(&model, args.seed).map_err(flag_error)?
             };
             let mut observer = PdeObserver::new(&method_dir, method);
+            let mut silent = deepzero_core::trainer::Silent;
+            let shared = (ranks.comm.size() > 1).then(|| std::sync::Arc::clone(&ranks.comm));
             correction::train(
                 method,
                 &model,
@@ -422,7 +442,8 @@ fn execute(args: RunArgs) -> Result<()> {
                 &correction,
                 &train_config,
                 &mut state,
-                &mut observer,
+                if root { &mut observer } else { &mut silent },
+                shared,
             )
             .map_err(flag_error)?;
             observer.bar.finish_and_clear();
@@ -448,7 +469,7 @@ fn execute(args: RunArgs) -> Result<()> {
                 seconds: started.elapsed().as_secs_f64(),
             }
         };
-        eprintln!(
+        crate::note!(
             "{:>6}: test MAE {:.4} ± {:.4}  ({} queries, {:.1}s)",
             method.name(),
             outcome.errors.mae(),
@@ -458,8 +479,10 @@ fn execute(args: RunArgs) -> Result<()> {
         );
         outcomes.push(outcome);
     }
-    write_reports(&dir, &outcomes, &test, &model.name, &scaling)?;
-    eprintln!("summary → {}", dir.join("summary.json").display());
+    if root {
+        write_reports(&dir, &outcomes, &test, &model.name, &scaling)?;
+        eprintln!("summary → {}", dir.join("summary.json").display());
+    }
     Ok(())
 }
 

@@ -178,7 +178,7 @@ pub fn build_estimator(
             };
             let p = prune_at_init(model, train, init, &config, sp.prune_per_class, seed)
                 .context("--prune")?;
-            eprintln!(
+            crate::note!(
                 "pruned at init with {}: global sparsity {:.4}, {} queries",
                 m.method(),
                 p.ratios.global_sparsity,
@@ -214,21 +214,21 @@ pub fn build_estimator(
     let d = model.num_params();
     let layers = layers.join(", ");
     match (sp.prune_weights, est.estimator) {
-        (true, _) => eprintln!(
+        (true, _) => crate::note!(
             "pruned network ({} mask): {}; keep ratios: {layers}",
             if scores.is_some() { "top-|score|" } else { "random" },
             estimator.name(),
         ),
         (false, EstimatorArg::Cge) => {
             let cge = est.cge()?;
-            eprintln!(
+            crate::note!(
                 "sparse CGE: {n} of {d} coordinates per step, redrawn every {} epochs → {} queries per step (dense CGE {}); keep ratios: {layers}",
                 sp.mask_interval,
                 cge.queries_for(n),
                 cge.queries_per_step(d),
             );
         }
-        _ => eprintln!(
+        _ => crate::note!(
             "sparse gradients (backprop): {n} of {d} coordinates per step, redrawn every {} epochs; keep ratios: {layers}",
             sp.mask_interval,
         ),

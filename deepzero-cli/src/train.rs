@@ -1,9 +1,10 @@
 //! `deepzero train`: one run, one directory.
 
 use crate::common::{
-    build_model, flag_error, initial_params, load_data, set_threads, DataOpts, DeviceArg, DtypeArg,
-    EstimatorOpts, ModelOpts, SparsityOpts,
+    build_model, flag_error, initial_params, load_data, set_threads, DataOpts, DeviceArg,
+    DistributedOpts, DtypeArg, EstimatorOpts, ModelOpts, Ranks, SparsityOpts,
 };
+use crate::note;
 use crate::report::{self, LineChart, Series};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -11,7 +12,9 @@ use deepzero_core::checkpoint;
 use deepzero_core::model::Model;
 use deepzero_core::optim::{OptimizerConfig, OptimizerKind};
 use deepzero_core::task::{ClassificationConfig, ClassificationTask, Task};
-use deepzero_core::trainer::{EpochMetrics, Observer, StepInfo, TrainConfig, TrainState, Trainer};
+use deepzero_core::trainer::{
+    EpochMetrics, Observer, Silent, StepInfo, TrainConfig, TrainState, Trainer,
+};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -70,6 +73,9 @@ pub struct TrainArgs {
     /// `--resume` takes it from the resuming command.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub distributed: DistributedOpts,
     /// Disable CIFAR-10 augmentation (random crop, horizontal flip).
     #[arg(long)]
     pub no_augment: bool,
@@ -122,6 +128,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
 /// One training run as configured by `args` (fresh into `args.out`, or `--resume`); writes the
 /// run directory and returns its summary. `deepzero experiment` calls this for every sub-run.
 pub fn execute(args: TrainArgs) -> Result<Summary> {
+    let ranks = args.distributed.connect()?;
+    let result = execute_on(args, &ranks);
+    ranks.finish(result)
+}
+
+/// [`execute`] as one of `ranks` (rank 0 writes the run directory and reports).
+fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
     let (args, dir, resumed) = match &args.resume {
         Some(dir) => {
             let path = dir.join("config.json");
@@ -134,6 +147,7 @@ pub fn execute(args: TrainArgs) -> Result<Summary> {
             // The thread count is how to run, not what to compute (estimates do not depend on
             // it): a resumed run uses this command's `--threads`.
             saved.threads = args.threads;
+            saved.distributed = args.distributed.clone();
             (saved, dir.clone(), true)
         }
         None => {
@@ -145,7 +159,9 @@ pub fn execute(args: TrainArgs) -> Result<Summary> {
                 .out
                 .clone()
                 .unwrap_or_else(|| report::default_run_dir("train"));
-            report::prepare_run_dir(&dir, args.overwrite)?;
+            if ranks.is_root() {
+                report::prepare_run_dir(&dir, args.overwrite)?;
+            }
             (args, dir, false)
         }
     };
@@ -194,7 +210,8 @@ pub fn execute(args: TrainArgs) -> Result<Summary> {
         args.seed,
     )?;
     let mut estimator = setup.estimator;
-    if let (Some(r), false) = (&setup.ratios, resumed) {
+    ranks.share(estimator.as_mut())?;
+    if let (Some(r), false, true) = (&setup.ratios, resumed, ranks.is_root()) {
         report::write_json_atomic(&dir.join("ratios.json"), r)?;
     }
     let mut optimizer = config.optimizer.build().map_err(flag_error)?;
@@ -209,13 +226,15 @@ pub fn execute(args: TrainArgs) -> Result<Summary> {
                 config.epochs
             );
         }
-        eprintln!("resuming {} at epoch {}", dir.display(), s.epoch + 1);
+        note!("resuming {} at epoch {}", dir.display(), s.epoch + 1);
         s
     } else {
-        report::write_json_atomic(&dir.join("config.json"), &args)?;
+        if ranks.is_root() {
+            report::write_json_atomic(&dir.join("config.json"), &args)?;
+        }
         TrainState::new(init)
     };
-    eprintln!(
+    note!(
         "deepzero train: {} ({} params) on {:?} ({} train / {} test), estimator {}, {} epochs → {}",
         model.name,
         model.num_params(),
@@ -228,7 +247,11 @@ pub fn execute(args: TrainArgs) -> Result<Summary> {
     );
     let steps_per_epoch = task.steps_per_epoch();
     let trainer = Trainer { config: &config };
-    let mut obs = RunObserver::new(&dir, steps_per_epoch, &model, &args)?;
+    let mut obs = match ranks.is_root() {
+        true => Some(RunObserver::new(&dir, steps_per_epoch, &model, &args)?),
+        false => None,
+    };
+    let mut silent = Silent;
     let started = Instant::now();
     trainer
         .run(
@@ -236,10 +259,12 @@ pub fn execute(args: TrainArgs) -> Result<Summary> {
             &mut state,
             estimator.as_mut(),
             optimizer.as_mut(),
-            &mut obs,
+            match &mut obs {
+                Some(o) => o,
+                None => &mut silent,
+            },
         )
         .map_err(flag_error)?;
-    obs.bar.finish_and_clear();
     let last = state.history.last().context("no epoch finished")?;
     let steps = (steps_per_epoch * state.epoch) as f64;
     let accuracy = |m: &EpochMetrics| m.get("test_accuracy").unwrap_or(f64::NAN);
@@ -257,6 +282,10 @@ pub fn execute(args: TrainArgs) -> Result<Summary> {
         estimator: estimator.name(),
         epochs: state.epoch,
     };
+    let Some(obs) = obs else {
+        return Ok(summary);
+    };
+    obs.bar.finish_and_clear();
     report::write_json_atomic(&dir.join("summary.json"), &summary)?;
     eprintln!(
         "done in {:.1}s (this process {:.1}s): test accuracy {:.4} (best {:.4}), {} queries → {}",

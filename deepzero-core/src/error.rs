@@ -46,6 +46,9 @@ pub enum Error {
     /// The loss became NaN or infinite.
     #[error("training diverged: {0}")]
     Diverged(String),
+    /// Ranks of a distributed run disagree, or their transport failed.
+    #[error("distributed run: {0}")]
+    Distributed(String),
 }
 
 /// The settings core validates (see [`Error::Invalid`]).

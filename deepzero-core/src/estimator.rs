@@ -6,6 +6,7 @@
 //! coordinate's difference to its own place, and RGE adds its terms in fixed groups in a fixed
 //! order.
 
+use crate::distributed::{Collective, QueryTiming, Shard, StepShares};
 use crate::error::{Error, Result, Setting};
 use crate::fast;
 use crate::objective::{FastCapable, Objective};
@@ -14,6 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 pub use crate::query::{draw_direction, Difference, Direction, QueryEngine};
 
@@ -45,6 +47,13 @@ pub trait GradientEstimator {
     /// may also project the parameters (pruned weights held at zero).
     fn on_epoch_start(&mut self, _epoch: usize, _seed: u64, _params: &mut Tensor) -> Result<()> {
         Ok(())
+    }
+    /// Share each estimate's queries over `comm`'s ranks ([`crate::distributed`]); every rank
+    /// then returns the whole, identical estimate. Returns whether this estimator shares its
+    /// queries: those that do not (backprop, RGE) compute the whole estimate on every rank, which
+    /// gives the same numbers, without the speed-up.
+    fn distribute(&mut self, _comm: Arc<dyn Collective>) -> Result<bool> {
+        Ok(false)
     }
 }
 
@@ -327,6 +336,8 @@ pub struct Cge {
     pub engine: QueryEngine,
     /// Sorted flat coordinates to estimate; `None` = every coordinate.
     pub coords: Option<Vec<usize>>,
+    /// The ranks this estimator's queries are shared over (`None`: all in this process).
+    shard: Option<Shard>,
 }
 
 impl Cge {
@@ -338,8 +349,18 @@ impl Cge {
             difference,
             engine,
             coords: None,
+            shard: None,
         })
     }
+    /// How the ranks divided the last estimate (distributed runs only).
+    pub fn last_shares(&self) -> Option<&StepShares> {
+        self.shard.as_ref().and_then(|s| s.last())
+    }
+    /// The query time fitted to the ranks' measured times (distributed runs only).
+    pub fn query_timing(&self) -> Option<QueryTiming> {
+        self.shard.as_ref().and_then(|s| s.timing())
+    }
+
     /// Restrict to a coordinate set (sorted and deduplicated here).
     pub fn with_coords(mut self, mut coords: Vec<usize>) -> Self {
         coords.sort_unstable();
@@ -356,21 +377,25 @@ impl Cge {
         self.difference.queries_per_point() * n as u64 + 1
     }
 
+    /// Coordinates per call of [`Cge::generic`] to the objective's `losses`.
+    fn generic_group(diff: Difference) -> usize {
+        (QUERY_BATCH / diff.queries_per_point() as usize).max(1)
+    }
+
     /// Finite differences over `coords` with the objective's batched `losses`: each worker
     /// perturbs one coordinate of its own copies of `θ` and restores it (no per-query copy).
     fn generic(
-        &self,
+        (mu, diff): (f64, Difference),
         obj: &dyn Objective,
         theta: &[f64],
         f0: f64,
         coords: &[usize],
     ) -> Result<Vec<f64>> {
-        let (mu, diff) = (self.mu, self.difference);
         let signs: &[f64] = match diff {
             Difference::Forward => &[1.0],
             Difference::Central => &[1.0, -1.0],
         };
-        let per_call = (QUERY_BATCH / signs.len()).max(1);
+        let per_call = Self::generic_group(diff);
         let chunks: Vec<Vec<f64>> = coords
             .par_chunks(per_call)
             .map_init(
@@ -404,7 +429,7 @@ impl Cge {
 
     /// Feature reuse on candle tensors: resume at the node that reads each coordinate.
     fn reuse(
-        &self,
+        (mu, diff): (f64, Difference),
         r: &dyn crate::objective::Resumable,
         obj: &dyn Objective,
         params: &Tensor,
@@ -412,7 +437,6 @@ impl Cge {
     ) -> Result<(f64, Vec<f64>)> {
         let (f0, cache) = r.prepare(params)?;
         let layout = obj.layout();
-        let (mu, diff) = (self.mu, self.difference);
         let g: Vec<f64> = coords
             .par_iter()
             .map(|&i| -> Result<f64> {
@@ -467,37 +491,74 @@ impl GradientEstimator for Cge {
                 &all
             }
         };
-        let mut g = vec![0.0f64; d];
         let queries = self.queries_for(coords.len());
-        if let Some(f) = graph_path(obj, params) {
-            let engine = fast_engine(f, params)?;
-            let (gs, _) = engine.cge(coords, self.mu, self.difference, self.engine)?;
-            for (&i, v) in coords.iter().zip(gs) {
-                g[i] = v;
-            }
-            return Ok(Estimate {
-                loss: engine.base_mean_loss(),
-                grad: to_tensor(&g, params)?,
-                queries,
-            });
-        }
-        let (f0, gs) = match (self.engine, obj.resumable()) {
-            (QueryEngine::Reuse | QueryEngine::Fast, Some(r)) => {
-                self.reuse(r, obj, params, coords)?
-            }
-            _ => {
-                let theta = host(params)?;
-                let f0 = obj.base_loss(&theta)?;
-                (f0, self.generic(obj, &theta, f0, coords)?)
+        let (fd, engine) = ((self.mu, self.difference), self.engine);
+        let shard = &mut self.shard;
+        let (loss, values) = if let Some(f) = graph_path(obj, params) {
+            let base = fast_engine(f, params)?;
+            let loss = base.base_mean_loss();
+            let group = fast::cge_group(f.head());
+            values(shard, engine, coords, Some(f.model()), group, |part| {
+                Ok((loss, base.cge(part, fd.0, fd.1, engine)?.0))
+            })?
+        } else {
+            let model = obj.fast().map(|f| f.model());
+            match (engine, obj.resumable()) {
+                (QueryEngine::Reuse | QueryEngine::Fast, Some(r)) => {
+                    values(shard, engine, coords, model, 1, |part| {
+                        Cge::reuse(fd, r, obj, params, part)
+                    })?
+                }
+                _ => {
+                    let theta = host(params)?;
+                    let f0 = obj.base_loss(&theta)?;
+                    let group = Cge::generic_group(fd.1);
+                    values(shard, engine, coords, model, group, |part| {
+                        Ok((f0, Cge::generic(fd, obj, &theta, f0, part)?))
+                    })?
+                }
             }
         };
-        for (&i, v) in coords.iter().zip(gs) {
+        let mut g = vec![0.0f64; d];
+        for (&i, v) in coords.iter().zip(values) {
             g[i] = v;
         }
         Ok(Estimate {
-            loss: f0,
+            loss,
             grad: to_tensor(&g, params)?,
             queries,
         })
     }
+    fn on_epoch_start(&mut self, epoch: usize, _seed: u64, _params: &mut Tensor) -> Result<()> {
+        if let Some(shard) = &mut self.shard {
+            shard.begin_epoch(epoch);
+        }
+        Ok(())
+    }
+    fn distribute(&mut self, comm: Arc<dyn Collective>) -> Result<bool> {
+        self.shard = Some(Shard::new(comm));
+        Ok(true)
+    }
+}
+
+/// This rank's base loss and the values of `coords`, in order. Alone: `eval(coords)`.
+/// Distributed: `eval` on this rank's cost-balanced range (ranges cut at multiples of
+/// `group`), then every rank's values gathered. Query costs from the fast engine's cost
+/// model where there is a layer graph, else uniform.
+fn values(
+    shard: &mut Option<Shard>,
+    engine: QueryEngine,
+    coords: &[usize],
+    model: Option<&crate::model::Model>,
+    group: usize,
+    eval: impl FnOnce(&[usize]) -> Result<(f64, Vec<f64>)>,
+) -> Result<(f64, Vec<f64>)> {
+    let Some(shard) = shard else {
+        return eval(coords);
+    };
+    let costs = match model {
+        Some(m) => fast::coordinate_costs(m, coords, engine)?,
+        None => vec![1.0; coords.len()],
+    };
+    shard.run(&costs, group, |range| eval(&coords[range]))
 }

@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod distributed;
 pub mod error;
 pub mod estimator;
 pub mod fast;

@@ -24,6 +24,7 @@
 //! assert_eq!(sampler.coords().len(), 49 + 18 + 64);
 //! ```
 
+use crate::distributed::Collective;
 use crate::error::{Error, Result, Setting};
 use crate::estimator::{
     Backprop, Cge, Estimate, EstimatorConfig, EstimatorKind, GradientEstimator, Rge,
@@ -39,6 +40,7 @@ use rand::seq::index::sample;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Stream tag of the sparse-gradient coordinate draws in [`derive_seed`].
 const SAMPLER_STREAM: u64 = 0x5350_4152;
@@ -797,14 +799,17 @@ impl GradientEstimator for SparseCge {
         self.sampler.check_drawn()?;
         self.inner.estimate(obj, params, rng)
     }
-    fn on_epoch_start(&mut self, epoch: usize, seed: u64, _params: &mut Tensor) -> Result<()> {
+    fn on_epoch_start(&mut self, epoch: usize, seed: u64, params: &mut Tensor) -> Result<()> {
         if self.sampler.update(epoch, seed) {
             self.inner = self
                 .inner
                 .clone()
                 .with_coords(self.sampler.coords().to_vec());
         }
-        Ok(())
+        self.inner.on_epoch_start(epoch, seed, params)
+    }
+    fn distribute(&mut self, comm: Arc<dyn Collective>) -> Result<bool> {
+        self.inner.distribute(comm)
     }
 }
 

@@ -846,7 +846,8 @@ pub fn train_config(epochs: usize, lr: f64, seed: u64) -> deepzero_core::trainer
 }
 
 /// Trains `method` (NON or ZO-SOL) from `state` (fresh, or restored from a checkpoint) to
-/// `train_config.epochs` with the core trainer; `observer` sees every step and epoch.
+/// `train_config.epochs` with the core trainer; `observer` sees every step and epoch. With
+/// `ranks`, each step's queries are shared over them ([`deepzero_core::distributed`]).
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     method: Method,
@@ -858,10 +859,18 @@ pub fn train(
     train_config: &deepzero_core::trainer::TrainConfig,
     state: &mut deepzero_core::trainer::TrainState,
     observer: &mut dyn deepzero_core::trainer::Observer,
+    ranks: Option<std::sync::Arc<dyn deepzero_core::distributed::Collective>>,
 ) -> Result<()> {
     let mut task = CorrectionTask::new(method, model, scaling, train, test, config.clone())?;
     let mut est = estimator(method, model, config, train_config.seed)?;
+    if let Some(comm) = ranks {
+        est.distribute(comm)?;
+    }
     let mut optimizer = train_config.optimizer.build()?;
+    if !state.optimizer.is_empty() {
+        // A resumed run continues with its optimizer's moments.
+        optimizer.load_state(&state.optimizer)?;
+    }
     deepzero_core::trainer::Trainer {
         config: train_config,
     }

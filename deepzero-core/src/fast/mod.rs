@@ -671,20 +671,49 @@ fn entry_costs(
 /// Multiply-adds per sample of one CGE step over `coords` (one forward query each) in each
 /// mode, `(naive, reuse, fast)`: the cost model of [`query_costs`] summed over the coordinates.
 pub fn step_cost(model: &Model, coords: &[usize]) -> Result<(f64, f64, f64)> {
+    Ok(per_coordinate(model, coords)?
+        .into_iter()
+        .fold((0.0, 0.0, 0.0), |(n, r, f), (a, b, c)| {
+            (n + a, r + b, f + c)
+        }))
+}
+
+/// Multiply-adds per sample of the query on each of `coords` under `engine` (the cost model of
+/// [`query_costs`]), in order: what a distributed step balances.
+pub fn coordinate_costs(model: &Model, coords: &[usize], engine: QueryEngine) -> Result<Vec<f64>> {
+    Ok(per_coordinate(model, coords)?
+        .into_iter()
+        .map(|(naive, reuse, fast)| match engine {
+            QueryEngine::Naive => naive,
+            QueryEngine::Reuse => reuse,
+            QueryEngine::Fast => fast,
+        })
+        .collect())
+}
+
+/// Consecutive coordinates whose values [`Engine::cge`] computes together under `head` (an
+/// output head receives a group's outputs in one call); a coordinate list cut at multiples of
+/// it gives the same values piece by piece as whole.
+pub fn cge_group(head: &Head) -> usize {
+    match head {
+        Head::CrossEntropy(_) => 1,
+        Head::Output(_) | Head::SquaredError(_) => OUTPUT_GROUP,
+    }
+}
+
+fn per_coordinate(model: &Model, coords: &[usize]) -> Result<Vec<(f64, f64, f64)>> {
     let (shapes, costs) = (model.register_shapes(), model.node_costs());
     let mut per_entry: Vec<Option<(f64, f64, f64)>> = vec![None; model.layout.entries.len()];
-    let (mut naive, mut reuse, mut fast) = (0.0, 0.0, 0.0);
-    for &i in coords {
-        let e = model.layout.entry_of(i).ok_or_else(|| {
-            shape_error(format!(
-                "coordinate {i} out of range for {} parameters",
-                model.num_params()
-            ))
-        })?;
-        let (n, r, f) = *per_entry[e].get_or_insert_with(|| entry_costs(model, e, &shapes, &costs));
-        naive += n;
-        reuse += r;
-        fast += f;
-    }
-    Ok((naive, reuse, fast))
+    coords
+        .iter()
+        .map(|&i| {
+            let e = model.layout.entry_of(i).ok_or_else(|| {
+                shape_error(format!(
+                    "coordinate {i} out of range for {} parameters",
+                    model.num_params()
+                ))
+            })?;
+            Ok(*per_entry[e].get_or_insert_with(|| entry_costs(model, e, &shapes, &costs)))
+        })
+        .collect()
 }
