@@ -2,8 +2,8 @@
 //! set-up of sparse training for `deepzero train --sparsity`.
 
 use crate::common::{
-    build_model, flag_error, initial_params, load_data, DataOpts, DtypeArg, EstimatorArg,
-    EstimatorOpts, ModelOpts, PruneArg, SparsityOpts,
+    build_model, flag_error, initial_params, load_data, DataOpts, DistributedOpts, DtypeArg,
+    EstimatorArg, EstimatorOpts, ModelOpts, PruneArg, Ranks, SparsityOpts,
 };
 use crate::report;
 use anyhow::{bail, Context, Result};
@@ -49,9 +49,19 @@ pub struct PruneArgs {
     /// Numeric precision.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+    #[command(flatten)]
+    pub distributed: DistributedOpts,
 }
 
-pub fn run(mut args: PruneArgs) -> Result<()> {
+/// Under `--distributed mpi` every rank computes the same scores (ZO-GraSP's RGE queries are not
+/// shared) and rank 0 alone writes `--out` and reports.
+pub fn run(args: PruneArgs) -> Result<()> {
+    let ranks = args.distributed.connect()?;
+    let result = run_on(args, &ranks);
+    ranks.finish(result)
+}
+
+fn run_on(mut args: PruneArgs, ranks: &Ranks) -> Result<()> {
     args.model.resolve();
     let config = PruneConfig {
         method: args.method.method(),
@@ -65,6 +75,9 @@ pub fn run(mut args: PruneArgs) -> Result<()> {
     let model = build_model(&args.model, &train)?;
     let init = initial_params(&model, args.seed, args.dtype.precision(), &device)?;
     let p = prune_at_init(&model, &train, &init, &config, args.per_class, args.seed)?;
+    if !ranks.is_root() {
+        return Ok(());
+    }
     report::write_json_atomic(&args.out, &p.ratios)?;
     eprintln!(
         "{} {} at sparsity {}: global sparsity {:.4}, {} queries → {}",

@@ -331,3 +331,30 @@ fn an_error_on_rank_zero_alone_stops_every_rank() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn prune_on_two_ranks_writes_the_same_ratios_once() -> Result<()> {
+    if !mpi_available()? {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let args = |out: &Path| -> Vec<String> {
+        let out = out.to_str().expect("utf-8 path");
+        ["prune", "--sparsity", "0.9", "--q", "16", "--out", out]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let (one, two) = (tmp.path().join("one.json"), tmp.path().join("two.json"));
+    succeed(alone(&args(&one)))?;
+    let o = succeed(mpirun(2, &args(&two), &[]))?;
+    ensure!(
+        std::fs::read(&one)? == std::fs::read(&two)?,
+        "ratios differ"
+    );
+    let reports = String::from_utf8_lossy(&o.stderr)
+        .matches("zo-grasp")
+        .count();
+    ensure!(reports == 1, "expected one report (rank 0), got {reports}");
+    Ok(())
+}
