@@ -256,6 +256,7 @@ pub fn flag_of(setting: Setting) -> &'static str {
         Setting::BatchSize => "--batch-size",
         Setting::QueryBatch => "--query-batch",
         Setting::Estimator => "--estimator",
+        Setting::Coordinates => "--coords",
     }
 }
 
@@ -377,11 +378,27 @@ pub fn build_model(opts: &ModelOpts, ds: &Dataset) -> Result<Model> {
     })
 }
 
-/// Use `n` threads for tensor kernels (0 = all cores).
+/// Use `n` threads for tensor kernels (0 = all cores; see [`thread_count`]).
 pub fn set_threads(n: usize) {
     if n > 0 {
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("RAYON_NUM_THREADS", thread_count(n).to_string());
     }
+}
+
+/// The threads to run for `--threads n`: 0 means all cores, and more than the machine's cores
+/// is capped to them with a warning (thousands of threads would only be spawned to wait).
+pub fn thread_count(n: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    if n == 0 {
+        return cores;
+    }
+    if n > cores {
+        crate::note!(
+            "warning: --threads {n} is more than the {cores} cores of this machine; using {cores}"
+        );
+        return cores;
+    }
+    n
 }
 
 /// Pruning scores (`deepzero prune --method`, `deepzero train --prune`).

@@ -78,6 +78,8 @@ pub enum Setting {
     QueryBatch,
     /// The gradient estimator.
     Estimator,
+    /// Coordinates (parameters) estimated or checked.
+    Coordinates,
 }
 
 impl Setting {
@@ -96,6 +98,7 @@ impl Setting {
             Setting::BatchSize => "the batch size",
             Setting::QueryBatch => "the query batch",
             Setting::Estimator => "the estimator",
+            Setting::Coordinates => "the number of coordinates",
         }
     }
 }
