@@ -167,6 +167,28 @@ fn failed_set_up_leaves_no_run_directory() -> Result<()> {
         contains_all(&err, &[flag])?;
         ensure!(!out.exists(), "{flags:?}: left {} behind", out.display());
     }
+    // certify train-denoiser: the same order (classifier checked before the directory).
+    let out = tmp.path().join("denoiser");
+    let err = fails_with(
+        1,
+        tmp.path(),
+        &[
+            "certify",
+            "train-denoiser",
+            "--method",
+            "mse",
+            "--classifier",
+            "run:/nonexistent/deepzero-victim",
+            "--out",
+            utf8(&out)?,
+        ],
+    )?;
+    contains_all(&err, &["--classifier"])?;
+    ensure!(
+        !out.exists(),
+        "train-denoiser left {} behind",
+        out.display()
+    );
     // Usage errors are clap's: exit code 2, nothing created either.
     let out = tmp.path().join("clap");
     fails_with(2, tmp.path(), &train_args(utf8(&out)?, &["--model", "vgg"]))?;
