@@ -96,17 +96,23 @@ impl ModelOpts {
         self.depth.get_or_insert(d);
         self.width.get_or_insert(w);
     }
-    pub fn spec(&self) -> ModelSpec {
-        match self.model {
-            ModelArg::Mlp => ModelSpec::Mlp {
-                hidden: vec![self.width.unwrap_or(32); self.depth.unwrap_or(1)],
-            },
+    pub fn spec(&self) -> Result<ModelSpec> {
+        Ok(match self.model {
+            ModelArg::Mlp => {
+                let depth = self.depth.unwrap_or(1);
+                // Each hidden layer holds at least one parameter: bound the list of widths too.
+                deepzero_core::model::check_params(depth)
+                    .map_err(|e| anyhow::anyhow!("--depth {depth}: {e}"))?;
+                ModelSpec::Mlp {
+                    hidden: vec![self.width.unwrap_or(32); depth],
+                }
+            }
             ModelArg::Cnn => ModelSpec::SimpleCnn {
                 depth: self.depth.unwrap_or(2),
                 width: self.width.unwrap_or(18),
             },
             ModelArg::Resnet20 => ModelSpec::Resnet20,
-        }
+        })
     }
 }
 
@@ -257,6 +263,7 @@ pub fn flag_of(setting: Setting) -> &'static str {
         Setting::QueryBatch => "--query-batch",
         Setting::Estimator => "--estimator",
         Setting::Coordinates => "--coords",
+        Setting::ModelSize => "--width/--depth",
     }
 }
 
@@ -361,7 +368,7 @@ fn synthetic(n: usize, seed: u64) -> Dataset {
 /// Build the model for a data set's image shape.
 pub fn build_model(opts: &ModelOpts, ds: &Dataset) -> Result<Model> {
     Model::build(
-        &opts.spec(),
+        &opts.spec()?,
         [ds.channels, ds.height, ds.width],
         ds.num_classes,
     )

@@ -98,6 +98,20 @@ fn absurd_query_counts_are_errors_before_any_allocation() -> Result<()> {
         contains_all(&err, &["--q", q, "use a smaller value"])?;
         ensure!(!out.exists(), "--q {q}: a run directory was left behind");
     }
+    // Models too large for memory: the parameter count is checked layer by layer.
+    for (i, flags) in [
+        ["--model", "mlp", "--width", "18446744073709551615"],
+        ["--model", "mlp", "--depth", "18446744073709551615"],
+        ["--model", "cnn", "--width", "100000000"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = tmp.path().join(format!("model{i}"));
+        let err = fails_with(1, tmp.path(), &train_args(utf8(&out)?, flags))?;
+        contains_all(&err, &[flags[2], "model parameters", "use a smaller value"])?;
+        ensure!(!out.exists(), "{flags:?}: a run directory was left behind");
+    }
     // The RGE directions of --prune zo-grasp: the same check.
     let ratios = tmp.path().join("r.json");
     let err = fails_with(

@@ -80,6 +80,8 @@ pub enum Setting {
     Estimator,
     /// Coordinates (parameters) estimated or checked.
     Coordinates,
+    /// Parameters of a model (its depth and width).
+    ModelSize,
 }
 
 impl Setting {
@@ -99,6 +101,7 @@ impl Setting {
             Setting::QueryBatch => "the query batch",
             Setting::Estimator => "the estimator",
             Setting::Coordinates => "the number of coordinates",
+            Setting::ModelSize => "the number of model parameters",
         }
     }
 }
