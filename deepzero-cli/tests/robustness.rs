@@ -131,6 +131,21 @@ fn absurd_query_counts_are_errors_before_any_allocation() -> Result<()> {
     )?;
     contains_all(&err, &["--q", "use a smaller value"])?;
     ensure!(!ratios.exists());
+    // pde: the data set (every state of every simulation) must fit, checked before it runs.
+    for flags in [
+        ["--train-sims", "18446744073709551615"],
+        ["--steps", "100000000"],
+    ] {
+        let out = tmp.path().join("pde");
+        let mut args = vec!["pde", "--out", utf8(&out)?];
+        args.extend(flags);
+        let err = fails_with(1, tmp.path(), &args)?;
+        contains_all(&err, &[flags[0], "of memory are available"])?;
+        ensure!(
+            !out.exists(),
+            "pde {flags:?}: a run directory was left behind"
+        );
+    }
     // bench objective allocates its --coords up front.
     let err = fails_with(
         1,
