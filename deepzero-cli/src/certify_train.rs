@@ -341,6 +341,12 @@ fn train_denoiser_on(args: TrainDenoiserArgs, ranks: &Ranks) -> Result<DenoiserS
         width: args.width,
     };
     let model = Model::build_image(&spec, shape)?;
+    let ae = if args.method == DenoiseMethod::ZoAeDs {
+        Some(autoencoder(&args, &dir, &train, &test, &bb, resumed)?)
+    } else {
+        None
+    };
+    // Everything before is checked set-up (the autoencoder only reads the directory on resume).
     if !resumed && ranks.is_root() {
         report::prepare_run_dir(&dir, args.overwrite)?;
         if args.overwrite {
@@ -348,11 +354,6 @@ fn train_denoiser_on(args: TrainDenoiserArgs, ranks: &Ranks) -> Result<DenoiserS
             report::clear_previous_run(&dir, &[])?;
         }
     }
-    let ae = if args.method == DenoiseMethod::ZoAeDs {
-        Some(autoencoder(&args, &dir, &train, &test, &bb, resumed)?)
-    } else {
-        None
-    };
     let config = DenoiseConfig {
         method: args.method,
         sigma: args.sigma,

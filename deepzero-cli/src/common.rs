@@ -263,7 +263,7 @@ pub fn flag_of(setting: Setting) -> &'static str {
         Setting::QueryBatch => "--query-batch",
         Setting::Estimator => "--estimator",
         Setting::Coordinates => "--coords",
-        Setting::ModelSize => "--width/--depth",
+        Setting::ModelSize => "the model's parameter count (--width, --depth)",
     }
 }
 

@@ -218,6 +218,37 @@ fn failed_set_up_leaves_no_run_directory() -> Result<()> {
         "train-denoiser left {} behind",
         out.display()
     );
+    // … and an autoencoder too large for memory (built after the classifier is opened).
+    let victim = tmp.path().join("victim");
+    ok(
+        tmp.path(),
+        &train_args(utf8(&victim)?, &["--estimator", "fo", "--epochs", "1"]),
+    )?;
+    let classifier = format!("run:{}", utf8(&victim)?);
+    let err = fails_with(
+        1,
+        tmp.path(),
+        &[
+            "certify",
+            "train-denoiser",
+            "--method",
+            "zo-ae-ds",
+            "--dataset",
+            "digits",
+            "--classifier",
+            &classifier,
+            "--ae-hidden",
+            "18446744073709551615",
+            "--out",
+            utf8(&out)?,
+        ],
+    )?;
+    contains_all(&err, &["model parameters", "use a smaller value"])?;
+    ensure!(
+        !out.exists(),
+        "train-denoiser left {} behind",
+        out.display()
+    );
     // Usage errors are clap's: exit code 2, nothing created either.
     let out = tmp.path().join("clap");
     fails_with(2, tmp.path(), &train_args(utf8(&out)?, &["--model", "vgg"]))?;
