@@ -146,6 +146,25 @@ fn absurd_query_counts_are_errors_before_any_allocation() -> Result<()> {
             "pde {flags:?}: a run directory was left behind"
         );
     }
+    // train --prune zo-grasp: the same check under train's name of the flag.
+    let out = tmp.path().join("prune-q");
+    let err = fails_with(
+        1,
+        tmp.path(),
+        &train_args(
+            utf8(&out)?,
+            &[
+                "--sparsity",
+                "0.5",
+                "--prune",
+                "zo-grasp",
+                "--prune-q",
+                "18446744073709551615",
+            ],
+        ),
+    )?;
+    contains_all(&err, &["--prune-q is 18446744073709551615"])?;
+    ensure!(!out.exists());
     // bench objective allocates its --coords up front.
     let err = fails_with(
         1,
