@@ -146,6 +146,31 @@ pub fn run(args: TrainArgs) -> Result<()> {
     execute(args).map(|_| ())
 }
 
+/// The loop's settings of `args`, checked (also the batch size). `deepzero experiment` checks
+/// its flags with this before it creates anything.
+pub fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
+    let config = TrainConfig {
+        epochs: args.epochs,
+        lr: args.lr,
+        warmup_epochs: args.warmup_epochs.unwrap_or(args.epochs / 10),
+        optimizer: OptimizerConfig {
+            kind: match args.optimizer {
+                OptimizerArg::Sgd => OptimizerKind::Sgd,
+                OptimizerArg::Adam => OptimizerKind::Adam,
+            },
+            momentum: args.momentum,
+            weight_decay: args.weight_decay,
+        },
+        seed: args.seed,
+    };
+    config.validate().map_err(flag_error)?;
+    config.optimizer.build().map_err(flag_error)?;
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    Ok(config)
+}
+
 /// One training run as configured by `args` (fresh into `args.out`, or `--resume`); writes the
 /// run directory and returns its summary. `deepzero experiment` calls this for every sub-run.
 pub fn execute(args: TrainArgs) -> Result<Summary> {
@@ -178,24 +203,7 @@ fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
     let device = args.device.kind().device()?;
     let (train, test, augment) = load_data(&args.data, args.seed, !args.no_augment)?;
     let model = build_model(&args.model, &train)?;
-    let config = TrainConfig {
-        epochs: args.epochs,
-        lr: args.lr,
-        warmup_epochs: args.warmup_epochs.unwrap_or(args.epochs / 10),
-        optimizer: OptimizerConfig {
-            kind: match args.optimizer {
-                OptimizerArg::Sgd => OptimizerKind::Sgd,
-                OptimizerArg::Adam => OptimizerKind::Adam,
-            },
-            momentum: args.momentum,
-            weight_decay: args.weight_decay,
-        },
-        seed: args.seed,
-    };
-    config.validate().map_err(flag_error)?;
-    if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
+    let config = train_config(&args)?;
     let precision = args.dtype.precision();
     let mut task = ClassificationTask::new(
         &model,

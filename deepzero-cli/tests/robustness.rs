@@ -268,6 +268,22 @@ fn failed_set_up_leaves_no_run_directory() -> Result<()> {
         "train-denoiser left {} behind",
         out.display()
     );
+    // experiment: the sub-runs' shared flags are checked before its directory exists.
+    for (which, flags) in [
+        ("cge-vs-rge", ["--lr", "0"]),
+        ("sparsity", ["--epochs", "0"]),
+    ] {
+        let out = tmp.path().join(which);
+        let mut args = vec!["experiment", which, "--out", utf8(&out)?];
+        args.extend(flags);
+        let err = fails_with(1, tmp.path(), &args)?;
+        contains_all(&err, &[flags[0]])?;
+        ensure!(
+            !out.exists(),
+            "experiment {which} left {} behind",
+            out.display()
+        );
+    }
     // Usage errors are clap's: exit code 2, nothing created either.
     let out = tmp.path().join("clap");
     fails_with(2, tmp.path(), &train_args(utf8(&out)?, &["--model", "vgg"]))?;
