@@ -69,8 +69,9 @@ pub struct TrainArgs {
     /// Device.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
-    /// Threads for tensor kernels and queries (0 = all cores); results do not depend on it, and
-    /// `--resume` takes it from the resuming command.
+    /// Threads for tensor kernels and queries (0 = all cores; more than the cores are capped to
+    /// them with a warning); results do not depend on it, and `--resume` takes it from the
+    /// resuming command.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     #[command(flatten)]
