@@ -248,7 +248,8 @@ fn bench(
     for _ in 0..a.warmup_steps {
         shared_cge.estimate(&obj, &params, &mut rng)?;
     }
-    let mut shared = Vec::with_capacity(a.steps);
+    // Grows step by step: `--steps` bounds the time, not an allocation made up front.
+    let mut shared = Vec::new();
     let mut identical = true;
     for _ in 0..a.steps {
         ranks.barrier("the start of a shared step")?;

@@ -4,8 +4,10 @@
 //! this machine), with no layer graph, so the estimator takes its generic path: queries in
 //! batches, sharded over the rayon pool, each worker perturbing its own copies of the parameters.
 
+use crate::common::{flag_error, thread_count};
 use anyhow::{bail, Result};
 use clap::Args;
+use deepzero_core::error::Setting;
 use deepzero_core::estimator::{Cge, Difference, GradientEstimator, QueryEngine};
 use deepzero_core::layout::{ParamKind, ParamLayout};
 use deepzero_core::model::{params_tensor, tensor_to_vec, Precision};
@@ -97,11 +99,15 @@ pub fn run(a: &ObjectiveBenchArgs) -> Result<()> {
     if !(a.query_ms.is_finite() && a.query_ms > 0.0) || a.coords == 0 {
         bail!("--query-ms must be positive and --coords at least 1");
     }
-    let threads = if a.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        a.threads
-    };
+    // Parameters, gradient and two estimates of `--coords` entries each.
+    deepzero_core::bounds::check_memory(
+        Setting::Coordinates,
+        a.coords,
+        4 * std::mem::size_of::<f64>(),
+        "parameter and gradient vectors",
+    )
+    .map_err(flag_error)?;
+    let threads = thread_count(a.threads);
     let mut layout = ParamLayout::default();
     layout.push("theta", ParamKind::Weight, vec![a.coords], 0);
     let mut obj = Busy {

@@ -326,7 +326,8 @@ fn train_denoiser_on(args: TrainDenoiserArgs, ranks: &Ranks) -> Result<DenoiserS
                 .clone()
                 .unwrap_or_else(|| report::default_run_dir(&format!("denoiser-{}", args.method)));
             if ranks.is_root() {
-                report::prepare_run_dir(&dir, args.overwrite)?;
+                // Checked now, created once the data, classifier and model are in hand.
+                report::check_run_dir(&dir, args.overwrite)?;
             }
             (args, dir, false)
         }
@@ -345,6 +346,14 @@ fn train_denoiser_on(args: TrainDenoiserArgs, ranks: &Ranks) -> Result<DenoiserS
     } else {
         None
     };
+    // Everything before is checked set-up (the autoencoder only reads the directory on resume).
+    if !resumed && ranks.is_root() {
+        report::prepare_run_dir(&dir, args.overwrite)?;
+        if args.overwrite {
+            // A later --resume must not continue the old run's checkpoints.
+            report::clear_previous_run(&dir, &[])?;
+        }
+    }
     let config = DenoiseConfig {
         method: args.method,
         sigma: args.sigma,

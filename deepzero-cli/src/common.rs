@@ -96,17 +96,23 @@ impl ModelOpts {
         self.depth.get_or_insert(d);
         self.width.get_or_insert(w);
     }
-    pub fn spec(&self) -> ModelSpec {
-        match self.model {
-            ModelArg::Mlp => ModelSpec::Mlp {
-                hidden: vec![self.width.unwrap_or(32); self.depth.unwrap_or(1)],
-            },
+    pub fn spec(&self) -> Result<ModelSpec> {
+        Ok(match self.model {
+            ModelArg::Mlp => {
+                let depth = self.depth.unwrap_or(1);
+                // Each hidden layer holds at least one parameter: bound the list of widths too.
+                deepzero_core::model::check_params(depth)
+                    .map_err(|e| anyhow::anyhow!("--depth {depth}: {e}"))?;
+                ModelSpec::Mlp {
+                    hidden: vec![self.width.unwrap_or(32); depth],
+                }
+            }
             ModelArg::Cnn => ModelSpec::SimpleCnn {
                 depth: self.depth.unwrap_or(2),
                 width: self.width.unwrap_or(18),
             },
             ModelArg::Resnet20 => ModelSpec::Resnet20,
-        }
+        })
     }
 }
 
@@ -256,6 +262,8 @@ pub fn flag_of(setting: Setting) -> &'static str {
         Setting::BatchSize => "--batch-size",
         Setting::QueryBatch => "--query-batch",
         Setting::Estimator => "--estimator",
+        Setting::Coordinates => "--coords",
+        Setting::ModelSize => "the model's parameter count (--width, --depth)",
     }
 }
 
@@ -360,7 +368,7 @@ fn synthetic(n: usize, seed: u64) -> Dataset {
 /// Build the model for a data set's image shape.
 pub fn build_model(opts: &ModelOpts, ds: &Dataset) -> Result<Model> {
     Model::build(
-        &opts.spec(),
+        &opts.spec()?,
         [ds.channels, ds.height, ds.width],
         ds.num_classes,
     )
@@ -377,11 +385,27 @@ pub fn build_model(opts: &ModelOpts, ds: &Dataset) -> Result<Model> {
     })
 }
 
-/// Use `n` threads for tensor kernels (0 = all cores).
+/// Use `n` threads for tensor kernels (0 = all cores; see [`thread_count`]).
 pub fn set_threads(n: usize) {
     if n > 0 {
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("RAYON_NUM_THREADS", thread_count(n).to_string());
     }
+}
+
+/// The threads to run for `--threads n`: 0 means all cores, and more than the machine's cores
+/// is capped to them with a warning (thousands of threads would only be spawned to wait).
+pub fn thread_count(n: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    if n == 0 {
+        return cores;
+    }
+    if n > cores {
+        crate::note!(
+            "warning: --threads {n} is more than the {cores} cores of this machine; using {cores}"
+        );
+        return cores;
+    }
+    n
 }
 
 /// Pruning scores (`deepzero prune --method`, `deepzero train --prune`).

@@ -157,9 +157,8 @@ fn base_args(c: &CommonOpts) -> Result<TrainArgs> {
 
 /// Prepare the experiment directory and save the experiment's flags.
 fn prepare(c: &CommonOpts, name: &str, config: &impl Serialize) -> Result<PathBuf> {
-    if c.epochs == 0 {
-        bail!("--epochs must be at least 1");
-    }
+    // The sub-runs' shared training flags, checked before the directory exists.
+    train::train_config(&base_args(c)?)?;
     let dir = c
         .out
         .clone()

@@ -141,6 +141,16 @@ pub fn check(args: &GradcheckArgs) -> Result<GradcheckReport> {
     };
     let e = est.estimate(&obj, &params, &mut rng)?;
     let g = tensor_to_vec(&e.grad)?;
+    if !(e.loss.is_finite() && coords.iter().all(|&i| g[i].is_finite())) {
+        bail!(
+            "the {} estimate has NaN or infinite entries (loss {}): --mu {:e} is too large or too \
+             small for these parameters; try the default --mu {:e}",
+            est.name(),
+            e.loss,
+            args.estimator.mu,
+            deepzero_core::estimator::EstimatorConfig::default().mu
+        );
+    }
     let mut total = Acc::default();
     let mut per: Vec<Acc> = model
         .layout

@@ -17,7 +17,8 @@ mod prune;
 mod report;
 mod train;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Zeroth-order (gradient-free) deep network training — DeepZero in Rust.
 #[derive(Parser, Debug)]
@@ -69,11 +70,25 @@ fn tune_allocator() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_allocator() {}
 
+/// The ids of the arguments given on the command line (not defaults).
+fn given_flags(m: &ArgMatches) -> Vec<String> {
+    m.ids()
+        .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.to_string())
+        .collect()
+}
+
 fn main() {
     tune_allocator();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
-        Command::Train(args) => train::run(*args),
+        Command::Train(mut args) => {
+            if let Some(("train", m)) = matches.subcommand() {
+                args.given = given_flags(m);
+            }
+            train::run(*args)
+        }
         Command::Gradcheck(args) => gradcheck::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Prune(args) => prune::run(*args),

@@ -181,6 +181,7 @@ fn flag_error(e: deepzero_pde::Error) -> anyhow::Error {
             "unroll" => "--unroll",
             "method" => "--methods",
             "train_simulations" => "--train-sims",
+            deepzero_pde::dataset::DATASET_SIZE => "--train-sims, --test-sims, --steps, --grid",
             _ => "",
         },
         E::Core(_) => {

@@ -9,6 +9,7 @@ use crate::report;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use deepzero_core::data::Dataset;
+use deepzero_core::error::Setting;
 use deepzero_core::estimator::GradientEstimator;
 use deepzero_core::model::Model;
 use deepzero_core::model::Precision;
@@ -189,6 +190,17 @@ pub fn build_estimator(
                 q: sp.prune_q,
                 mu: est.mu,
             };
+            // Train names these settings --prune-q and --prune-per-class.
+            config.validate().map_err(|e| match e {
+                deepzero_core::Error::Invalid {
+                    setting: Setting::Directions,
+                    message,
+                } => anyhow::anyhow!("--prune-q {message}"),
+                other => flag_error(other),
+            })?;
+            if sp.prune_per_class == 0 {
+                bail!("--prune-per-class must be at least 1");
+            }
             let p = prune_at_init(model, train, init, &config, sp.prune_per_class, seed)
                 .context("--prune")?;
             crate::note!(

@@ -453,8 +453,16 @@ pub fn write_json_atomic<T: serde::Serialize + ?Sized>(
 ///
 /// Fails if `path` exists but is not a directory, or is a non-empty directory
 /// and `overwrite` is false. With `overwrite`, existing files are left in place
-/// (and get replaced as the run writes its outputs); nothing is deleted.
+/// (and get replaced as the run writes its outputs); nothing is deleted here
+/// (`train` clears the old run's checkpoints with [`clear_previous_run`]).
 pub fn prepare_run_dir(path: &Path, overwrite: bool) -> anyhow::Result<()> {
+    check_run_dir(path, overwrite)?;
+    fs::create_dir_all(path).with_context(|| format!("creating run directory {}", path.display()))
+}
+
+/// The checks of [`prepare_run_dir`] without creating anything: a command makes them before its
+/// set-up, so that a failed set-up leaves no directory behind.
+pub fn check_run_dir(path: &Path, overwrite: bool) -> anyhow::Result<()> {
     if path.exists() {
         if !path.is_dir() {
             bail!(
@@ -474,7 +482,20 @@ pub fn prepare_run_dir(path: &Path, overwrite: bool) -> anyhow::Result<()> {
             );
         }
     }
-    fs::create_dir_all(path).with_context(|| format!("creating run directory {}", path.display()))
+    Ok(())
+}
+
+/// Remove what an earlier run left in `dir` (its checkpoints and `files`), for `--overwrite`:
+/// a resume must never continue the old run under the new configuration.
+pub fn clear_previous_run(dir: &Path, files: &[&str]) -> anyhow::Result<()> {
+    deepzero_core::checkpoint::remove(dir)?;
+    for name in files {
+        let p = dir.join(name);
+        if p.is_file() {
+            fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Default run directory: `runs/<command>-<YYYYmmdd-HHMMSS>` (UTC, now).

@@ -69,8 +69,9 @@ pub struct TrainArgs {
     /// Device.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
-    /// Threads for tensor kernels and queries (0 = all cores); results do not depend on it, and
-    /// `--resume` takes it from the resuming command.
+    /// Threads for tensor kernels and queries (0 = all cores; more than the cores are capped to
+    /// them with a warning); results do not depend on it, and `--resume` takes it from the
+    /// resuming command.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     #[command(flatten)]
@@ -86,11 +87,32 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub overwrite: bool,
-    /// Continue the run in this directory from its last checkpoint (other flags are read from its config.json).
+    /// Continue the run in this directory from its last checkpoint. Other flags are read from
+    /// its config.json: --epochs may be raised, --threads and --distributed are this command's,
+    /// any other flag given must agree with the saved config.
     #[arg(long)]
     #[serde(skip)]
     pub resume: Option<PathBuf>,
+    /// The flags given on the command line (clap ids), for `--resume`'s conflict check.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub given: Vec<String>,
 }
+
+/// The run's own copy of its layer ratios (`--ratios`, `--prune`): a resume reads this one.
+const RATIOS_FILE: &str = "ratios.json";
+
+/// Files a train run writes besides its checkpoints (removed by `--overwrite`).
+const RUN_FILES: &[&str] = &[
+    "config.json",
+    RATIOS_FILE,
+    "metrics.jsonl",
+    "summary.json",
+    "loss.png",
+    "loss.svg",
+    "accuracy.png",
+    "accuracy.svg",
+];
 
 /// `summary.json`.
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -125,50 +147,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     execute(args).map(|_| ())
 }
 
-/// One training run as configured by `args` (fresh into `args.out`, or `--resume`); writes the
-/// run directory and returns its summary. `deepzero experiment` calls this for every sub-run.
-pub fn execute(args: TrainArgs) -> Result<Summary> {
-    let ranks = args.distributed.connect()?;
-    let result = execute_on(args, &ranks);
-    ranks.finish(result)
-}
-
-/// [`execute`] as one of `ranks` (rank 0 writes the run directory and reports).
-fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
-    let (args, dir, resumed) = match &args.resume {
-        Some(dir) => {
-            let path = dir.join("config.json");
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!("--resume {}: cannot read {}", dir.display(), path.display())
-            })?;
-            let mut saved: TrainArgs = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a deepzero train config", path.display()))?;
-            saved.resume = None;
-            // The thread count is how to run, not what to compute (estimates do not depend on
-            // it): a resumed run uses this command's `--threads`.
-            saved.threads = args.threads;
-            saved.distributed = args.distributed.clone();
-            (saved, dir.clone(), true)
-        }
-        None => {
-            let mut args = args;
-            // Save the resolved values, not the "use the default" markers.
-            args.warmup_epochs = Some(args.warmup_epochs.unwrap_or(args.epochs / 10));
-            args.model.resolve();
-            let dir = args
-                .out
-                .clone()
-                .unwrap_or_else(|| report::default_run_dir("train"));
-            if ranks.is_root() {
-                report::prepare_run_dir(&dir, args.overwrite)?;
-            }
-            (args, dir, false)
-        }
-    };
-    set_threads(args.threads);
-    let device = args.device.kind().device()?;
-    let (train, test, augment) = load_data(&args.data, args.seed, !args.no_augment)?;
-    let model = build_model(&args.model, &train)?;
+/// The loop's settings of `args`, checked (also the batch size). `deepzero experiment` checks
+/// its flags with this before it creates anything.
+pub fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
     let config = TrainConfig {
         epochs: args.epochs,
         lr: args.lr,
@@ -184,9 +165,46 @@ fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
         seed: args.seed,
     };
     config.validate().map_err(flag_error)?;
+    config.optimizer.build().map_err(flag_error)?;
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    Ok(config)
+}
+
+/// One training run as configured by `args` (fresh into `args.out`, or `--resume`); writes the
+/// run directory and returns its summary. `deepzero experiment` calls this for every sub-run.
+pub fn execute(args: TrainArgs) -> Result<Summary> {
+    let ranks = args.distributed.connect()?;
+    let result = execute_on(args, &ranks);
+    ranks.finish(result)
+}
+
+/// [`execute`] as one of `ranks` (rank 0 writes the run directory and reports).
+fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
+    let (args, dir, resumed) = match &args.resume {
+        Some(dir) => (resumed_args(dir, &args)?, dir.clone(), true),
+        None => {
+            let mut args = args;
+            // Save the resolved values, not the "use the default" markers.
+            args.warmup_epochs = Some(args.warmup_epochs.unwrap_or(args.epochs / 10));
+            args.model.resolve();
+            let dir = args
+                .out
+                .clone()
+                .unwrap_or_else(|| report::default_run_dir("train"));
+            if ranks.is_root() {
+                // Checked now, created once the whole set-up has succeeded.
+                report::check_run_dir(&dir, args.overwrite)?;
+            }
+            (args, dir, false)
+        }
+    };
+    set_threads(args.threads);
+    let device = args.device.kind().device()?;
+    let (train, test, augment) = load_data(&args.data, args.seed, !args.no_augment)?;
+    let model = build_model(&args.model, &train)?;
+    let config = train_config(&args)?;
     let precision = args.dtype.precision();
     let mut task = ClassificationTask::new(
         &model,
@@ -211,10 +229,17 @@ fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
     )?;
     let mut estimator = setup.estimator;
     ranks.share(estimator.as_mut())?;
-    if let (Some(r), false, true) = (&setup.ratios, resumed, ranks.is_root()) {
-        report::write_json_atomic(&dir.join("ratios.json"), r)?;
-    }
     let mut optimizer = config.optimizer.build().map_err(flag_error)?;
+    if !resumed && ranks.is_root() {
+        // Everything is checked: now the run directory, cleared of an older run's outputs.
+        report::prepare_run_dir(&dir, args.overwrite)?;
+        if args.overwrite {
+            report::clear_previous_run(&dir, RUN_FILES)?;
+        }
+        if let Some(r) = &setup.ratios {
+            report::write_json_atomic(&dir.join(RATIOS_FILE), r)?;
+        }
+    }
     let mut state = if resumed {
         let mut s = checkpoint::load(&dir, &device)?;
         s.params = s.params.to_dtype(precision.dtype())?;
@@ -225,6 +250,10 @@ fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
                 dir.display(),
                 config.epochs
             );
+        }
+        if ranks.is_root() && args.given.iter().any(|id| id == "epochs") {
+            // The new length is the run's from now on (a later resume keeps it).
+            report::write_json_atomic(&dir.join("config.json"), &args)?;
         }
         note!("resuming {} at epoch {}", dir.display(), s.epoch + 1);
         s
@@ -253,18 +282,24 @@ fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
     };
     let mut silent = Silent;
     let started = Instant::now();
-    trainer
-        .run(
-            &mut task,
-            &mut state,
-            estimator.as_mut(),
-            optimizer.as_mut(),
-            match &mut obs {
-                Some(o) => o,
-                None => &mut silent,
-            },
-        )
-        .map_err(flag_error)?;
+    let trained = trainer.run(
+        &mut task,
+        &mut state,
+        estimator.as_mut(),
+        optimizer.as_mut(),
+        match &mut obs {
+            Some(o) => o,
+            None => &mut silent,
+        },
+    );
+    if let Err(e @ deepzero_core::Error::Diverged(_)) = trained {
+        let kept = match state.epoch {
+            0 => "no checkpoint was written (it diverged in epoch 1)".to_string(),
+            n => format!("{} keeps the checkpoint of epoch {n}", dir.display()),
+        };
+        bail!("{e}; {kept}");
+    }
+    trained.map_err(flag_error)?;
     let last = state.history.last().context("no epoch finished")?;
     let steps = (steps_per_epoch * state.epoch) as f64;
     let accuracy = |m: &EpochMetrics| m.get("test_accuracy").unwrap_or(f64::NAN);
@@ -297,6 +332,119 @@ fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
         dir.join("summary.json").display()
     );
     Ok(summary)
+}
+
+/// The flags of the run saved in `dir`, for `--resume dir` given `args` (this command's flags):
+/// how to run (threads, ranks) comes from this command, what to compute from `config.json`.
+fn resumed_args(dir: &Path, args: &TrainArgs) -> Result<TrainArgs> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("--resume {}: cannot read {}", dir.display(), path.display()))?;
+    let mut saved: TrainArgs = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a deepzero train config", path.display()))?;
+    if !checkpoint::exists(dir) {
+        bail!(
+            "--resume {}: the run stopped before its first checkpoint (written at the end of \
+             epoch 1), so there is nothing to resume; start it again with the flags in {} and \
+             `--out {} --overwrite`",
+            dir.display(),
+            path.display(),
+            dir.display()
+        );
+    }
+    let conflicts = resume_conflicts(args, &saved)?;
+    if !conflicts.is_empty() {
+        bail!(
+            "--resume {}: {} the saved run ({}); drop {} or start a new run with --out",
+            dir.display(),
+            match conflicts.len() {
+                1 => "this flag disagrees with",
+                _ => "these flags disagree with",
+            },
+            conflicts.join(", "),
+            match conflicts.len() {
+                1 => "it",
+                _ => "them",
+            }
+        );
+    }
+    saved.resume = None;
+    saved.given = args.given.clone();
+    // The thread count is how to run, not what to compute (estimates do not depend on
+    // it): a resumed run uses this command's `--threads`.
+    saved.threads = args.threads;
+    saved.distributed = args.distributed.clone();
+    if args.given.iter().any(|id| id == "epochs") {
+        saved.epochs = args.epochs;
+    }
+    if saved.sparsity.ratios.is_some() {
+        // The run's own copy: the file given to `--ratios` may have changed or gone since.
+        let copy = dir.join(RATIOS_FILE);
+        if !copy.is_file() {
+            bail!(
+                "--resume {}: {} is missing (the run's copy of its --ratios file); restore it or \
+                 start the run again",
+                dir.display(),
+                copy.display()
+            );
+        }
+        saved.sparsity.ratios = Some(copy);
+    }
+    Ok(saved)
+}
+
+/// Flags a `--resume` may set: how to run, and how long (`--epochs`).
+const RESUME_MAY_SET: &[&str] = &[
+    "resume",
+    "threads",
+    "distributed",
+    "rank_timeout",
+    "overwrite",
+    "epochs",
+];
+
+/// `--flag value (the run has saved)` for each flag given to a resume that disagrees with the
+/// saved run's configuration.
+fn resume_conflicts(args: &TrainArgs, saved: &TrainArgs) -> Result<Vec<String>> {
+    let given = serde_json::to_value(args)?;
+    let saved = serde_json::to_value(saved)?;
+    let mut conflicts = Vec::new();
+    for id in args
+        .given
+        .iter()
+        .filter(|id| !RESUME_MAY_SET.contains(&id.as_str()))
+    {
+        let (mine, theirs) = (setting_value(&given, id), setting_value(&saved, id));
+        if mine != theirs {
+            let show = |v: Option<&serde_json::Value>| match v {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(v) => v.to_string(),
+                None => "unset".into(),
+            };
+            conflicts.push(format!(
+                "--{} {} (the run has {})",
+                id.replace('_', "-"),
+                show(mine),
+                show(theirs)
+            ));
+        }
+    }
+    Ok(conflicts)
+}
+
+/// The value of the setting `key` in a serialised config: flattened option groups are nested
+/// objects, and a group may share its name with one of its settings (`estimator.estimator`).
+fn setting_value<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    let obj = v.as_object()?;
+    if let Some(x) = obj.get(key) {
+        return match x.is_object() {
+            true => setting_value(x, key).or(Some(x)),
+            false => Some(x),
+        };
+    }
+    obj.values()
+        .filter(|x| x.is_object())
+        .find_map(|x| setting_value(x, key))
 }
 
 struct RunObserver {

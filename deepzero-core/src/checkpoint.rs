@@ -96,6 +96,22 @@ fn complete(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(out)
 }
 
+/// Delete every checkpoint of `run_dir` (both layouts, complete or not): what a new run in an
+/// old run's directory does first, so that `--resume` cannot continue the old run.
+pub fn remove(run_dir: &Path) -> Result<()> {
+    let root = run_dir.join(DIR);
+    if root.is_dir() {
+        std::fs::remove_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+    }
+    for legacy in [LEGACY_TENSORS, LEGACY_STATE] {
+        let p = run_dir.join(legacy);
+        if p.is_file() {
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Whether `run_dir` holds a checkpoint to resume from (either layout).
 pub fn exists(run_dir: &Path) -> bool {
     complete(run_dir).is_ok_and(|c| !c.is_empty())

@@ -78,6 +78,10 @@ pub enum Setting {
     QueryBatch,
     /// The gradient estimator.
     Estimator,
+    /// Coordinates (parameters) estimated or checked.
+    Coordinates,
+    /// Parameters of a model (its depth and width).
+    ModelSize,
 }
 
 impl Setting {
@@ -96,6 +100,8 @@ impl Setting {
             Setting::BatchSize => "the batch size",
             Setting::QueryBatch => "the query batch",
             Setting::Estimator => "the estimator",
+            Setting::Coordinates => "the number of coordinates",
+            Setting::ModelSize => "the number of model parameters",
         }
     }
 }

@@ -151,7 +151,22 @@ impl GradientEstimator for Backprop {
     }
 }
 
-fn check_mu(mu: f64) -> Result<()> {
+/// Check a number of RGE directions: at least one, and their seeds fit into memory (a step
+/// holds one seed per direction; the directions themselves are drawn group by group).
+pub fn check_directions(q: usize) -> Result<()> {
+    if q == 0 {
+        return Err(Error::invalid(Setting::Directions, "must be at least 1"));
+    }
+    crate::bounds::check_memory(
+        Setting::Directions,
+        q,
+        std::mem::size_of::<u64>(),
+        "direction seeds",
+    )
+}
+
+/// Check a finite-difference step μ: a positive number.
+pub fn check_mu(mu: f64) -> Result<()> {
     if !(mu.is_finite() && mu > 0.0) {
         return Err(Error::invalid(
             Setting::Mu,
@@ -214,9 +229,7 @@ const RGE_GROUP: usize = 8;
 impl Rge {
     /// Check the settings once.
     pub fn new(q: usize, mu: f64, difference: Difference, direction: Direction) -> Result<Self> {
-        if q == 0 {
-            return Err(Error::invalid(Setting::Directions, "must be at least 1"));
-        }
+        check_directions(q)?;
         check_mu(mu)?;
         Ok(Rge {
             q,

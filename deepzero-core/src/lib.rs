@@ -8,6 +8,7 @@
 //! assert_eq!(model.num_params(), 730);
 //! ```
 
+pub mod bounds;
 pub mod checkpoint;
 pub mod data;
 pub mod distributed;

@@ -299,10 +299,23 @@ impl GraphBuilder {
         Ok(self.nodes.len())
     }
 
-    fn param(&mut self, name: &str, suffix: &str, kind: ParamKind, shape: Vec<usize>) -> usize {
+    fn param(
+        &mut self,
+        name: &str,
+        suffix: &str,
+        kind: ParamKind,
+        shape: Vec<usize>,
+    ) -> Result<usize> {
+        let total = shape
+            .iter()
+            .try_fold(1usize, |n, &s| n.checked_mul(s))
+            .and_then(|n| n.checked_add(self.layout.len()))
+            .unwrap_or(usize::MAX);
+        check_params(total)?;
         let node = self.nodes.len();
-        self.layout
-            .push(format!("{name}.{suffix}"), kind, shape, node)
+        Ok(self
+            .layout
+            .push(format!("{name}.{suffix}"), kind, shape, node))
     }
 
     /// Fully connected layer with bias to `out` features (input: `[F]` features).
@@ -315,8 +328,8 @@ impl GraphBuilder {
                 )))
             }
         };
-        let weight = self.param(name, "weight", ParamKind::Weight, vec![out, fan_in]);
-        let bias = Some(self.param(name, "bias", ParamKind::Bias, vec![out]));
+        let weight = self.param(name, "weight", ParamKind::Weight, vec![out, fan_in])?;
+        let bias = Some(self.param(name, "bias", ParamKind::Bias, vec![out])?);
         self.push(name, Op::Linear(Linear { weight, bias }), vec![x])
     }
 
@@ -329,10 +342,11 @@ impl GraphBuilder {
             )));
         }
         let k = spec.kernel;
-        let weight = self.param(name, "weight", ParamKind::Weight, vec![spec.out, cin, k, k]);
-        let bias = spec
-            .bias
-            .then(|| self.param(name, "bias", ParamKind::Bias, vec![spec.out]));
+        let weight = self.param(name, "weight", ParamKind::Weight, vec![spec.out, cin, k, k])?;
+        let bias = match spec.bias {
+            true => Some(self.param(name, "bias", ParamKind::Bias, vec![spec.out])?),
+            false => None,
+        };
         let op = Op::Conv2d(Conv2d {
             weight,
             bias,
@@ -362,8 +376,8 @@ impl GraphBuilder {
                 )))
             }
         };
-        let scale = self.param(name, "weight", ParamKind::BnScale, vec![c]);
-        let shift = self.param(name, "bias", ParamKind::BnShift, vec![c]);
+        let scale = self.param(name, "weight", ParamKind::BnScale, vec![c])?;
+        let shift = self.param(name, "bias", ParamKind::BnShift, vec![c])?;
         let stats = self.bn_channels.len();
         self.bn_channels.push(c);
         self.push(
@@ -460,6 +474,21 @@ impl GraphBuilder {
             bn_channels: self.bn_channels,
         }
     }
+}
+
+/// Bytes a training run holds per parameter: the f64 initial values, the parameter tensor, the
+/// gradient and the optimizer's state.
+pub const BYTES_PER_PARAM: usize = 4 * std::mem::size_of::<f64>();
+
+/// Check that a model of `count` parameters fits into memory ([`BYTES_PER_PARAM`] each): what
+/// every layer of a model under construction checks, before anything is allocated.
+pub fn check_params(count: usize) -> Result<()> {
+    crate::bounds::check_memory(
+        crate::error::Setting::ModelSize,
+        count,
+        BYTES_PER_PARAM,
+        "parameters",
+    )
 }
 
 impl Model {

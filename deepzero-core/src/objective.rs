@@ -156,7 +156,7 @@ impl<'a> ModelObjective<'a> {
                     Ok(mean)
                 } else {
                     Err(Error::Diverged(format!(
-                        "the loss is {mean}; lower the learning rate"
+                        "the loss is {mean}; lower the learning rate (or μ)"
                     )))
                 }
             })

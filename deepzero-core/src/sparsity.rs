@@ -119,16 +119,8 @@ impl PruneConfig {
     /// Check ranges.
     pub fn validate(&self) -> Result<()> {
         check_sparsity(self.sparsity)?;
-        if self.q == 0 {
-            return Err(Error::invalid(Setting::Directions, "must be at least 1"));
-        }
-        if !(self.mu.is_finite() && self.mu > 0.0) {
-            return Err(Error::invalid(
-                Setting::Mu,
-                format!("must be a positive number, got {}", self.mu),
-            ));
-        }
-        Ok(())
+        crate::estimator::check_directions(self.q)?;
+        crate::estimator::check_mu(self.mu)
     }
 }
 

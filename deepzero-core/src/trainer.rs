@@ -296,7 +296,16 @@ impl Trainer<'_> {
                 let (est, bn) = {
                     let obj = task.objective(epoch, s, cfg.seed)?;
                     let mut rng = step_rng(cfg.seed, epoch, s);
-                    let est = estimator.estimate(obj.as_ref(), &state.params, &mut rng)?;
+                    let est = estimator
+                        .estimate(obj.as_ref(), &state.params, &mut rng)
+                        .map_err(|e| match e {
+                            Error::Diverged(m) => Error::Diverged(format!(
+                                "at epoch {}, step {}: {m}",
+                                epoch + 1,
+                                s + 1
+                            )),
+                            other => other,
+                        })?;
                     (est, obj.take_bn_stats())
                 };
                 if !est.loss.is_finite() {
@@ -305,6 +314,15 @@ impl Trainer<'_> {
                         est.loss,
                         epoch + 1,
                         s + 1
+                    )));
+                }
+                if !all_finite(&est.grad)? {
+                    return Err(Error::Diverged(format!(
+                        "the gradient estimate has NaN or infinite entries at epoch {}, step {} \
+                         (loss {}); lower the learning rate, or μ if the loss is still small",
+                        epoch + 1,
+                        s + 1,
+                        est.loss
                     )));
                 }
                 task.end_step(bn)?;
@@ -340,4 +358,15 @@ impl Trainer<'_> {
         }
         Ok(())
     }
+}
+
+/// Whether every entry of `t` is a finite number (one pass; the sum in f64 cannot overflow
+/// from finite f32 or reasonable f64 entries, and any NaN or infinity makes it non-finite).
+fn all_finite(t: &Tensor) -> Result<bool> {
+    let sum = t
+        .to_dtype(candle_core::DType::F64)?
+        .abs()?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    Ok(sum.is_finite())
 }

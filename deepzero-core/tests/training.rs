@@ -671,3 +671,85 @@ fn trainer_rejects_bad_config() -> Result<()> {
     assert!(e.contains("batch size"), "{e}");
     Ok(())
 }
+
+/// Backprop whose gradient turns NaN from `poison_at` (0-based epoch) on, as a diverging
+/// estimate would, while the loss stays finite.
+struct PoisonedBackprop {
+    epoch: usize,
+    poison_at: usize,
+}
+
+impl GradientEstimator for PoisonedBackprop {
+    fn name(&self) -> String {
+        "poisoned".into()
+    }
+    fn estimate(
+        &mut self,
+        obj: &dyn deepzero_core::objective::Objective,
+        params: &Tensor,
+        rng: &mut StdRng,
+    ) -> deepzero_core::Result<deepzero_core::estimator::Estimate> {
+        let mut e = Backprop.estimate(obj, params, rng)?;
+        if self.epoch >= self.poison_at {
+            e.grad = (e.grad * f64::NAN)?;
+        }
+        Ok(e)
+    }
+    fn on_epoch_start(
+        &mut self,
+        epoch: usize,
+        _seed: u64,
+        _params: &mut Tensor,
+    ) -> deepzero_core::Result<()> {
+        self.epoch = epoch;
+        Ok(())
+    }
+}
+
+/// Records the epochs it was asked to checkpoint.
+#[derive(Default)]
+struct Checkpoints(Vec<usize>);
+
+impl Observer for Checkpoints {
+    fn on_epoch_end(&mut self, _m: &EpochMetrics, state: &TrainState) -> deepzero_core::Result<()> {
+        self.0.push(state.epoch);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_non_finite_gradient_stops_training_after_the_last_good_checkpoint() -> Result<()> {
+    let (train, test) = digits(Some(200))?;
+    let model = Model::build(&ModelSpec::Mlp { hidden: vec![8] }, [1, 8, 8], 10)?;
+    let cfg = config(3, 0.1, 0);
+    let mut task = classify(&model, &train, &test, 50)?;
+    let mut state = fresh_state(&model, 0, Precision::F32)?;
+    let mut opt = cfg.optimizer.build()?;
+    let mut estimator = PoisonedBackprop {
+        epoch: 0,
+        poison_at: 1,
+    };
+    let mut checkpoints = Checkpoints::default();
+    let err = Trainer { config: &cfg }
+        .run(
+            &mut task,
+            &mut state,
+            &mut estimator,
+            opt.as_mut(),
+            &mut checkpoints,
+        )
+        .expect_err("a NaN gradient must stop the run");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, deepzero_core::Error::Diverged(_)),
+        "not a divergence: {msg}"
+    );
+    assert!(
+        msg.contains("epoch 2, step 1") && msg.contains("gradient"),
+        "{msg}"
+    );
+    // Epoch 1 was checkpointed; nothing after it.
+    assert_eq!(checkpoints.0, vec![1]);
+    assert_eq!(state.epoch, 1);
+    Ok(())
+}

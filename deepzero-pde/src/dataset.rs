@@ -271,6 +271,9 @@ pub struct Dataset {
     pub test: Vec<Simulation>,
 }
 
+/// The parameter name of [`DatasetConfig::validate`]'s memory check (a product of settings).
+pub const DATASET_SIZE: &str = "simulations × (steps + 1) × grid²";
+
 impl DatasetConfig {
     /// Checks sizes and counts; the solvers check their own parameters.
     pub fn validate(&self) -> Result<()> {
@@ -284,7 +287,37 @@ impl DatasetConfig {
                 "at least 1 step per simulation",
             ));
         }
-        Ok(())
+        self.check_memory()
+    }
+
+    /// The data set holds every recorded state of every simulation (two velocity components on
+    /// the source grid, f64): check that it fits into memory before any simulation runs.
+    fn check_memory(&self) -> Result<()> {
+        let simulations = self.train_simulations.saturating_add(self.test_simulations);
+        let bytes = simulations
+            .checked_mul(self.steps.saturating_add(1))
+            .and_then(|states| states.checked_mul(self.source_size.checked_mul(self.source_size)?))
+            .and_then(|values| values.checked_mul(2 * std::mem::size_of::<f64>()));
+        let available = deepzero_core::bounds::available_memory().unwrap_or(isize::MAX as u64);
+        match bytes {
+            Some(b) if (b as u64) <= available => Ok(()),
+            _ => Err(Error::parameter(
+                DATASET_SIZE,
+                format!(
+                    "{simulations} × {} × {}²",
+                    self.steps.saturating_add(1),
+                    self.source_size
+                ),
+                format!(
+                    "the data set would need {}, but {} of memory are available; use fewer \
+                     simulations or steps, or a smaller grid",
+                    bytes.map_or("more than this machine can address".to_string(), |b| {
+                        deepzero_core::bounds::human_bytes(b as u128)
+                    }),
+                    deepzero_core::bounds::human_bytes(available as u128)
+                ),
+            )),
+        }
     }
 }
 
