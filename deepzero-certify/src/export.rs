@@ -129,6 +129,16 @@ impl<'a> Exporter<'a> {
         output
     }
 
+    /// A `k × k` pooling with stride `k` (deepzero's pooling layers).
+    fn pool(&mut self, op: &str, name: &str, inputs: Vec<String>, k: usize) -> String {
+        let k = k as i64;
+        let window = vec![
+            ints("kernel_shape", vec![k, k]),
+            ints("strides", vec![k, k]),
+        ];
+        self.node(op, name, inputs, window)
+    }
+
     fn graph(mut self) -> Result<pb::GraphProto> {
         let model = self.classifier.model();
         let [c, h, w] = model.input_shape;
@@ -207,30 +217,8 @@ impl<'a> Exporter<'a> {
                 }
                 Op::Relu(_) => self.node("Relu", name, ins, vec![]),
                 Op::Tanh(_) => self.node("Tanh", name, ins, vec![]),
-                Op::MaxPool(p) => {
-                    let k = p.0 as i64;
-                    self.node(
-                        "MaxPool",
-                        name,
-                        ins,
-                        vec![
-                            ints("kernel_shape", vec![k, k]),
-                            ints("strides", vec![k, k]),
-                        ],
-                    )
-                }
-                Op::AvgPool(p) => {
-                    let k = p.0 as i64;
-                    self.node(
-                        "AveragePool",
-                        name,
-                        ins,
-                        vec![
-                            ints("kernel_shape", vec![k, k]),
-                            ints("strides", vec![k, k]),
-                        ],
-                    )
-                }
+                Op::MaxPool(p) => self.pool("MaxPool", name, ins, p.0),
+                Op::AvgPool(p) => self.pool("AveragePool", name, ins, p.0),
                 Op::GlobalAvgPool(_) => {
                     let pooled =
                         self.node("GlobalAveragePool", &format!("{name}.pool"), ins, vec![]);

@@ -32,8 +32,9 @@ pub enum BenchCommand {
     Distributed(Box<crate::bench_distributed::DistributedBenchArgs>),
 }
 
+/// The network and batch a step-level bench runs on (`bench cge`, `bench distributed`).
 #[derive(Args, Debug)]
-pub struct CgeBenchArgs {
+pub struct BenchModelArgs {
     /// Architecture.
     #[arg(long, value_enum, default_value_t = ModelArg::Resnet20)]
     pub model: ModelArg,
@@ -49,6 +50,19 @@ pub struct CgeBenchArgs {
     /// Batch size.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
+}
+
+impl BenchModelArgs {
+    /// The model and the images it reads (see [`model_for`]).
+    pub fn build(&self, seed: u64) -> Result<(Model, deepzero_core::data::Dataset)> {
+        model_for(self.model, self.depth, self.width, self.dataset, seed)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct CgeBenchArgs {
+    #[command(flatten)]
+    pub net: BenchModelArgs,
     /// Coordinates, sampled uniformly over all parameters (so each layer in proportion to its size).
     #[arg(long, default_value_t = 2000)]
     pub coords: usize,
@@ -163,17 +177,17 @@ pub(crate) fn model_for(
 }
 
 pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
-    if a.batch == 0 || a.coords == 0 {
+    if a.net.batch == 0 || a.coords == 0 {
         bail!("--batch and --coords must be at least 1");
     }
     set_threads(a.threads);
     let threads = rayon::current_num_threads();
-    let (model, train) = model_for(a.model, a.depth, a.width, a.dataset, a.seed)?;
+    let (model, train) = a.net.build(a.seed)?;
     let d = model.num_params();
     let init = deepzero_core::seed::initial_params(&model, a.seed);
     // The batch and the coordinates: a stream of their own.
     let mut rng = deepzero_core::seed::stream_rng(a.seed, &[3]);
-    let idx = sample(&mut rng, train.len(), a.batch.min(train.len())).into_vec();
+    let idx = sample(&mut rng, train.len(), a.net.batch.min(train.len())).into_vec();
     let device = candle_core::Device::Cpu;
     let (x, y) = batch_tensors(&train, &idx, None, candle_core::DType::F32, &device)?;
     let xh = x.flatten_all()?.to_vec1::<f32>()?;
@@ -217,12 +231,12 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
 
     // Cost model over the same coordinates.
     let (cn, cr, cf) = step_cost(&model, &coords)?;
-    let flops_fast = 2.0 * cf * a.batch as f64;
+    let flops_fast = 2.0 * cf * a.net.batch as f64;
     let _ = fast_all;
     Ok(CgeBench {
         model: model.name.clone(),
         params: d,
-        batch: a.batch,
+        batch: a.net.batch,
         coords: coords.len(),
         check_coords: check.len(),
         threads,

@@ -6,7 +6,7 @@
 //! runs the whole step alone (the others wait), then all ranks run the same step shared; both
 //! give bitwise the same gradient, which is checked.
 
-use crate::common::{set_threads, DataArg, DistributedOpts, ModelArg};
+use crate::common::{set_threads, DistributedOpts, ModelArg};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use deepzero_core::distributed::{imbalance, split, QueryTiming};
@@ -23,21 +23,8 @@ use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct DistributedBenchArgs {
-    /// Architecture.
-    #[arg(long, value_enum, default_value_t = ModelArg::Resnet20)]
-    pub model: ModelArg,
-    /// CNN blocks or MLP hidden layers.
-    #[arg(long)]
-    pub depth: Option<usize>,
-    /// CNN channels or MLP hidden units.
-    #[arg(long)]
-    pub width: Option<usize>,
-    /// Data set whose images to use [default: synthetic 3×32×32 for resnet20, fashion-mnist otherwise].
-    #[arg(long, value_enum)]
-    pub dataset: Option<DataArg>,
-    /// Batch size.
-    #[arg(long, default_value_t = 64)]
-    pub batch: usize,
+    #[command(flatten)]
+    pub net: crate::bench::BenchModelArgs,
     /// Fraction of each weight tensor left out of the step (uniform layer ratios; biases and
     /// batch-norm parameters dense, as in training).
     #[arg(long, default_value_t = 0.9)]
@@ -201,16 +188,16 @@ fn bench(
     a: &DistributedBenchArgs,
     ranks: &crate::common::Ranks,
 ) -> Result<Option<DistributedBench>> {
-    if a.batch == 0 || a.steps == 0 || a.project_batch == 0 {
+    if a.net.batch == 0 || a.steps == 0 || a.project_batch == 0 {
         bail!("--batch, --steps and --project-batch must be at least 1");
     }
     deepzero_core::sparsity::check_sparsity(a.sparsity).map_err(crate::common::flag_error)?;
     deepzero_core::sparsity::check_sparsity(a.project_sparsity)
         .map_err(crate::common::flag_error)?;
-    let (model, train) = crate::bench::model_for(a.model, a.depth, a.width, a.dataset, a.seed)?;
+    let (model, train) = a.net.build(a.seed)?;
     let init = deepzero_core::seed::initial_params(&model, a.seed);
     let mut rng = deepzero_core::seed::stream_rng(a.seed, &[3]);
-    let idx = sample(&mut rng, train.len(), a.batch.min(train.len())).into_vec();
+    let idx = sample(&mut rng, train.len(), a.net.batch.min(train.len())).into_vec();
     let device = candle_core::Device::Cpu;
     let (x, y) = batch_tensors(&train, &idx, None, candle_core::DType::F32, &device)?;
     let params = params_tensor(&init, Precision::F32, &device)?;
@@ -281,7 +268,7 @@ fn bench(
         return Ok(None);
     }
     let mean_step = shared.iter().map(|s| s.seconds).sum::<f64>() / shared.len() as f64;
-    let projection = if a.model == ModelArg::Resnet20 {
+    let projection = if a.net.model == ModelArg::Resnet20 {
         // The ranks' fitted query time; alone, the cost model's rate without a fixed part.
         let timing = shared_cge.query_timing().unwrap_or_else(|| {
             let costs: f64 = shared.iter().flat_map(|s| s.cost_total.iter()).sum();

@@ -1,44 +1,12 @@
 //! End-to-end tests of `deepzero certify run`: the run directory, `run:` and `process:`
 //! classifiers, resume after a classifier that dies, and bad input.
 
+mod common;
+
 use anyhow::{ensure, Context, Result};
+use common::*;
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn deepzero(cwd: &Path, args: &[&str]) -> Result<Output> {
-    Command::new(env!("CARGO_BIN_EXE_deepzero"))
-        .args(args)
-        .current_dir(cwd)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .context("running the deepzero binary")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(cwd: &Path, args: &[&str]) -> Result<Output> {
-    let o = deepzero(cwd, args)?;
-    ensure!(
-        o.status.success(),
-        "deepzero {args:?} failed:\n{}",
-        stderr(&o)
-    );
-    Ok(o)
-}
-
-fn fails(cwd: &Path, args: &[&str]) -> Result<String> {
-    let o = deepzero(cwd, args)?;
-    let err = stderr(&o);
-    ensure!(!o.status.success(), "deepzero {args:?} succeeded:\n{err}");
-    ensure!(
-        !err.contains("panicked"),
-        "deepzero {args:?} panicked:\n{err}"
-    );
-    Ok(err)
-}
 
 /// Rows of a certify.tsv without the time column.
 fn rows(path: &Path) -> Result<Vec<String>> {
@@ -161,14 +129,14 @@ fn certify_run_through_a_trained_model_and_bad_input() -> Result<()> {
         ],
     )?;
     let spec = format!("run:{victim_s}");
-    let out = tmp.path().join("cert");
-    ok(
-        tmp.path(),
-        &[
+    // Certify every third of the first 10 test images through `classifier`; the TSV rows.
+    let certify = |classifier: &str, out: &Path| -> Result<Vec<String>> {
+        let out_s = out.to_str().context("utf-8")?;
+        let args = [
             "certify",
             "run",
             "--classifier",
-            &spec,
+            classifier,
             "--sigma",
             "0.25",
             "--n",
@@ -178,10 +146,12 @@ fn certify_run_through_a_trained_model_and_bad_input() -> Result<()> {
             "--skip",
             "3",
             "--out",
-            out.to_str().context("utf-8")?,
-        ],
-    )?;
-    let tsv = rows(&out.join("certify.tsv"))?;
+            out_s,
+        ];
+        ok(tmp.path(), &args)?;
+        rows(&out.join("certify.tsv"))
+    };
+    let tsv = certify(&spec, &tmp.path().join("cert"))?;
     let idx: Vec<&str> = tsv[1..]
         .iter()
         .map(|r| r.split('\t').next().unwrap_or(""))
@@ -226,27 +196,7 @@ fn certify_run_through_a_trained_model_and_bad_input() -> Result<()> {
             format!("process:'{exe}' certify serve --classifier '{onnx_spec}'"),
         ),
     ] {
-        let dir = tmp.path().join(format!("cert-{name}"));
-        ok(
-            tmp.path(),
-            &[
-                "certify",
-                "run",
-                "--classifier",
-                &other,
-                "--sigma",
-                "0.25",
-                "--n",
-                "500",
-                "--max",
-                "4",
-                "--skip",
-                "3",
-                "--out",
-                dir.to_str().context("utf-8")?,
-            ],
-        )?;
-        let got = rows(&dir.join("certify.tsv"))?;
+        let got = certify(&other, &tmp.path().join(format!("cert-{name}")))?;
         ensure!(got == tsv, "{name}: {got:?}\nrun: {tsv:?}");
     }
 

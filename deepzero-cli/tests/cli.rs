@@ -1,67 +1,14 @@
 //! End-to-end tests of the `deepzero` binary: run directories, resume, errors, gradcheck.
 
+mod common;
+
 use anyhow::{ensure, Context, Result};
+use common::*;
 use serde_json::Value;
-use std::path::Path;
-use std::process::{Command, Output};
 
 // ---------------------------------------------------------------------------------------
 // helpers
 // ---------------------------------------------------------------------------------------
-
-/// Run `deepzero ARGS` in `cwd` (a scratch directory, so a missing `--out` could not litter
-/// the source tree) with the shipped data found through the crate's compiled-in path.
-fn deepzero(cwd: &Path, args: &[&str]) -> Result<Output> {
-    Command::new(env!("CARGO_BIN_EXE_deepzero"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("DEEPZERO_DATA")
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .context("running the deepzero binary")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Run and require success.
-fn ok(cwd: &Path, args: &[&str]) -> Result<Output> {
-    let o = deepzero(cwd, args)?;
-    ensure!(
-        o.status.success(),
-        "deepzero {args:?} failed ({}):\n{}",
-        o.status,
-        stderr(&o)
-    );
-    Ok(o)
-}
-
-/// Run, require failure without a panic, and return stderr.
-fn fails(cwd: &Path, args: &[&str]) -> Result<String> {
-    let o = deepzero(cwd, args)?;
-    let err = stderr(&o);
-    ensure!(!o.status.success(), "deepzero {args:?} succeeded:\n{err}");
-    ensure!(
-        !err.contains("panicked"),
-        "deepzero {args:?} panicked:\n{err}"
-    );
-    ensure!(
-        err.contains("error"),
-        "deepzero {args:?}: no error message:\n{err}"
-    );
-    Ok(err)
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
-}
 
 fn has_keys(v: &Value, keys: &[&str]) -> Result<()> {
     for k in keys {

@@ -3,55 +3,11 @@
 //! (2: clap's usage errors, 1: every other error), that the message names the flag or the fix,
 //! that nothing panicked, and what the run directory holds afterwards.
 
+mod common;
+
 use anyhow::{ensure, Context, Result};
+use common::*;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn deepzero(cwd: &Path, args: &[&str]) -> Result<Output> {
-    Command::new(env!("CARGO_BIN_EXE_deepzero"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("DEEPZERO_DATA")
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .context("running the deepzero binary")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Run and require success; return stderr.
-fn ok(cwd: &Path, args: &[&str]) -> Result<String> {
-    let o = deepzero(cwd, args)?;
-    ensure!(
-        o.status.success(),
-        "deepzero {args:?} failed ({}):\n{}",
-        o.status,
-        stderr(&o)
-    );
-    Ok(stderr(&o))
-}
-
-/// Run, require exit code `code` with an error message and no panic; return stderr.
-fn fails_with(code: i32, cwd: &Path, args: &[&str]) -> Result<String> {
-    let o = deepzero(cwd, args)?;
-    let err = stderr(&o);
-    ensure!(
-        o.status.code() == Some(code),
-        "deepzero {args:?}: exit status {} (expected {code}):\n{err}",
-        o.status
-    );
-    ensure!(
-        !err.contains("panicked"),
-        "deepzero {args:?} panicked:\n{err}"
-    );
-    ensure!(
-        err.contains("error"),
-        "deepzero {args:?}: no error message:\n{err}"
-    );
-    Ok(err)
-}
 
 fn contains_all(err: &str, needles: &[&str]) -> Result<()> {
     for n in needles {
@@ -179,13 +135,13 @@ fn absurd_query_counts_are_errors_before_any_allocation() -> Result<()> {
 fn more_threads_than_cores_are_capped_with_a_warning() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let out = tmp.path().join("run");
-    let err = ok(
+    let err = stderr(&ok(
         tmp.path(),
         &train_args(
             utf8(&out)?,
             &["--estimator", "fo", "--epochs", "1", "--threads", "100000"],
         ),
-    )?;
+    )?);
     contains_all(&err, &["warning: --threads 100000", "cores"])?;
     ensure!(out.join("summary.json").is_file(), "the run did not finish");
     Ok(())

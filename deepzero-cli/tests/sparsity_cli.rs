@@ -1,53 +1,11 @@
 //! End-to-end tests of sparse training from the command line: `deepzero prune`,
 //! `deepzero train --sparsity/--ratios/--prune/--prune-weights` and `deepzero experiment`.
 
+mod common;
+
 use anyhow::{ensure, Context, Result};
+use common::*;
 use serde_json::Value;
-use std::path::Path;
-use std::process::{Command, Output};
-
-fn deepzero(cwd: &Path, args: &[&str]) -> Result<Output> {
-    Command::new(env!("CARGO_BIN_EXE_deepzero"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("DEEPZERO_DATA")
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .context("running the deepzero binary")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(cwd: &Path, args: &[&str]) -> Result<Output> {
-    let o = deepzero(cwd, args)?;
-    ensure!(
-        o.status.success(),
-        "deepzero {args:?} failed ({}):\n{}",
-        o.status,
-        stderr(&o)
-    );
-    Ok(o)
-}
-
-/// Run, require a clean failure, return stderr.
-fn fails(cwd: &Path, args: &[&str]) -> Result<String> {
-    let o = deepzero(cwd, args)?;
-    let err = stderr(&o);
-    ensure!(!o.status.success(), "deepzero {args:?} succeeded:\n{err}");
-    ensure!(
-        !err.contains("panicked"),
-        "deepzero {args:?} panicked:\n{err}"
-    );
-    Ok(err)
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
-}
 
 /// Small fast training on the shipped digits with the simple CNN (3376 parameters).
 const SMALL: [&str; 10] = [
