@@ -17,16 +17,6 @@ fn has_keys(v: &Value, keys: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Small fast training flags on the shipped digits.
-const SMALL: [&str; 6] = [
-    "--train-limit",
-    "200",
-    "--test-limit",
-    "100",
-    "--batch-size",
-    "50",
-];
-
 // ---------------------------------------------------------------------------------------
 // train: the run directory
 // ---------------------------------------------------------------------------------------

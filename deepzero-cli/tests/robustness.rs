@@ -20,16 +20,6 @@ fn utf8(p: &Path) -> Result<&str> {
     p.to_str().context("utf-8 path")
 }
 
-/// Small fast training flags on the shipped digits.
-const SMALL: [&str; 6] = [
-    "--train-limit",
-    "200",
-    "--test-limit",
-    "100",
-    "--batch-size",
-    "50",
-];
-
 fn train_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["train", "--out", out];
     args.extend(SMALL);

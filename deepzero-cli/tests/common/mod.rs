@@ -7,6 +7,16 @@ use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
 
+/// Small fast training flags on the shipped digits.
+pub const SMALL: [&str; 6] = [
+    "--train-limit",
+    "200",
+    "--test-limit",
+    "100",
+    "--batch-size",
+    "50",
+];
+
 /// Run `deepzero ARGS` in `cwd` (a scratch directory, so a missing `--out` could not litter
 /// the source tree), one rayon thread, the shipped data found through the compiled-in path.
 pub fn deepzero(cwd: &Path, args: &[&str]) -> Result<Output> {
