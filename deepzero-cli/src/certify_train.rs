@@ -630,12 +630,23 @@ pub fn run_compare(args: CompareArgs) -> Result<()> {
             acc,
             started.elapsed().as_secs_f64()
         );
-        table.push((name.clone(), rows));
+        let budget = dir.as_deref().and_then(queries_per_step);
+        table.push((name.clone(), rows, budget));
     }
     write_table(&args, &table)
 }
 
-fn write_table(args: &CompareArgs, table: &[(String, Vec<CertifyRow>)]) -> Result<()> {
+/// Black-box images per training step of a denoiser run (its `summary.json`), if recorded.
+fn queries_per_step(dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join("summary.json")).ok()?;
+    let summary: serde_json::Value = serde_json::from_str(&text).ok()?;
+    summary.get("black_box_queries_per_step")?.as_u64()
+}
+
+/// One row of the comparison: method, certificates, black-box images per training step.
+type CompareRow = (String, Vec<CertifyRow>, Option<u64>);
+
+fn write_table(args: &CompareArgs, table: &[CompareRow]) -> Result<()> {
     let mut md =
         format!(
         "Certified accuracy (%) at ℓ2 radius, σ = {}, n = {}, α = {}, {} test images\n\n| method |",
@@ -644,18 +655,21 @@ fn write_table(args: &CompareArgs, table: &[(String, Vec<CertifyRow>)]) -> Resul
     for r in RADII {
         md.push_str(&format!(" r = {r} |"));
     }
-    md.push_str("\n|---|");
-    md.push_str(&"---:|".repeat(RADII.len()));
+    md.push_str(" black-box images / training step |\n|---|");
+    md.push_str(&"---:|".repeat(RADII.len() + 1));
     md.push('\n');
     let mut json = BTreeMap::new();
     let mut series = Vec::new();
-    for (name, rows) in table {
+    for (name, rows, budget) in table {
         let acc = certified_accuracy(rows, &RADII);
         md.push_str(&format!("| {name} |"));
         for a in &acc {
             md.push_str(&format!(" {:.1} |", 100.0 * a));
         }
-        md.push('\n');
+        match budget {
+            Some(b) => md.push_str(&format!(" {b} |\n")),
+            None => md.push_str(" – |\n"),
+        }
         json.insert(
             name.clone(),
             RADII

@@ -321,5 +321,18 @@ fn train_denoiser_and_compare() -> Result<()> {
         std::fs::read_to_string(tmp.path().join("cmp/table.json"))? == table,
         "resumed table differs"
     );
+    // The query budget per training step of each method, from its run's summary.
+    let md = std::fs::read_to_string(tmp.path().join("cmp/table.md"))?;
+    let budget = s["black_box_queries_per_step"]
+        .as_u64()
+        .context("deepzero's summary has no black_box_queries_per_step")?;
+    ensure!(budget > 0, "{s}");
+    ensure!(
+        md.contains("black-box images / training step")
+            && md
+                .lines()
+                .any(|l| l.starts_with("| deepzero |") && l.ends_with(&format!(" {budget} |"))),
+        "{md}"
+    );
     Ok(())
 }
