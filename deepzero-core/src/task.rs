@@ -148,6 +148,55 @@ impl Default for ClassificationConfig {
 /// Seed stream of the pruning batch.
 pub const PRUNE_STREAM: u64 = 0x5052_554e;
 
+/// The shuffled mini-batches of a training set, epoch by epoch: drawn from `(seed, epoch)` by
+/// [`epoch_batches`] when an epoch begins and looked up by step. A step of another epoch (say,
+/// before `begin_epoch` on a resumed run) is drawn again from the seed, so it is the same batch.
+#[derive(Clone, Debug)]
+pub struct EpochBatches {
+    len: usize,
+    batch_size: usize,
+    current: Option<(usize, Vec<Vec<usize>>)>,
+}
+
+impl EpochBatches {
+    /// Batches of `batch_size` (≥ 1) over `len` samples; the last one may be short.
+    pub fn new(len: usize, batch_size: usize) -> Self {
+        Self {
+            len,
+            batch_size,
+            current: None,
+        }
+    }
+
+    /// Steps per epoch.
+    pub fn steps(&self) -> usize {
+        self.len.div_ceil(self.batch_size)
+    }
+
+    fn draw(&self, epoch: usize, seed: u64) -> Vec<Vec<usize>> {
+        epoch_batches(self.len, self.batch_size, seed, epoch, true, false)
+    }
+
+    /// Draws the batches of `epoch`.
+    pub fn begin(&mut self, epoch: usize, seed: u64) {
+        self.current = Some((epoch, self.draw(epoch, seed)));
+    }
+
+    /// The sample indices of step `step` of `epoch`.
+    pub fn get(&self, epoch: usize, step: usize, seed: u64) -> Result<Vec<usize>> {
+        let batch = match &self.current {
+            Some((e, b)) if *e == epoch => b.get(step).cloned(),
+            _ => self.draw(epoch, seed).into_iter().nth(step),
+        };
+        batch.ok_or_else(|| {
+            Error::Config(format!(
+                "no batch {step} in epoch {epoch}: an epoch has {} steps",
+                self.steps()
+            ))
+        })
+    }
+}
+
 /// Image classification: mean cross-entropy on shuffled mini-batches; test loss and accuracy.
 pub struct ClassificationTask<'a> {
     model: &'a Model,
@@ -155,8 +204,7 @@ pub struct ClassificationTask<'a> {
     test: &'a Dataset,
     config: ClassificationConfig,
     bn: BnState,
-    /// The current epoch's batches.
-    batches: Option<(usize, Vec<Vec<usize>>)>,
+    batches: EpochBatches,
 }
 
 impl<'a> ClassificationTask<'a> {
@@ -189,9 +237,9 @@ impl<'a> ClassificationTask<'a> {
             model,
             train,
             test,
-            config,
             bn: model.new_bn_state(),
-            batches: None,
+            batches: EpochBatches::new(train.len(), config.batch_size),
+            config,
         })
     }
 
@@ -230,33 +278,18 @@ impl Task for ClassificationTask<'_> {
         &self.model.layout
     }
     fn steps_per_epoch(&self) -> usize {
-        self.train.len().div_ceil(self.config.batch_size)
+        self.batches.steps()
     }
     fn begin_epoch(&mut self, epoch: usize, seed: u64) -> Result<()> {
-        let b = epoch_batches(
-            self.train.len(),
-            self.config.batch_size,
-            seed,
-            epoch,
-            true,
-            false,
-        );
-        self.batches = Some((epoch, b));
+        self.batches.begin(epoch, seed);
         Ok(())
     }
     fn objective(&self, epoch: usize, step: usize, seed: u64) -> Result<Box<dyn Objective + '_>> {
-        let idx = match &self.batches {
-            Some((e, b)) if *e == epoch && step < b.len() => &b[step],
-            _ => {
-                return Err(Error::Config(format!(
-                    "classification: no batch {step} of epoch {epoch} (begin_epoch not called)"
-                )))
-            }
-        };
+        let idx = self.batches.get(epoch, step, seed)?;
         let mut aug = stream_rng(seed, &[1, epoch as u64, step as u64]);
         Ok(Box::new(self.objective_on(
             self.train,
-            idx,
+            &idx,
             Some(&mut aug),
         )?))
     }

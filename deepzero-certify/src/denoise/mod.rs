@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use deepzero_core::data::{epoch_batches, Dataset};
+use deepzero_core::data::Dataset;
 use deepzero_core::estimator::{Backprop, Cge, GradientEstimator};
 use deepzero_core::estimator::{EstimatorConfig, EstimatorKind};
 use deepzero_core::head::{cross_entropy_f64, Head};
@@ -46,7 +46,7 @@ use deepzero_core::seed::{derive_seed, stream_rng};
 use deepzero_core::sparsity::{
     prune_task, sparse_estimator, LayerRatios, PruneConfig, PruneMethod, SparseConfig,
 };
-use deepzero_core::task::{Metrics, Task};
+use deepzero_core::task::{EpochBatches, Metrics, Task};
 use rand::Rng;
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
@@ -368,7 +368,7 @@ pub struct DenoiserTask<'a> {
     train_labels: Vec<u32>,
     eval: EvalSet,
     bn: BnState,
-    batches: Option<(usize, Vec<Vec<usize>>)>,
+    batches: EpochBatches,
     queries: Arc<AtomicU64>,
 }
 
@@ -444,6 +444,7 @@ impl<'a> DenoiserTask<'a> {
             labels: test.labels[..n].iter().map(|&l| l as usize).collect(),
             reference,
         };
+        let batches = EpochBatches::new(train.len(), config.batch_size);
         Ok(DenoiserTask {
             denoiser,
             train,
@@ -454,7 +455,7 @@ impl<'a> DenoiserTask<'a> {
             train_labels,
             eval,
             bn: denoiser.new_bn_state(),
-            batches: None,
+            batches,
             queries,
         })
     }
@@ -490,34 +491,13 @@ impl<'a> DenoiserTask<'a> {
         }
     }
 
-    fn batch(&self, epoch: usize, step: usize, seed: u64) -> Result<Vec<usize>> {
-        match &self.batches {
-            Some((e, b)) if *e == epoch && step < b.len() => Ok(b[step].clone()),
-            _ => {
-                let b = epoch_batches(
-                    self.train.len(),
-                    self.config.batch_size,
-                    seed,
-                    epoch,
-                    true,
-                    false,
-                );
-                b.get(step).cloned().ok_or_else(|| {
-                    Error::Config(format!(
-                        "denoiser training: no batch {step} of epoch {epoch}"
-                    ))
-                })
-            }
-        }
-    }
-
     fn build_objective(
         &self,
         epoch: usize,
         step: usize,
         seed: u64,
     ) -> Result<Box<dyn Objective + '_>> {
-        let idx = self.batch(epoch, step, seed)?;
+        let idx = self.batches.get(epoch, step, seed)?;
         let mut rng = stream_rng(seed, &[NOISE_STREAM, epoch as u64, step as u64]);
         let batch = noisy_batch(self.train, &idx, self.config.sigma, &mut rng);
         let [c, h, w] = self.denoiser.input_shape;
@@ -630,18 +610,10 @@ impl Task for DenoiserTask<'_> {
         &self.denoiser.layout
     }
     fn steps_per_epoch(&self) -> usize {
-        self.train.len().div_ceil(self.config.batch_size)
+        self.batches.steps()
     }
     fn begin_epoch(&mut self, epoch: usize, seed: u64) -> deepzero_core::Result<()> {
-        let b = epoch_batches(
-            self.train.len(),
-            self.config.batch_size,
-            seed,
-            epoch,
-            true,
-            false,
-        );
-        self.batches = Some((epoch, b));
+        self.batches.begin(epoch, seed);
         Ok(())
     }
     fn objective(
