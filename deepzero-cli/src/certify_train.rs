@@ -598,32 +598,23 @@ pub fn run_compare(args: CompareArgs) -> Result<()> {
             indices.len(),
             args.n
         );
-        let rows = match dir {
-            None => certify_images(
+        let clf: Box<dyn BlackBox> = match dir {
+            None => Box::new(bb.clone()),
+            Some(d) => Box::new(DenoisedClassifier::from_run(
+                DenoiserRun::load(d)?,
                 bb.clone(),
-                &smoothing,
-                &test.images,
-                &labels,
-                &indices,
-                args.seed,
-                &done,
-                emit,
-            )?,
-            Some(d) => {
-                let run = DenoiserRun::load(d)?;
-                let clf = DenoisedClassifier::from_run(run, bb.clone())?;
-                certify_images(
-                    clf,
-                    &smoothing,
-                    &test.images,
-                    &labels,
-                    &indices,
-                    args.seed,
-                    &done,
-                    emit,
-                )?
-            }
+            )?),
         };
+        let rows = certify_images(
+            clf,
+            &smoothing,
+            &test.images,
+            &labels,
+            &indices,
+            args.seed,
+            &done,
+            emit,
+        )?;
         let acc = certified_accuracy(&rows, &RADII);
         eprintln!(
             "  {name}: {:?} in {:.0}s",
