@@ -253,10 +253,21 @@ fn check_batch_size(batch: usize) -> Result<()> {
     Ok(())
 }
 
+/// Most noise samples per image of n0 or n: 10⁹, ten thousand times Cohen et al.'s n = 100,000
+/// (at a million classifier images per second, a quarter of an hour per image). More is a typo,
+/// and a run that would never end.
+pub const MAX_SAMPLES: u64 = 1_000_000_000;
+
 fn check_count(name: &str, v: u64) -> Result<()> {
     if v == 0 {
         return Err(Error::Config(format!(
             "{name} must be at least 1 (Cohen et al. use n0 = 100, n = 100000)"
+        )));
+    }
+    if v > MAX_SAMPLES {
+        return Err(Error::Config(format!(
+            "{name} = {v} is more than the limit of {MAX_SAMPLES} noise samples per image \
+             (Cohen et al. use n0 = 100, n = 100000)"
         )));
     }
     Ok(())

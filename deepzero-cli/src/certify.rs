@@ -224,12 +224,7 @@ pub fn run_export(args: ExportArgs) -> Result<()> {
             args.out.display()
         );
     }
-    if args.out.exists() && !args.overwrite {
-        bail!(
-            "--out {} exists; pass --overwrite to replace it",
-            args.out.display()
-        );
-    }
+    crate::report::check_output_file(&args.out, args.overwrite)?;
     let classifier = model_classifier(Path::new(dir))?;
     deepzero_certify::export::write_onnx(&classifier, &args.out)
         .with_context(|| format!("--out {}", args.out.display()))?;
@@ -289,6 +284,15 @@ fn check_smoothing(a: &CertifyRunArgs) -> Result<SmoothingConfig> {
     }
     if a.n0 == 0 || a.n == 0 {
         bail!("--n0 and --n must be at least 1");
+    }
+    let most = deepzero_certify::smoothing::MAX_SAMPLES;
+    for (flag, v) in [("--n0", a.n0), ("--n", a.n)] {
+        if v as u64 > most {
+            bail!(
+                "{flag} {v}: more than the limit of {most} noise samples per image, which would \
+                 take hours per image (Cohen et al. use --n0 100 --n 100000); use a smaller value"
+            );
+        }
     }
     if !(a.alpha > 0.0 && a.alpha < 1.0) {
         bail!("--alpha must be in (0, 1), got {}", a.alpha);

@@ -155,7 +155,20 @@ fn base_args(c: &CommonOpts) -> Result<TrainArgs> {
     Ok(a)
 }
 
-/// Prepare the experiment directory and save the experiment's flags.
+/// Settings that may differ between an experiment and its `--resume`: how to run, not what.
+const RESUME_MAY_CHANGE: &[&str] = &["threads", "out", "overwrite", "resume"];
+
+/// The experiment's saved configuration: its flags and, under `experiment`, its name.
+fn saved_config(name: &str, config: &impl Serialize) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(config)?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("experiment".into(), name.into());
+    }
+    Ok(v)
+}
+
+/// Prepare the experiment directory and save the experiment's flags. With `--resume`, the
+/// directory must hold this experiment, saved with the same settings.
 fn prepare(c: &CommonOpts, name: &str, config: &impl Serialize) -> Result<PathBuf> {
     // The sub-runs' shared training flags, checked before the directory exists.
     train::train_config(&base_args(c)?)?;
@@ -163,9 +176,96 @@ fn prepare(c: &CommonOpts, name: &str, config: &impl Serialize) -> Result<PathBu
         .out
         .clone()
         .unwrap_or_else(|| report::default_run_dir(name));
-    report::prepare_run_dir(&dir, c.overwrite || c.resume)?;
-    report::write_json_atomic(&dir.join("config.json"), config)?;
+    let config = saved_config(name, config)?;
+    if c.resume {
+        check_resume(&dir, name, &config)?;
+        return Ok(dir);
+    }
+    report::prepare_run_dir(&dir, c.overwrite)?;
+    report::write_json_atomic(&dir.join("config.json"), &config)?;
     Ok(dir)
+}
+
+/// `--resume --out DIR`: DIR must exist and hold a `name` experiment whose saved settings are
+/// `config`'s (apart from [`RESUME_MAY_CHANGE`]); otherwise nothing is touched.
+fn check_resume(dir: &Path, name: &str, config: &serde_json::Value) -> Result<()> {
+    let shown = dir.display();
+    let path = dir.join("config.json");
+    if !dir.is_dir() {
+        bail!(
+            "--resume --out {shown}: there is no experiment there to resume; drop --resume to \
+             start it"
+        );
+    }
+    let text = std::fs::read_to_string(&path).map_err(|_| {
+        anyhow::anyhow!(
+            "--resume --out {shown}: not an experiment directory (it has no config.json); drop \
+             --resume and choose a new --out to start the experiment"
+        )
+    })?;
+    let saved: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("--resume --out {shown}: {} is not JSON", path.display()))?;
+    let kind = saved.get("experiment").and_then(|k| k.as_str());
+    if kind != Some(name) {
+        let what = match kind {
+            Some(other) => format!("a `deepzero experiment {other}` run"),
+            None if saved.get("common").is_some() => "an experiment of an older format".into(),
+            None => "a run of another command (e.g. `deepzero train`)".into(),
+        };
+        bail!(
+            "--resume --out {shown}: the directory holds {what}, not a `deepzero experiment \
+             {name}` run; nothing was changed — choose the right directory or drop --resume"
+        );
+    }
+    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+    leaves("", config, &mut mine);
+    leaves("", &saved, &mut theirs);
+    let mut differences = Vec::new();
+    for (key, value) in &mine {
+        let flag = key.rsplit('.').next().unwrap_or(key);
+        if RESUME_MAY_CHANGE.contains(&flag) {
+            continue;
+        }
+        let other = theirs.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+        if other != Some(value) {
+            let show = |v: Option<&serde_json::Value>| match v {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(v) => v.to_string(),
+                None => "unset".into(),
+            };
+            differences.push(format!(
+                "--{} {} (the experiment has {})",
+                flag.replace('_', "-"),
+                show(Some(value)),
+                show(other)
+            ));
+        }
+    }
+    if !differences.is_empty() {
+        bail!(
+            "--resume --out {shown}: settings differ from the saved experiment ({}); resume with \
+             its flags (they are in {}) so that every row of its table has the same settings",
+            differences.join(", "),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Every leaf of a JSON object as (dotted path, value); arrays are leaves.
+fn leaves(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
+    match v.as_object() {
+        Some(obj) => {
+            for (k, x) in obj {
+                let key = match prefix {
+                    "" => k.clone(),
+                    p => format!("{p}.{k}"),
+                };
+                leaves(&key, x, out);
+            }
+        }
+        None => out.push((prefix.to_string(), v.clone())),
+    }
 }
 
 /// Runs sub-runs one after the other and prints a line per sub-run.

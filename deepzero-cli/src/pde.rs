@@ -182,6 +182,9 @@ fn flag_error(e: deepzero_pde::Error) -> anyhow::Error {
             "method" => "--methods",
             "train_simulations" => "--train-sims",
             deepzero_pde::dataset::DATASET_SIZE => "--train-sims, --test-sims, --steps, --grid",
+            deepzero_pde::dataset::DATASET_WORK => {
+                "--train-sims, --test-sims, --skip-steps, --steps, --reference-grid"
+            }
             _ => "",
         },
         E::Core(_) => {
@@ -290,6 +293,18 @@ fn spinner(message: &str) -> ProgressBar {
     bar
 }
 
+/// A data directory given by `flag` must be a directory if it exists (it is created otherwise).
+fn check_data_dir(dir: &Path, flag: &str) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!(
+            "{flag} {} is a file, not a directory; give the folder that holds (or will hold) the \
+             data set",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn load_data(dir: &Path, config: &DatasetConfig) -> Result<Dataset> {
     let bar = spinner(&format!("data in {}", dir.display()));
     let dataset = Dataset::load_or_generate(dir, config).map_err(flag_error);
@@ -300,6 +315,7 @@ fn load_data(dir: &Path, config: &DatasetConfig) -> Result<Dataset> {
 fn generate(args: GenerateArgs) -> Result<()> {
     let config = dataset_config(&args.data)?;
     let started = Instant::now();
+    check_data_dir(&args.out, "--out")?;
     let dataset = load_data(&args.out, &config)?;
     let errors = rollouts(&prepare(&dataset, &dataset.test).map_err(flag_error)?, None)
         .map_err(crate::common::flag_error)?
@@ -389,6 +405,7 @@ fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
         correction::estimator(method, &model, &correction, args.seed).map_err(flag_error)?;
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(|| dir.join("data"));
+    check_data_dir(&data_dir, "--data-dir")?;
     if root {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         report::write_json_atomic(

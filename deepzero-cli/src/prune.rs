@@ -35,6 +35,9 @@ pub struct PruneArgs {
     /// Output JSON file (per-layer keep ratios).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    pub overwrite: bool,
     /// RGE directions per gradient estimate (zo-grasp).
     #[arg(long, default_value_t = 192)]
     pub q: usize,
@@ -71,6 +74,7 @@ fn run_on(mut args: PruneArgs, ranks: &Ranks) -> Result<()> {
         mu: args.mu,
     };
     config.validate().map_err(flag_error)?;
+    report::check_output_file(&args.out, args.overwrite)?;
     let device = candle_core::Device::Cpu;
     let (train, _, _) = load_data(&args.data, args.seed, false)?;
     let model = build_model(&args.model, &train)?;

@@ -485,6 +485,21 @@ pub fn check_run_dir(path: &Path, overwrite: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A single output file (`prune --out`, `certify export --out`): an existing one is replaced only
+/// with `--overwrite`, and a directory never. Checked before any work starts.
+pub fn check_output_file(path: &Path, overwrite: bool) -> anyhow::Result<()> {
+    if path.is_dir() {
+        bail!("--out {} is a directory; give a file name", path.display());
+    }
+    if path.exists() && !overwrite {
+        bail!(
+            "--out {} exists; pass --overwrite to replace it, or choose another file",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Remove what an earlier run left in `dir` (its checkpoints and `files`), for `--overwrite`:
 /// a resume must never continue the old run under the new configuration.
 pub fn clear_previous_run(dir: &Path, files: &[&str]) -> anyhow::Result<()> {

@@ -447,3 +447,143 @@ fn a_ratios_file_is_copied_and_resume_uses_the_copy() -> Result<()> {
     contains_all(&err, &["ratios.json", "is missing"])?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// experiment --resume and single output files
+// ---------------------------------------------------------------------------------------
+
+/// A hash of every file under `dir` (path and bytes), to check that nothing changed.
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(|s| s.as_str()).collect()
+}
+
+fn tree_digest(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let p = entry?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.display().to_string(), std::fs::read(&p)?));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[test]
+fn experiment_resume_refuses_a_missing_foreign_or_different_directory() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let exp = |out: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "experiment",
+            "cge-vs-rge",
+            "--dataset",
+            "digits",
+            "--train-limit",
+            "100",
+            "--test-limit",
+            "50",
+            "--batch-size",
+            "50",
+            "--depths",
+            "1",
+            "--epochs",
+            "1",
+            "--out",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    // A missing directory: was a fresh full experiment; now an error, and nothing is created.
+    let missing = tmp.path().join("missing");
+    let args = exp(utf8(&missing)?, &["--resume"]);
+    let err = fails_with(1, tmp.path(), &strs(&args))?;
+    contains_all(
+        &err,
+        &["--resume", "no experiment there to resume", "drop --resume"],
+    )?;
+    ensure!(!missing.exists(), "--resume created {}", missing.display());
+    // A `train` run: was overwritten (its config.json replaced); now refused, untouched.
+    let run = tmp.path().join("run");
+    ok(
+        tmp.path(),
+        &train_args(utf8(&run)?, &["--estimator", "fo", "--epochs", "1"]),
+    )?;
+    let before = tree_digest(&run)?;
+    let args = exp(utf8(&run)?, &["--resume"]);
+    let err = fails_with(1, tmp.path(), &strs(&args))?;
+    contains_all(
+        &err,
+        &[
+            "not a `deepzero experiment cge-vs-rge` run",
+            "nothing was changed",
+        ],
+    )?;
+    ensure!(tree_digest(&run)? == before, "the train run was modified");
+    // An experiment resumed with other settings: was mixed into one table; now refused.
+    let done = tmp.path().join("exp");
+    ok(tmp.path(), &strs(&exp(utf8(&done)?, &[])))?;
+    let before = tree_digest(&done)?;
+    let args = exp(utf8(&done)?, &["--resume", "--lr", "0.05"]);
+    let err = fails_with(1, tmp.path(), &strs(&args))?;
+    contains_all(&err, &["--lr 0.05 (the experiment has 0.1)", "config.json"])?;
+    let args = [
+        "experiment",
+        "sparsity",
+        "--dataset",
+        "digits",
+        "--resume",
+        "--out",
+        utf8(&done)?,
+    ];
+    let err = fails_with(1, tmp.path(), &args)?;
+    contains_all(&err, &["holds a `deepzero experiment cge-vs-rge` run"])?;
+    ensure!(tree_digest(&done)? == before, "the experiment was modified");
+    // The same settings (and another --threads) resume: every sub-run is kept.
+    let args = exp(utf8(&done)?, &["--resume", "--threads", "1"]);
+    let o = ok(tmp.path(), &strs(&args))?;
+    ensure!(
+        stderr(&o).matches("finished earlier, kept").count() == 3,
+        "{}",
+        stderr(&o)
+    );
+    Ok(())
+}
+
+#[test]
+fn prune_refuses_to_replace_an_existing_file_without_overwrite() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("notes.txt");
+    std::fs::write(&out, "keep me")?;
+    let args = [
+        "prune",
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+        "--out",
+        utf8(&out)?,
+    ];
+    let err = fails_with(1, tmp.path(), &args)?;
+    contains_all(&err, &["--out", "exists", "--overwrite"])?;
+    ensure!(
+        std::fs::read_to_string(&out)? == "keep me",
+        "the file was replaced"
+    );
+    let mut with = args.to_vec();
+    with.push("--overwrite");
+    ok(tmp.path(), &with)?;
+    ensure!(
+        std::fs::read_to_string(&out)?.contains("layers"),
+        "no ratios written"
+    );
+    Ok(())
+}

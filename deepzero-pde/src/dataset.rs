@@ -274,6 +274,14 @@ pub struct Dataset {
 /// The parameter name of [`DatasetConfig::validate`]'s memory check (a product of settings).
 pub const DATASET_SIZE: &str = "simulations × (steps + 1) × grid²";
 
+/// The parameter name of [`DatasetConfig::validate`]'s work check (a product of settings).
+pub const DATASET_WORK: &str = "simulations × (skip steps + steps) × reference grid²";
+
+/// Most grid-point updates of the reference simulations a data set may ask for: about 10¹²,
+/// days of computing at the reference solver's few million updates per second per core. The
+/// defaults need 5.7 × 10⁷. A larger request is a typo (`--skip-steps 100000000000`), not a run.
+pub const MAX_REFERENCE_UPDATES: u128 = 1_000_000_000_000;
+
 impl DatasetConfig {
     /// Checks sizes and counts; the solvers check their own parameters.
     pub fn validate(&self) -> Result<()> {
@@ -287,7 +295,35 @@ impl DatasetConfig {
                 "at least 1 step per simulation",
             ));
         }
+        self.check_work()?;
         self.check_memory()
+    }
+
+    /// The reference simulations (warm-up and recorded steps on the fine grid) must be a
+    /// computation that ends: at most [`MAX_REFERENCE_UPDATES`] grid-point updates.
+    fn check_work(&self) -> Result<()> {
+        let simulations = self.train_simulations as u128 + self.test_simulations as u128;
+        let steps = self.skip_steps as u128 + self.steps as u128;
+        let points = (self.reference_size as u128).pow(2);
+        let updates = simulations
+            .checked_mul(steps)
+            .and_then(|s| s.checked_mul(points));
+        match updates {
+            Some(u) if u <= MAX_REFERENCE_UPDATES => Ok(()),
+            _ => Err(Error::parameter(
+                DATASET_WORK,
+                format!(
+                    "{simulations} × ({} + {}) × {}²",
+                    self.skip_steps, self.steps, self.reference_size
+                ),
+                format!(
+                    "the reference simulations would need {} grid-point updates, more than the \
+                     limit of 10¹² (days of computing); use fewer simulations, steps or \
+                     warm-up steps, or a smaller grid",
+                    updates.map_or("more than 10³⁸".to_string(), |u| format!("{u:.2e}"))
+                ),
+            )),
+        }
     }
 
     /// The data set holds every recorded state of every simulation (two velocity components on
