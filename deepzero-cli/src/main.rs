@@ -15,6 +15,7 @@ mod gradcheck;
 mod pde;
 mod prune;
 mod report;
+mod report_html;
 mod train;
 
 use clap::parser::ValueSource;
@@ -46,6 +47,9 @@ enum Command {
     Certify(certify::CertifyArgs),
     /// PDE error correction with the solver in the loop (SRC, NON, ZO-SOL); `pde generate` for data.
     Pde(Box<pde::PdeArgs>),
+    /// One self-contained HTML page overlaying runs (train, experiment, certify, pde): curves
+    /// and summary tables.
+    Report(report_html::ReportArgs),
 }
 
 /// Keep freed tensor buffers in the process heap instead of returning them to the kernel.
@@ -95,6 +99,7 @@ fn main() {
         Command::Experiment(cmd) => experiment::run(cmd),
         Command::Certify(args) => certify::run(args),
         Command::Pde(args) => pde::run(*args),
+        Command::Report(args) => report_html::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {:#}", common::in_flags(e));

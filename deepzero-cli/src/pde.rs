@@ -534,31 +534,16 @@ fn write_reports(
         "mae_per_step": outcomes.iter().map(|o| (o.method.name().to_string(), json!(o.errors.mae_per_step))).collect::<Map<String, Value>>(),
     });
     report::write_json_atomic(&dir.join("summary.json"), &summary)?;
-    let series: Vec<Series> = outcomes
+    let curves: Vec<(String, Vec<f64>)> = outcomes
         .iter()
-        .map(|o| Series {
-            label: o.method.name().to_uppercase(),
-            points: o
-                .errors
-                .mae_per_step
-                .iter()
-                .enumerate()
-                .map(|(i, v)| (i as f64, *v))
-                .collect(),
+        .map(|o| {
+            (
+                o.method.name().to_uppercase(),
+                o.errors.mae_per_step.clone(),
+            )
         })
         .collect();
-    report::write_line_chart(
-        dir,
-        "mae_over_time",
-        &LineChart {
-            title: "Mean absolute error against the reference (test simulations)",
-            x_label: "step",
-            y_label: "MAE",
-            series: &series,
-            y_range: None,
-            log_y: false,
-        },
-    )?;
+    plot_mae_over_time(dir, &curves)?;
     // Heat maps of the first channel of the first test simulation.
     let Some(simulation) = test.first() else {
         return Ok(());
@@ -594,6 +579,34 @@ fn write_reports(
         "First state channel, test simulation 0",
         &columns,
         &rows,
+    )
+}
+
+/// `mae_over_time.png|svg`: each curve's MAE against the reference at every step (`deepzero
+/// report` overlays several runs' curves with it).
+pub fn plot_mae_over_time(dir: &Path, curves: &[(String, Vec<f64>)]) -> Result<()> {
+    let series: Vec<Series> = curves
+        .iter()
+        .map(|(label, mae)| Series {
+            label: label.clone(),
+            points: mae
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i as f64, *v))
+                .collect(),
+        })
+        .collect();
+    report::write_line_chart(
+        dir,
+        "mae_over_time",
+        &LineChart {
+            title: "Mean absolute error against the reference (test simulations)",
+            x_label: "step",
+            y_label: "MAE",
+            series: &series,
+            y_range: None,
+            log_y: false,
+        },
     )
 }
 

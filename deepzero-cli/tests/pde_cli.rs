@@ -1,7 +1,10 @@
 //! End-to-end tests of `deepzero pde`: a tiny run writes a complete run directory, resumes from
 //! its checkpoints, and bad input names the flag.
 
+mod common;
+
 use anyhow::{ensure, Context, Result};
+use common::PDE_TINY as TINY;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -14,32 +17,6 @@ fn deepzero(cwd: &Path, args: &[&str]) -> Result<Output> {
         .output()
         .context("running the deepzero binary")
 }
-
-const TINY: &[&str] = &[
-    "pde",
-    "--solver",
-    "burgers",
-    "--grid",
-    "16",
-    "--steps",
-    "12",
-    "--train-sims",
-    "2",
-    "--test-sims",
-    "2",
-    "--epochs",
-    "2",
-    "--steps-per-epoch",
-    "2",
-    "--batch-size",
-    "2",
-    "--unroll",
-    "2",
-    "--width",
-    "4",
-    "--sparsity",
-    "0.9",
-];
 
 #[test]
 fn pde_writes_a_complete_run_directory_and_resumes() -> Result<()> {

@@ -17,6 +17,33 @@ pub const SMALL: [&str; 6] = [
     "50",
 ];
 
+/// A tiny `deepzero pde` run (Burgers on a 16² grid, 12 steps, 2 epochs of 2 steps): seconds.
+pub const PDE_TINY: &[&str] = &[
+    "pde",
+    "--solver",
+    "burgers",
+    "--grid",
+    "16",
+    "--steps",
+    "12",
+    "--train-sims",
+    "2",
+    "--test-sims",
+    "2",
+    "--epochs",
+    "2",
+    "--steps-per-epoch",
+    "2",
+    "--batch-size",
+    "2",
+    "--unroll",
+    "2",
+    "--width",
+    "4",
+    "--sparsity",
+    "0.9",
+];
+
 /// Run `deepzero ARGS` in `cwd` (a scratch directory, so a missing `--out` could not litter
 /// the source tree), one rayon thread, the shipped data found through the compiled-in path.
 pub fn deepzero(cwd: &Path, args: &[&str]) -> Result<Output> {
