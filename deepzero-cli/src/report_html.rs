@@ -192,8 +192,21 @@ fn labels(dirs: &[PathBuf]) -> Vec<String> {
         .collect()
 }
 
-/// Read the run in `dir` (one RUN argument) into `runs`, recognised by its files.
-fn load(dir: &Path, label: String, runs: &mut Runs) -> Result<()> {
+/// What a RUN directory holds, recognised by its files.
+enum Kind {
+    /// `deepzero pde`: its `summary.json`, with `mae_per_step`.
+    Pde(Value),
+    /// `certify run`: `certify.tsv`.
+    Certify,
+    /// `certify compare`: each method's `certify-<method>.tsv`.
+    Compare(Vec<(String, PathBuf)>),
+    /// `train` or `certify train-denoiser`: `metrics.jsonl`.
+    Training,
+    /// `experiment`: sub-runs, each with `config.json` and `metrics.jsonl`.
+    Experiment(Vec<(String, PathBuf)>),
+}
+
+fn kind(dir: &Path) -> Result<Kind> {
     if !dir.exists() {
         bail!("run {}: no such directory", dir.display());
     }
@@ -204,46 +217,66 @@ fn load(dir: &Path, label: String, runs: &mut Runs) -> Result<()> {
         );
     }
     let summary = dir.join("summary.json");
-    let pde_summary = match summary.is_file() {
-        true => Some(read_json(&summary)?).filter(|s| s.get("mae_per_step").is_some()),
-        false => None,
-    };
-    if let Some(s) = pde_summary {
-        runs.pde.push(pde_run(dir, label, &s)?);
-    } else if dir.join("certify.tsv").is_file() {
-        runs.certify.push(CertifyRun {
-            rows: certificates(&dir.join("certify.tsv"))?,
-            label,
-            dir: dir.to_path_buf(),
-        });
-    } else if let Some(tsvs) = Some(compare_tsvs(dir)?).filter(|t| !t.is_empty()) {
-        for (method, path) in tsvs {
-            runs.certify.push(CertifyRun {
-                label: format!("{label}/{method}"),
-                rows: certificates(&path)?,
-                dir: dir.to_path_buf(),
-            });
+    if summary.is_file() {
+        let s = read_json(&summary)?;
+        if s.get("mae_per_step").is_some() {
+            return Ok(Kind::Pde(s));
         }
-    } else if dir.join("metrics.jsonl").is_file() {
-        runs.training.push(training_run(dir, label)?);
-    } else if let Some(subs) = Some(sub_runs(dir)?).filter(|s| !s.is_empty()) {
-        for (name, sub) in subs {
-            runs.training
-                .push(training_run(&sub, format!("{label}/{name}"))?);
-        }
-    } else if dir.join("config.json").is_file() {
+    }
+    if dir.join("certify.tsv").is_file() {
+        return Ok(Kind::Certify);
+    }
+    let tsvs = compare_tsvs(dir)?;
+    if !tsvs.is_empty() {
+        return Ok(Kind::Compare(tsvs));
+    }
+    if dir.join("metrics.jsonl").is_file() {
+        return Ok(Kind::Training);
+    }
+    let subs = sub_runs(dir)?;
+    if !subs.is_empty() {
+        return Ok(Kind::Experiment(subs));
+    }
+    if dir.join("config.json").is_file() {
         bail!(
             "run {}: no results yet (no metrics.jsonl, certify.tsv, or summary.json of a \
              finished pde run); wait until it has finished an epoch or an image, or leave it out",
             dir.display()
         );
-    } else {
-        bail!(
-            "{} is not a deepzero run directory: it has none of metrics.jsonl (train, \
-             certify train-denoiser), certify.tsv (certify run), certify-<method>.tsv (certify \
-             compare), summary.json with mae_per_step (pde) or sub-runs (experiment)",
-            dir.display()
-        );
+    }
+    bail!(
+        "{} is not a deepzero run directory: it has none of metrics.jsonl (train, \
+         certify train-denoiser), certify.tsv (certify run), certify-<method>.tsv (certify \
+         compare), summary.json with mae_per_step (pde) or sub-runs (experiment)",
+        dir.display()
+    )
+}
+
+/// Read the run in `dir` (one RUN argument, labelled `label`) into `runs`.
+fn load(dir: &Path, label: String, runs: &mut Runs) -> Result<()> {
+    match kind(dir)? {
+        Kind::Pde(summary) => runs.pde.push(pde_run(dir, label, &summary)?),
+        Kind::Certify => runs.certify.push(CertifyRun {
+            rows: certificates(&dir.join("certify.tsv"))?,
+            label,
+            dir: dir.to_path_buf(),
+        }),
+        Kind::Compare(tsvs) => {
+            for (method, path) in tsvs {
+                runs.certify.push(CertifyRun {
+                    label: format!("{label}/{method}"),
+                    rows: certificates(&path)?,
+                    dir: dir.to_path_buf(),
+                });
+            }
+        }
+        Kind::Training => runs.training.push(training_run(dir, label)?),
+        Kind::Experiment(subs) => {
+            for (name, sub) in subs {
+                runs.training
+                    .push(training_run(&sub, format!("{label}/{name}"))?);
+            }
+        }
     }
     Ok(())
 }

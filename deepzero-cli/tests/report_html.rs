@@ -234,6 +234,56 @@ fn fake_run(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A fabricated `certify compare` directory: two methods' certificates.
+fn fake_compare(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let head = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n";
+    std::fs::write(
+        dir.join("certify-none.tsv"),
+        format!("{head}0\t6\t-1\t0.000\t0\t0:00:00.001\n1\t6\t6\t0.300\t1\t0:00:00.001\n"),
+    )?;
+    std::fs::write(
+        dir.join("certify-mse.tsv"),
+        format!("{head}0\t6\t6\t0.600\t1\t0:00:00.001\n1\t6\t6\t0.800\t1\t0:00:00.001\n"),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn report_reads_experiments_and_certify_compare() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let cwd = tmp.path();
+    std::fs::create_dir_all(cwd.join("exp"))?;
+    std::fs::write(cwd.join("exp/config.json"), "{}\n")?;
+    fake_run(&cwd.join("exp/d1-cge"))?;
+    fake_run(&cwd.join("exp/d1-fo"))?;
+    fake_compare(&cwd.join("cmp"))?;
+    ok(cwd, &["report", "exp", "cmp", "--out", "rep"])?;
+    let html = std::fs::read_to_string(cwd.join("rep/report.html"))?;
+    for run in ["exp/d1-cge", "exp/d1-fo"] {
+        ensure!(
+            html.contains(&format!("<tr><td>{run}</td>")),
+            "no row {run}"
+        );
+    }
+    ensure!(series_colours(inline_chart(&html, "accuracy_by_queries")?).len() == 2);
+    // Certified accuracy at r = 0, 0.25, 0.5, 0.75, 1 of each method.
+    ensure!(html.contains(
+        "<tr><td>cmp/mse</td><td>2</td><td>0.000</td><td>1.000</td><td>1.000</td><td>1.000</td>\
+         <td>0.500</td><td>0.000</td>"
+    ));
+    ensure!(html.contains(
+        "<tr><td>cmp/none</td><td>2</td><td>0.500</td><td>0.500</td><td>0.500</td><td>0.000</td>\
+         <td>0.000</td><td>0.000</td>"
+    ));
+    ensure!(series_colours(inline_chart(&html, "certified_accuracy")?).len() == 2);
+    ensure!(
+        !html.contains("mae_over_time"),
+        "a pde section without pde runs"
+    );
+    Ok(())
+}
+
 #[test]
 fn report_escapes_names_and_rejects_what_is_not_a_run() -> Result<()> {
     let tmp = tempfile::tempdir()?;
