@@ -3,6 +3,7 @@
 //! calls and reports.
 
 use crate::common::{DataArg, DataOpts, DistributedOpts, Ranks};
+use crate::config;
 use crate::note;
 use crate::report::{self, LineChart, Series};
 use crate::train::{epoch_line, plot_history};
@@ -42,8 +43,8 @@ fn parse_method(s: &str) -> std::result::Result<DenoiseMethod, String> {
 pub struct TrainDenoiserArgs {
     /// The black box: `run:DIR` (a `deepzero train` run; needed for `fo`), `process:COMMAND`
     /// or `onnx:FILE`.
-    #[arg(long)]
-    pub classifier: String,
+    #[arg(long, required_unless_present = "resume")]
+    pub classifier: Option<String>,
     /// Noise level σ in [0, 1] pixel units.
     #[arg(long, default_value_t = DenoiseConfig::default().sigma)]
     pub sigma: f64,
@@ -114,10 +115,16 @@ pub struct TrainDenoiserArgs {
     #[arg(long)]
     #[serde(skip)]
     pub overwrite: bool,
-    /// Continue the run in this directory from its last checkpoint.
+    /// Continue the run in this directory from its last checkpoint. Other flags are read from
+    /// its config.json: --epochs may be raised, --threads and --distributed are this command's,
+    /// any other flag given must agree with the saved config.
     #[arg(long)]
     #[serde(skip)]
     pub resume: Option<PathBuf>,
+    /// The flags given on the command line (clap ids), for `--resume`'s conflict check.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub given: Vec<String>,
 }
 
 /// `summary.json` of a denoiser run.
@@ -300,6 +307,47 @@ impl Observer for RunObserver {
     }
 }
 
+/// The flags of the denoiser run saved in `dir`, for `--resume dir` given `args` (this
+/// command's): threads and ranks from this command, `--epochs` if given, the rest from
+/// `config.json`; any other flag given must agree with it.
+fn resumed_args(dir: &Path, args: &TrainDenoiserArgs) -> Result<TrainDenoiserArgs> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("--resume {}: cannot read {}", dir.display(), path.display()))?;
+    let mut saved: TrainDenoiserArgs = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: not a deepzero certify train-denoiser config",
+            path.display()
+        )
+    })?;
+    if !checkpoint::exists(dir) {
+        bail!(
+            "--resume {}: the run stopped before its first checkpoint (written at the end of \
+             epoch 1), so there is nothing to resume; start it again with the flags in {} and \
+             `--out {} --overwrite`",
+            dir.display(),
+            path.display(),
+            dir.display()
+        );
+    }
+    config::refuse_conflicts(
+        &format!("--resume {}", dir.display()),
+        &config::resume_conflicts(&args.given, args, &saved)?,
+        "drop them or start a new run with --out",
+    )?;
+    saved.resume = None;
+    saved.given = args.given.clone();
+    saved.threads = args.threads;
+    saved.distributed = args.distributed.clone();
+    if args.given.iter().any(|id| id == "epochs") {
+        saved.epochs = args.epochs;
+    }
+    Ok(saved)
+}
+
+/// The run's copy of its ZO-GraSP layer ratios (`--method deepzero`).
+const RATIOS_FILE: &str = "ratios.json";
+
 /// `deepzero certify train-denoiser`: train a denoiser into a run directory that
 /// `certify compare` / `certify run --denoiser` load.
 pub fn run_train_denoiser(args: TrainDenoiserArgs) -> Result<DenoiserSummary> {
@@ -311,15 +359,7 @@ pub fn run_train_denoiser(args: TrainDenoiserArgs) -> Result<DenoiserSummary> {
 /// [`run_train_denoiser`] as one of `ranks` (rank 0 writes the run directory and reports).
 fn train_denoiser_on(args: TrainDenoiserArgs, ranks: &Ranks) -> Result<DenoiserSummary> {
     let (args, dir, resumed) = match &args.resume {
-        Some(dir) => {
-            let path = dir.join("config.json");
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("--resume: cannot read {}", path.display()))?;
-            let mut saved: TrainDenoiserArgs = serde_json::from_str(&text)?;
-            saved.threads = args.threads;
-            saved.distributed = args.distributed.clone();
-            (saved, dir.clone(), true)
-        }
+        Some(dir) => (resumed_args(dir, &args)?, dir.clone(), true),
         None => {
             let dir = args
                 .out
@@ -335,7 +375,11 @@ fn train_denoiser_on(args: TrainDenoiserArgs, ranks: &Ranks) -> Result<DenoiserS
     crate::common::set_threads(args.threads);
     let (train, test) = raw_data(args.dataset, &args.data_dir, args.train_limit, args.seed)?;
     let shape = [train.channels, train.height, train.width];
-    let (bb, white) = open_classifier(&args.classifier, shape)?;
+    let classifier = args
+        .classifier
+        .as_deref()
+        .context("--classifier is required")?;
+    let (bb, white) = open_classifier(classifier, shape)?;
     let spec = ModelSpec::Dncnn {
         depth: args.depth,
         width: args.width,
@@ -378,7 +422,19 @@ fn train_denoiser_on(args: TrainDenoiserArgs, ranks: &Ranks) -> Result<DenoiserS
         config.clone(),
     )?;
     let mut state = if resumed {
-        let s = checkpoint::load(&dir, &candle_core::Device::Cpu)?;
+        let expected = config::fingerprint(&dir, &args, &[], &[RATIOS_FILE])?;
+        let s = config::load_checkpoint(&dir, &candle_core::Device::Cpu, &expected)?;
+        if s.epoch >= args.epochs {
+            bail!(
+                "--resume {}: the run already finished its {} epochs (raise --epochs to go on)",
+                dir.display(),
+                args.epochs
+            );
+        }
+        if ranks.is_root() && args.given.iter().any(|id| id == "epochs") {
+            // The new length is the run's from now on (a later resume keeps it).
+            report::write_json_atomic(&dir.join("config.json"), &args)?;
+        }
         note!("resuming {} at epoch {}", dir.display(), s.epoch + 1);
         s
     } else {
@@ -427,7 +483,10 @@ fn train_denoiser_on(args: TrainDenoiserArgs, ranks: &Ranks) -> Result<DenoiserS
     let (mut estimator, ratios) = args.method.estimator(&task, &state.params, &config.zo)?;
     ranks.share(estimator.as_mut())?;
     if let (Some(r), false, true) = (&ratios, resumed, ranks.is_root()) {
-        report::write_json_atomic(&dir.join("ratios.json"), r)?;
+        report::write_json_atomic(&dir.join(RATIOS_FILE), r)?;
+    }
+    if !resumed && ranks.is_root() {
+        state.fingerprint = Some(config::fingerprint(&dir, &args, &[], &[RATIOS_FILE])?);
     }
     let train_cfg = adam(args.epochs, args.lr, args.seed);
     let mut opt = train_cfg.optimizer.build()?;
@@ -533,6 +592,7 @@ pub const RADII: [f64; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
 pub fn run_compare(args: CompareArgs) -> Result<()> {
     crate::common::set_threads(args.threads);
     std::fs::create_dir_all(&args.out)?;
+    report::write_json_atomic(&args.out.join("config.json"), &args)?;
     let (_, test) = raw_data(args.dataset, &args.data_dir, None, args.seed)?;
     let shape = [test.channels, test.height, test.width];
     let (bb, _) = open_classifier(&args.classifier, shape)?;

@@ -10,6 +10,7 @@ mod bench_objective;
 mod certify;
 mod certify_train;
 mod common;
+mod config;
 mod experiment;
 mod gradcheck;
 mod pde;
@@ -27,6 +28,10 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Read flags from a TOML file (or JSON: a run's config.json): keys are the long flag names,
+    /// nested tables are read as flat; flags on the command line override the file's.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -84,7 +89,11 @@ fn given_flags(m: &ArgMatches) -> Vec<String> {
 
 fn main() {
     tune_allocator();
-    let matches = Cli::command().get_matches();
+    let argv = config::expand(&Cli::command(), std::env::args_os().collect()).unwrap_or_else(|e| {
+        eprintln!("error: {}", e.message);
+        std::process::exit(e.code);
+    });
+    let matches = Cli::command().get_matches_from(argv);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Train(mut args) => {
@@ -97,7 +106,16 @@ fn main() {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Prune(args) => prune::run(*args),
         Command::Experiment(cmd) => experiment::run(cmd),
-        Command::Certify(args) => certify::run(args),
+        Command::Certify(mut args) => {
+            if let Some(("certify", m)) = matches.subcommand() {
+                if let (Some(certify::CertifyCommand::TrainDenoiser(a)), Some((_, m))) =
+                    (&mut args.command, m.subcommand())
+                {
+                    a.given = given_flags(m);
+                }
+            }
+            certify::run(args)
+        }
         Command::Pde(args) => pde::run(*args),
         Command::Report(args) => report_html::run(args),
     };

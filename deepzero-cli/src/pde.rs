@@ -1,6 +1,7 @@
 //! `deepzero pde`: learned correction of a coarse PDE solver with the solver in the loop
 //! (SRC / NON / ZO-SOL), and `deepzero pde generate` for the data alone.
 
+use crate::config;
 use crate::report::{self, Field, LineChart, Series};
 use crate::train::epoch_line;
 use anyhow::{bail, Context, Result};
@@ -344,6 +345,40 @@ struct ResolvedConfig<'a> {
     train: deepzero_core::trainer::TrainConfig,
 }
 
+/// Settings of a pde run's `config.json` that its checkpoints' hash leaves out besides the
+/// common ones: which methods run (each has its own checkpoints) and where the data set is.
+const NOT_HASHED: &[&str] = &["methods", "data_dir"];
+
+/// A run into an `--out` that holds checkpoints continues them: refuse it when the flags
+/// disagree with the saved `config.json` (all but --epochs, --threads, --methods, --data-dir).
+fn check_resume(dir: &Path, args: &RunArgs) -> Result<()> {
+    let path = dir.join("config.json");
+    let resumes = args
+        .methods
+        .iter()
+        .any(|m| m.trains() && checkpoint::exists(&dir.join(m.name())));
+    if !resumes || !path.is_file() {
+        return Ok(());
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let saved: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a deepzero pde config", path.display()))?;
+    let saved = saved
+        .get("args")
+        .with_context(|| format!("{}: not a deepzero pde config (no `args`)", path.display()))?;
+    let ids: Vec<String> = config::setting_ids(&serde_json::to_value(args)?)
+        .into_iter()
+        .filter(|id| !NOT_HASHED.contains(&id.as_str()) && id != "out")
+        .collect();
+    config::refuse_conflicts(
+        &format!("--out {}", dir.display()),
+        &config::resume_conflicts(&ids, args, saved)?,
+        "its checkpoints would continue under other settings: give the saved flags to go on \
+         (--epochs may be raised), or use a new --out",
+    )
+}
+
 /// One method's figures.
 struct Outcome {
     method: Method,
@@ -406,18 +441,17 @@ fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(|| dir.join("data"));
     check_data_dir(&data_dir, "--data-dir")?;
+    let resolved = ResolvedConfig {
+        args: &args,
+        dataset: &data,
+        network: &network,
+        correction: &correction,
+        train: train_config.clone(),
+    };
     if root {
+        check_resume(&dir, &args)?;
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        report::write_json_atomic(
-            &dir.join("config.json"),
-            &ResolvedConfig {
-                args: &args,
-                dataset: &data,
-                network: &network,
-                correction: &correction,
-                train: train_config.clone(),
-            },
-        )?;
+        report::write_json_atomic(&dir.join("config.json"), &resolved)?;
         load_data(&data_dir, &data)?;
     }
     // The other ranks read the data set rank 0 found or generated.
@@ -443,10 +477,13 @@ fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
             if root {
                 std::fs::create_dir_all(&method_dir)?;
             }
+            let fingerprint = config::fingerprint(&method_dir, &resolved, NOT_HASHED, &[])?;
             let mut state = if checkpoint::exists(&method_dir) {
-                checkpoint::load(&method_dir, &candle_core::Device::Cpu)?
+                config::load_checkpoint(&method_dir, &candle_core::Device::Cpu, &fingerprint)?
             } else {
-                correction::initial_state(&model, args.seed).map_err(flag_error)?
+                let mut s = correction::initial_state(&model, args.seed).map_err(flag_error)?;
+                s.fingerprint = Some(fingerprint);
+                s
             };
             let mut observer = PdeObserver::new(&method_dir, method);
             let mut silent = deepzero_core::trainer::Silent;

@@ -4,6 +4,7 @@ use crate::common::{
     build_model, flag_error, initial_params, load_data, set_threads, DataOpts, DeviceArg,
     DistributedOpts, DtypeArg, EstimatorOpts, ModelOpts, Ranks, SparsityOpts,
 };
+use crate::config;
 use crate::note;
 use crate::report::{self, LineChart, Series};
 use anyhow::{bail, Context, Result};
@@ -101,6 +102,10 @@ pub struct TrainArgs {
 
 /// The run's own copy of its layer ratios (`--ratios`, `--prune`): a resume reads this one.
 const RATIOS_FILE: &str = "ratios.json";
+
+/// Settings of `config.json` a checkpoint's configuration hash leaves out besides the common
+/// ones: the `--ratios` path (the run's copy, `ratios.json`, is hashed as an input instead).
+const NOT_HASHED: &[&str] = &["ratios"];
 
 /// Files a train run writes besides its checkpoints (removed by `--overwrite`).
 const RUN_FILES: &[&str] = &[
@@ -240,8 +245,12 @@ fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
             report::write_json_atomic(&dir.join(RATIOS_FILE), r)?;
         }
     }
-    let mut state = if resumed {
-        let mut s = checkpoint::load(&dir, &device)?;
+    // What the checkpoints of this run belong to: its configuration and its copy of the ratios.
+    let fingerprint = (resumed || ranks.is_root())
+        .then(|| config::fingerprint(&dir, &args, NOT_HASHED, &[RATIOS_FILE]))
+        .transpose()?;
+    let mut state = if let (true, Some(expected)) = (resumed, &fingerprint) {
+        let mut s = config::load_checkpoint(&dir, &device, expected)?;
         s.params = s.params.to_dtype(precision.dtype())?;
         optimizer.load_state(&s.optimizer)?;
         if s.epoch >= config.epochs {
@@ -261,7 +270,9 @@ fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
         if ranks.is_root() {
             report::write_json_atomic(&dir.join("config.json"), &args)?;
         }
-        TrainState::new(init)
+        let mut s = TrainState::new(init);
+        s.fingerprint = fingerprint;
+        s
     };
     note!(
         "deepzero train: {} ({} params) on {:?} ({} train / {} test), estimator {}, {} epochs → {}",
@@ -352,22 +363,11 @@ fn resumed_args(dir: &Path, args: &TrainArgs) -> Result<TrainArgs> {
             dir.display()
         );
     }
-    let conflicts = resume_conflicts(args, &saved)?;
-    if !conflicts.is_empty() {
-        bail!(
-            "--resume {}: {} the saved run ({}); drop {} or start a new run with --out",
-            dir.display(),
-            match conflicts.len() {
-                1 => "this flag disagrees with",
-                _ => "these flags disagree with",
-            },
-            conflicts.join(", "),
-            match conflicts.len() {
-                1 => "it",
-                _ => "them",
-            }
-        );
-    }
+    config::refuse_conflicts(
+        &format!("--resume {}", dir.display()),
+        &config::resume_conflicts(&args.given, args, &saved)?,
+        "drop them or start a new run with --out",
+    )?;
     saved.resume = None;
     saved.given = args.given.clone();
     // The thread count is how to run, not what to compute (estimates do not depend on
@@ -391,60 +391,6 @@ fn resumed_args(dir: &Path, args: &TrainArgs) -> Result<TrainArgs> {
         saved.sparsity.ratios = Some(copy);
     }
     Ok(saved)
-}
-
-/// Flags a `--resume` may set: how to run, and how long (`--epochs`).
-const RESUME_MAY_SET: &[&str] = &[
-    "resume",
-    "threads",
-    "distributed",
-    "rank_timeout",
-    "overwrite",
-    "epochs",
-];
-
-/// `--flag value (the run has saved)` for each flag given to a resume that disagrees with the
-/// saved run's configuration.
-fn resume_conflicts(args: &TrainArgs, saved: &TrainArgs) -> Result<Vec<String>> {
-    let given = serde_json::to_value(args)?;
-    let saved = serde_json::to_value(saved)?;
-    let mut conflicts = Vec::new();
-    for id in args
-        .given
-        .iter()
-        .filter(|id| !RESUME_MAY_SET.contains(&id.as_str()))
-    {
-        let (mine, theirs) = (setting_value(&given, id), setting_value(&saved, id));
-        if mine != theirs {
-            let show = |v: Option<&serde_json::Value>| match v {
-                Some(serde_json::Value::String(s)) => s.clone(),
-                Some(v) => v.to_string(),
-                None => "unset".into(),
-            };
-            conflicts.push(format!(
-                "--{} {} (the run has {})",
-                id.replace('_', "-"),
-                show(mine),
-                show(theirs)
-            ));
-        }
-    }
-    Ok(conflicts)
-}
-
-/// The value of the setting `key` in a serialised config: flattened option groups are nested
-/// objects, and a group may share its name with one of its settings (`estimator.estimator`).
-fn setting_value<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
-    let obj = v.as_object()?;
-    if let Some(x) = obj.get(key) {
-        return match x.is_object() {
-            true => setting_value(x, key).or(Some(x)),
-            false => Some(x),
-        };
-    }
-    obj.values()
-        .filter(|x| x.is_object())
-        .find_map(|x| setting_value(x, key))
 }
 
 struct RunObserver {

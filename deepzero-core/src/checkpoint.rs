@@ -5,7 +5,15 @@
 //! task's state, metrics so far). It is written under a temporary name, every file and the
 //! directory are fsync'd, and one `rename` makes it visible; only then are older checkpoints
 //! removed. A kill at any moment leaves either the old checkpoint or the new one, never a mix.
-//! [`load`] takes the newest complete checkpoint and checks that its parts agree.
+//! [`load`] takes the newest complete checkpoint and checks that its parts agree: the tensors
+//! file carries its epoch in the safetensors metadata, so tensors and state of different epochs
+//! are refused.
+//!
+//! A checkpoint describes itself: besides epoch and steps it holds the [`Fingerprint`] its front
+//! end gave the state (a hash of the run's configuration and of the files it read), and
+//! [`load_checked`] refuses a checkpoint whose fingerprint is not the one expected, saying what
+//! differs. Core does not know what the hashes cover; a checkpoint without one (written before
+//! fingerprints) still loads.
 //!
 //! Run directories written before this layout (`checkpoint.safetensors` + `checkpoint.json` at
 //! the top) are still read.
@@ -15,7 +23,7 @@ use crate::model::BnState;
 use crate::trainer::{EpochMetrics, TrainState};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -25,17 +33,70 @@ pub const DIR: &str = "checkpoints";
 pub const TENSORS_FILE: &str = "tensors.safetensors";
 /// Counters and task state inside a checkpoint.
 pub const STATE_FILE: &str = "state.json";
-/// Version of `state.json`.
-const FORMAT: u32 = 2;
+/// Version of `state.json` (3: steps and fingerprint).
+const FORMAT: u32 = 3;
 /// Files of the layout before version 2, at the top of the run directory.
 const LEGACY_TENSORS: &str = "checkpoint.safetensors";
 const LEGACY_STATE: &str = "checkpoint.json";
+
+/// Key of the epoch in the tensors file's metadata.
+const EPOCH_KEY: &str = "epoch";
+
+/// What a checkpoint belongs to, in its front end's terms: opaque hashes that core only stores
+/// and compares.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// Which run wrote it (for messages only; not compared: a run directory may move).
+    pub run: String,
+    /// Hash of the run's resolved configuration (what it computes).
+    pub config: String,
+    /// Files the run depends on: name → hash of the contents.
+    #[serde(default)]
+    pub inputs: BTreeMap<String, String>,
+}
+
+impl Fingerprint {
+    /// How a checkpoint with this fingerprint differs from the `expected` one, one phrase per
+    /// difference (empty when it belongs to the expected run).
+    pub fn differences(&self, expected: &Fingerprint) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.config != expected.config {
+            out.push(format!(
+                "it belongs to another run ({}, configuration hash {}; this run's is {})",
+                self.run, self.config, expected.config
+            ));
+        }
+        for (name, hash) in &self.inputs {
+            match expected.inputs.get(name) {
+                Some(now) if now != hash => out.push(format!(
+                    "{name} changed since it was saved (its hash was {hash}, now {now})"
+                )),
+                Some(_) => {}
+                None => out.push(format!("it was trained with {name}, which this run lacks")),
+            }
+        }
+        for name in expected.inputs.keys() {
+            if !self.inputs.contains_key(name) {
+                out.push(format!(
+                    "this run reads {name}, which the checkpoint was not trained with"
+                ));
+            }
+        }
+        out
+    }
+}
 
 #[derive(Serialize, Deserialize)]
 struct Meta {
     #[serde(default)]
     format: u32,
     epoch: usize,
+    /// Optimizer steps done (version 3).
+    #[serde(default)]
+    steps: u64,
+    /// What run wrote it (version 3).
+    #[serde(default)]
+    fingerprint: Option<Fingerprint>,
     queries: u64,
     seconds: f64,
     /// The task's state (version 2).
@@ -149,7 +210,10 @@ pub fn save_interrupted(
     let mut tensors: HashMap<String, Tensor> = state.optimizer.clone();
     tensors.insert("params".into(), state.params.clone());
     let tpath = tmp.join(TENSORS_FILE);
-    candle_core::safetensors::save(&tensors, &tpath)?;
+    // The epoch goes into the tensors file too, so that a file of another epoch is detected.
+    let info = HashMap::from([(EPOCH_KEY.to_string(), state.epoch.to_string())]);
+    safetensors::serialize_to_file(&tensors, Some(info), &tpath)
+        .map_err(|e| Error::data(&tpath, e.to_string()))?;
     File::open(&tpath)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(&tpath, e))?;
@@ -158,6 +222,8 @@ pub fn save_interrupted(
     let meta = Meta {
         format: FORMAT,
         epoch: state.epoch,
+        steps: state.steps,
+        fingerprint: state.fingerprint.clone(),
         queries: state.queries,
         seconds: state.seconds,
         task: state.task.clone(),
@@ -201,7 +267,40 @@ pub fn save_interrupted(
     sync_dir(&root)
 }
 
-/// Read the newest checkpoint of `run_dir`.
+/// Read the newest checkpoint of `run_dir` and check that it belongs to the run `expected`
+/// describes (see [`Fingerprint::differences`]); the state returned carries `expected`, so that
+/// the checkpoints it goes on to write do too. A checkpoint without a fingerprint (written
+/// before them) loads unchecked: its [`TrainState::fingerprint`] is `None` until replaced by
+/// the caller (which may warn).
+pub fn load_checked(run_dir: &Path, device: &Device, expected: &Fingerprint) -> Result<TrainState> {
+    let mut state = load(run_dir, device)?;
+    if let Some(saved) = &state.fingerprint {
+        let differences = saved.differences(expected);
+        if !differences.is_empty() {
+            return Err(Error::data(
+                newest(run_dir)?,
+                format!(
+                    "the checkpoint of epoch {} does not fit this run: {}",
+                    state.epoch,
+                    differences.join("; ")
+                ),
+            ));
+        }
+        state.fingerprint = Some(expected.clone());
+    }
+    Ok(state)
+}
+
+/// The newest checkpoint's directory (or the legacy state file), for messages.
+fn newest(run_dir: &Path) -> Result<PathBuf> {
+    Ok(match complete(run_dir)?.pop() {
+        Some((_, dir)) => dir,
+        None => run_dir.join(LEGACY_STATE),
+    })
+}
+
+/// Read the newest checkpoint of `run_dir` (its parts checked against each other, its
+/// fingerprint not: [`load_checked`]).
 pub fn load(run_dir: &Path, device: &Device) -> Result<TrainState> {
     if let Some((epoch, dir)) = complete(run_dir)?.pop() {
         let state = read(&dir.join(TENSORS_FILE), &dir.join(STATE_FILE), device)?;
@@ -227,7 +326,8 @@ pub fn load(run_dir: &Path, device: &Device) -> Result<TrainState> {
 }
 
 fn read(tpath: &Path, spath: &Path, device: &Device) -> Result<TrainState> {
-    let mut tensors = candle_core::safetensors::load(tpath, device)
+    let tbytes = std::fs::read(tpath).map_err(|e| Error::io(tpath, e))?;
+    let mut tensors = candle_core::safetensors::load_buffer(&tbytes, device)
         .map_err(|e| Error::data(tpath, e.to_string()))?;
     let params = tensors
         .remove("params")
@@ -235,6 +335,20 @@ fn read(tpath: &Path, spath: &Path, device: &Device) -> Result<TrainState> {
     let bytes = std::fs::read(spath).map_err(|e| Error::io(spath, e))?;
     let meta: Meta =
         serde_json::from_slice(&bytes).map_err(|e| Error::data(spath, e.to_string()))?;
+    if let Some(epoch) = tensors_epoch(&tbytes, tpath)? {
+        if epoch != meta.epoch {
+            return Err(Error::data(
+                tpath,
+                format!(
+                    "the checkpoint mixes two epochs: its tensors are of epoch {epoch}, its \
+                     state ({}) of epoch {}; it is damaged or was assembled by hand (delete this \
+                     checkpoint directory to resume from an older one, or start the run again)",
+                    spath.display(),
+                    meta.epoch
+                ),
+            ));
+        }
+    }
     if meta.history.len() != meta.epoch {
         return Err(Error::data(
             spath,
@@ -251,11 +365,28 @@ fn read(tpath: &Path, spath: &Path, device: &Device) -> Result<TrainState> {
     };
     Ok(TrainState {
         epoch: meta.epoch,
+        steps: meta.steps,
+        fingerprint: meta.fingerprint,
         params,
         task,
         optimizer: tensors,
         queries: meta.queries,
         seconds: meta.seconds,
         history: meta.history,
+    })
+}
+
+/// The epoch recorded in a tensors file's metadata (`None` for files written before it was).
+fn tensors_epoch(bytes: &[u8], tpath: &Path) -> Result<Option<usize>> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::data(tpath, e.to_string()))?;
+    let Some(value) = header.metadata().as_ref().and_then(|m| m.get(EPOCH_KEY)) else {
+        return Ok(None);
+    };
+    value.parse().map(Some).map_err(|_| {
+        Error::data(
+            tpath,
+            format!("the metadata's epoch `{value}` is not a whole number; the file is damaged"),
+        )
     })
 }

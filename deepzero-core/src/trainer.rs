@@ -5,6 +5,7 @@
 //! reports to an [`Observer`] (which checkpoints). It knows neither how gradients are made nor
 //! what is being learned.
 
+use crate::checkpoint::Fingerprint;
 use crate::error::{Error, Result, Setting};
 use crate::estimator::GradientEstimator;
 use crate::optim::{Optimizer, OptimizerConfig, Schedule};
@@ -203,6 +204,8 @@ pub struct StepInfo {
 pub struct TrainState {
     /// Completed epochs.
     pub epoch: usize,
+    /// Completed optimizer steps (over all epochs).
+    pub steps: u64,
     /// Flat parameters.
     pub params: Tensor,
     /// The task's own state ([`Task::state`]; batch-norm running statistics for classification).
@@ -215,6 +218,9 @@ pub struct TrainState {
     pub seconds: f64,
     /// Metrics of completed epochs.
     pub history: Vec<EpochMetrics>,
+    /// What run this state belongs to, as its front end describes it: saved with every
+    /// checkpoint and compared by [`checkpoint::load_checked`](crate::checkpoint::load_checked).
+    pub fingerprint: Option<Fingerprint>,
 }
 
 impl TrainState {
@@ -222,12 +228,14 @@ impl TrainState {
     pub fn new(params: Tensor) -> TrainState {
         TrainState {
             epoch: 0,
+            steps: 0,
             params,
             task: serde_json::Value::Null,
             optimizer: HashMap::new(),
             queries: 0,
             seconds: 0.0,
             history: Vec::new(),
+            fingerprint: None,
         }
     }
 }
@@ -329,6 +337,7 @@ impl Trainer<'_> {
                 lr = schedule.lr_at(epoch * steps + s);
                 optimizer.step(&mut state.params, &est.grad, lr)?;
                 state.queries += est.queries;
+                state.steps += 1;
                 loss_sum += est.loss;
                 let seconds = base_seconds + started.elapsed().as_secs_f64();
                 observer.on_step(&StepInfo {

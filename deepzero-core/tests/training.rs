@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use deepzero_core::checkpoint;
+use deepzero_core::checkpoint::{self, Fingerprint};
 use deepzero_core::data::{load, Dataset, DatasetKind, Normalization};
 use deepzero_core::estimator::{
     Backprop, Cge, Difference, Direction, GradientEstimator, QueryEngine, Rge,
@@ -306,6 +306,8 @@ fn checkpoint_round_trip() -> Result<()> {
         .collect();
     let state = TrainState {
         epoch: 2,
+        steps: 40,
+        fingerprint: None,
         params: params.clone(),
         task: serde_json::json!({ "bn": bn }),
         optimizer: opt.state(),
@@ -325,6 +327,7 @@ fn checkpoint_round_trip() -> Result<()> {
 
     let back = checkpoint::load(dir.path(), &Device::Cpu)?;
     assert_eq!(back.epoch, 2);
+    assert_eq!(back.steps, 40);
     assert_eq!(back.queries, 24_690);
     assert_eq!(back.seconds, state.seconds);
     assert_eq!(back.params.dtype(), DType::F32);
@@ -367,6 +370,102 @@ fn checkpoint_round_trip() -> Result<()> {
         .map(|e| e.map(|e| e.file_name()))
         .collect::<std::io::Result<_>>()?;
     assert_eq!(kept, ["epoch-000003"]);
+    Ok(())
+}
+
+/// A small state at `epoch` (one metrics line per epoch) with `fingerprint`.
+fn small_state(epoch: usize, fingerprint: Option<Fingerprint>) -> Result<TrainState> {
+    let mut s = TrainState::new(params_tensor(
+        &[epoch as f64; 4],
+        Precision::F32,
+        &Device::Cpu,
+    )?);
+    s.epoch = epoch;
+    s.steps = 10 * epoch as u64;
+    s.fingerprint = fingerprint;
+    s.history = (1..=epoch)
+        .map(|e| EpochMetrics {
+            epoch: e,
+            train_loss: 1.0,
+            metrics: vec![],
+            queries: 0,
+            seconds: 0.0,
+            lr: 0.1,
+        })
+        .collect();
+    Ok(s)
+}
+
+#[test]
+fn checkpoint_refuses_tensors_of_another_epoch() -> Result<()> {
+    // Older checkpoints are deleted after a save: make the two epochs in two directories.
+    let (one, two) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    checkpoint::save(one.path(), &small_state(1, None)?)?;
+    checkpoint::save(two.path(), &small_state(2, None)?)?;
+    let unit = |d: &Path, e: &str| {
+        d.join(checkpoint::DIR)
+            .join(e)
+            .join(checkpoint::TENSORS_FILE)
+    };
+    std::fs::copy(
+        unit(one.path(), "epoch-000001"),
+        unit(two.path(), "epoch-000002"),
+    )?;
+    let e = checkpoint::load(two.path(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("mixes two epochs") && e.contains("epoch 1") && e.contains("epoch 2"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn checkpoint_fingerprint_is_kept_and_checked() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mine = Fingerprint {
+        run: "runs/a".into(),
+        config: "c1".into(),
+        inputs: [("ratios.json".to_string(), "h1".to_string())].into(),
+    };
+    checkpoint::save(dir.path(), &small_state(2, Some(mine.clone()))?)?;
+    let back = checkpoint::load_checked(dir.path(), &Device::Cpu, &mine)?;
+    assert_eq!(back.fingerprint.as_ref(), Some(&mine));
+    assert_eq!(back.steps, 20);
+
+    // Another configuration: names the run the checkpoint belongs to and both hashes.
+    let other = Fingerprint {
+        run: "runs/b".into(),
+        config: "c2".into(),
+        ..mine.clone()
+    };
+    let e = checkpoint::load_checked(dir.path(), &Device::Cpu, &other)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("another run (runs/a, configuration hash c1; this run's is c2)"),
+        "{e}"
+    );
+    // A changed input file: its old and new hash.
+    let changed = Fingerprint {
+        inputs: [("ratios.json".to_string(), "h2".to_string())].into(),
+        ..mine.clone()
+    };
+    let e = checkpoint::load_checked(dir.path(), &Device::Cpu, &changed)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ratios.json changed") && e.contains("was h1, now h2"),
+        "{e}"
+    );
+    assert!(!e.contains("another run"), "{e}");
+
+    // A checkpoint without a fingerprint (written before them) loads, and says so.
+    let old = tempfile::tempdir()?;
+    checkpoint::save(old.path(), &small_state(1, None)?)?;
+    let back = checkpoint::load_checked(old.path(), &Device::Cpu, &mine)?;
+    assert!(back.fingerprint.is_none());
     Ok(())
 }
 
