@@ -334,9 +334,7 @@ pub fn run_certify(args: CertifyRunArgs) -> Result<CertifySummary> {
     let (args, dir, resumed) = match &args.resume {
         Some(dir) => {
             let path = dir.join("config.json");
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!("--resume {}: cannot read {}", dir.display(), path.display())
-            })?;
+            let text = crate::report::read_saved_config(dir, "certify run")?;
             let saved: CertifyRunArgs = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not a deepzero certify config", path.display()))?;
             (saved, dir.clone(), true)

@@ -312,8 +312,7 @@ impl Observer for RunObserver {
 /// `config.json`; any other flag given must agree with it.
 fn resumed_args(dir: &Path, args: &TrainDenoiserArgs) -> Result<TrainDenoiserArgs> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("--resume {}: cannot read {}", dir.display(), path.display()))?;
+    let text = crate::report::read_saved_config(dir, "certify train-denoiser")?;
     let mut saved: TrainDenoiserArgs = serde_json::from_str(&text).with_context(|| {
         format!(
             "{}: not a deepzero certify train-denoiser config",

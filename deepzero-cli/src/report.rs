@@ -485,6 +485,27 @@ pub fn check_run_dir(path: &Path, overwrite: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The saved `config.json` of the run in `dir`, for `--resume dir` of `deepzero {command}`: a
+/// missing directory or file is an error that says what `dir` should be.
+pub fn read_saved_config(dir: &Path, command: &str) -> anyhow::Result<String> {
+    let path = dir.join("config.json");
+    if !dir.is_dir() {
+        bail!(
+            "--resume {}: no such run directory; give the --out directory of an earlier \
+             `deepzero {command}` run",
+            dir.display()
+        );
+    }
+    fs::read_to_string(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "--resume {}: not a `deepzero {command}` run directory ({} cannot be read: {e}); give \
+             the --out directory of an earlier run",
+            dir.display(),
+            path.display()
+        )
+    })
+}
+
 /// A single output file (`prune --out`, `certify export --out`): an existing one is replaced only
 /// with `--overwrite`, and a directory never. Checked before any work starts.
 pub fn check_output_file(path: &Path, overwrite: bool) -> anyhow::Result<()> {

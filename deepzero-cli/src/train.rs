@@ -255,7 +255,7 @@ fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
         optimizer.load_state(&s.optimizer)?;
         if s.epoch >= config.epochs {
             bail!(
-                "--resume {}: the run already finished its {} epochs",
+                "--resume {}: the run already finished its {} epochs (raise --epochs to go on)",
                 dir.display(),
                 config.epochs
             );
@@ -349,8 +349,7 @@ fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
 /// how to run (threads, ranks) comes from this command, what to compute from `config.json`.
 fn resumed_args(dir: &Path, args: &TrainArgs) -> Result<TrainArgs> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("--resume {}: cannot read {}", dir.display(), path.display()))?;
+    let text = report::read_saved_config(dir, "train")?;
     let mut saved: TrainArgs = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a deepzero train config", path.display()))?;
     if !checkpoint::exists(dir) {

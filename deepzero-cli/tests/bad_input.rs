@@ -105,6 +105,9 @@ fn make_fixtures(dir: &Path) -> Result<()> {
     std::fs::write(dir.join("notes.onnx"), "not a model\n")?;
     std::fs::write(dir.join("empty.json"), "")?;
     std::fs::write(dir.join("bad-ratios.json"), "{\"conv1\": 3.0}\n")?;
+    std::fs::write(dir.join("broken.toml"), "lr = \n")?;
+    std::fs::write(dir.join("unknown.toml"), "lr = 0.1\nlearning_rate = 3\n")?;
+    std::fs::write(dir.join("badtype.toml"), "lr = \"fast\"\n")?;
     std::fs::create_dir(dir.join("emptydir"))?;
     let mut args = vec!["train", "--dataset", "digits", "--estimator", "fo"];
     args.extend(SMALL);
