@@ -39,10 +39,12 @@ impl OnnxClassifier {
         if !path.is_file() {
             return Err(fail("no such file; give the path of an .onnx model".into()));
         }
-        let typed = tract_onnx::onnx()
-            .model_for_path(&path)
-            .and_then(|m| m.into_typed())
-            .map_err(|e| fail(format!("could not load the graph: {e:#}")))?;
+        let typed = guard_quietly(|| {
+            tract_onnx::onnx()
+                .model_for_path(&path)
+                .and_then(|m| m.into_typed())
+        })
+        .map_err(|e| fail(format!("could not load the graph: {e:#}")))?;
         if typed.inputs.len() != 1 {
             return Err(fail(format!(
                 "the graph has {} inputs; a classifier takes exactly one image batch",
@@ -76,9 +78,7 @@ impl OnnxClassifier {
             })? as usize;
         }
         let fixed_batch = dims[0].as_i64().map(|b| b.max(1) as usize);
-        let plan = typed
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
+        let plan = guard_quietly(|| typed.into_optimized().and_then(|m| m.into_runnable()))
             .map_err(|e| fail(format!("could not optimise the graph: {e:#}")))?;
         let mut classifier = OnnxClassifier {
             path,
@@ -129,9 +129,7 @@ impl OnnxClassifier {
         }
         let input = Tensor::from_shape(&[run_n, c, h, w], &data)
             .map_err(|e| self.error(format!("{e:#}")))?;
-        let outputs = self
-            .plan
-            .run(tvec!(input.into_tvalue()))
+        let outputs = guard(|| self.plan.run(tvec!(input.into_tvalue())))
             .map_err(|e| self.error(format!("running the graph failed: {e:#}")))?;
         let output = outputs
             .first()
@@ -156,6 +154,32 @@ impl OnnxClassifier {
             .collect();
         Ok(scores)
     }
+}
+
+/// Run a tract call, turning a panic inside tract (a corrupt file can trigger one, e.g. a graph
+/// output that no node computes) into an error, so that a bad model file is reported like any
+/// other bad input.
+fn guard<T>(call: impl FnOnce() -> TractResult<T>) -> TractResult<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(tract_onnx::tract_core::tract_data::internal::format_err!(
+            "tract panicked ({what}); the file is corrupt or uses an unsupported construct"
+        ))
+    })
+}
+
+/// [`guard`], with the panic hook silenced for the call: loading a file runs once, and its
+/// failure is reported as an error, not as a panic message on stderr.
+fn guard_quietly<T>(call: impl FnOnce() -> TractResult<T>) -> TractResult<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = guard(call);
+    std::panic::set_hook(hook);
+    result
 }
 
 impl BlackBox for OnnxClassifier {

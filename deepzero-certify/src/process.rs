@@ -279,9 +279,10 @@ impl ProcessClassifier {
     }
 }
 
-/// Parse one response line into `out`, checking the score count against `k` (set by the first
-/// line ever answered).
-fn parse_scores(
+/// Parse one response line of a `process:` classifier (its class scores, separated by
+/// whitespace) into `out`, checking the score count against `k` (set by the first line ever
+/// answered). The error says what is wrong with the line.
+pub fn parse_scores(
     line: &[u8],
     k: &mut Option<usize>,
     out: &mut Vec<f32>,
@@ -518,13 +519,22 @@ pub fn serve<C: BlackBox + ?Sized>(
         let values = n
             .checked_mul(per_image)
             .ok_or_else(|| Error::Config(format!("request {requests}: {n} images is too many")))?;
-        let mut bytes = vec![0u8; values * 4];
-        input.read_exact(&mut bytes).map_err(|e| {
-            Error::Config(format!(
-                "request {requests}: the payload of {n} images ({} bytes) is incomplete: {e}",
-                values * 4
-            ))
-        })?;
+        let size = values
+            .checked_mul(4)
+            .ok_or_else(|| Error::Config(format!("request {requests}: {n} images is too many")))?;
+        // Read what arrives, up to `size`: a header announcing absurd sizes must not allocate them.
+        let mut bytes = Vec::new();
+        let got = input
+            .by_ref()
+            .take(size as u64)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if got != size {
+            return Err(Error::Config(format!(
+                "request {requests}: the payload of {n} images ({size} bytes) is incomplete: \
+                 the stream ended after {got} bytes"
+            )));
+        }
         let images: Vec<f32> = bytes
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))

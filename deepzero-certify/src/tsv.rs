@@ -105,13 +105,13 @@ pub fn parse_timedelta(s: &str) -> Option<Duration> {
             if m >= 60 || !(0.0..60.0).contains(&sec) {
                 return None;
             }
-            (h * 3600 + m * 60) as f64 + sec
+            (h as f64 * 3600.0 + m as f64 * 60.0) + sec
         }
         [sec] => sec.parse::<f64>().ok()?,
         _ => return None,
     };
-    let total = days as f64 * 86_400.0 + seconds;
-    (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total))
+    // In f64 (no integer overflow); a duration beyond `Duration`'s range is not a time.
+    Duration::try_from_secs_f64(days as f64 * 86_400.0 + seconds).ok()
 }
 
 /// Parse the text of a certification file; `source` names it in errors.

@@ -108,7 +108,8 @@ struct Meta {
     history: Vec<EpochMetrics>,
 }
 
-/// Where a save may be interrupted, for tests of atomicity ([`save_interrupted`]).
+/// The points between the writes of a save, in order: where [`save_with`] calls its hook (a
+/// kill at each of them must leave a resumable run).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Interruption {
     /// After the tensors are written, before the state file.
@@ -181,7 +182,7 @@ pub fn exists(run_dir: &Path) -> bool {
 
 /// Write the state into `run_dir` as one atomic checkpoint.
 pub fn save(run_dir: &Path, state: &TrainState) -> Result<()> {
-    save_interrupted(run_dir, state, None)
+    save_with(run_dir, state, &mut |_| Ok(()))
 }
 
 /// [`save`], stopping (with an error) at `stop`: what a kill at that moment leaves behind.
@@ -189,6 +190,22 @@ pub fn save_interrupted(
     run_dir: &Path,
     state: &TrainState,
     stop: Option<Interruption>,
+) -> Result<()> {
+    save_with(run_dir, state, &mut |at| match stop == Some(at) {
+        true => Err(Error::Config(format!(
+            "checkpoint save interrupted ({at:?})"
+        ))),
+        false => Ok(()),
+    })
+}
+
+/// [`save`], calling `hook` at each [`Interruption`] point; an error from it stops the save
+/// there. For tests of atomicity: a hook that fails, or one that pauses so that a test can
+/// kill the process inside the save.
+pub fn save_with(
+    run_dir: &Path,
+    state: &TrainState,
+    hook: &mut dyn FnMut(Interruption) -> Result<()>,
 ) -> Result<()> {
     let root = run_dir.join(DIR);
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
@@ -198,14 +215,7 @@ pub fn save_interrupted(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let interrupted = |at: Interruption| -> Result<()> {
-        if stop == Some(at) {
-            return Err(Error::Config(format!(
-                "checkpoint save interrupted ({at:?})"
-            )));
-        }
-        Ok(())
-    };
+    let mut interrupted = |at: Interruption| hook(at);
 
     let mut tensors: HashMap<String, Tensor> = state.optimizer.clone();
     tensors.insert("params".into(), state.params.clone());
@@ -326,16 +336,34 @@ pub fn load(run_dir: &Path, device: &Device) -> Result<TrainState> {
 }
 
 fn read(tpath: &Path, spath: &Path, device: &Device) -> Result<TrainState> {
-    let tbytes = std::fs::read(tpath).map_err(|e| Error::io(tpath, e))?;
-    let mut tensors = candle_core::safetensors::load_buffer(&tbytes, device)
-        .map_err(|e| Error::data(tpath, e.to_string()))?;
-    let params = tensors
+    let tensors = std::fs::read(tpath).map_err(|e| Error::io(tpath, e))?;
+    let state = std::fs::read(spath).map_err(|e| Error::io(spath, e))?;
+    parse(&tensors, tpath, &state, spath, device)
+}
+
+/// A checkpoint from the bytes of its two files, `tensors.safetensors` and `state.json`, with
+/// their paths for error messages. Checks that the parts agree: a 1-D floating-point `params`
+/// tensor of finite values and metrics for every epoch.
+pub fn parse(
+    tensors: &[u8],
+    tpath: &Path,
+    state: &[u8],
+    spath: &Path,
+    device: &Device,
+) -> Result<TrainState> {
+    let mut tensors_map = candle_core::safetensors::load_buffer(tensors, device)
+        .map_err(|e| Error::data(tpath, format!("not a readable safetensors file ({e})")))?;
+    let params = tensors_map
         .remove("params")
         .ok_or_else(|| Error::data(tpath, "no `params` tensor in the checkpoint"))?;
-    let bytes = std::fs::read(spath).map_err(|e| Error::io(spath, e))?;
+    check_params(&params).map_err(|msg| {
+        Error::data(tpath, format!("{msg}; the checkpoint is damaged"))
+    })?;
     let meta: Meta =
-        serde_json::from_slice(&bytes).map_err(|e| Error::data(spath, e.to_string()))?;
-    if let Some(epoch) = tensors_epoch(&tbytes, tpath)? {
+        serde_json::from_slice(state).map_err(|e| {
+            Error::data(spath, format!("not a readable checkpoint state ({e}); it is damaged"))
+        })?;
+    if let Some(epoch) = tensors_epoch(tensors, tpath)? {
         if epoch != meta.epoch {
             return Err(Error::data(
                 tpath,
@@ -369,7 +397,7 @@ fn read(tpath: &Path, spath: &Path, device: &Device) -> Result<TrainState> {
         fingerprint: meta.fingerprint,
         params,
         task,
-        optimizer: tensors,
+        optimizer: tensors_map,
         queries: meta.queries,
         seconds: meta.seconds,
         history: meta.history,
@@ -389,4 +417,30 @@ fn tensors_epoch(bytes: &[u8], tpath: &Path) -> Result<Option<usize>> {
             format!("the metadata's epoch `{value}` is not a whole number; the file is damaged"),
         )
     })
+}
+
+/// `params` is a 1-D floating-point tensor of finite values (the optimizer checks its own
+/// tensors when it loads them).
+fn check_params(params: &Tensor) -> std::result::Result<(), String> {
+    use candle_core::DType;
+    if params.rank() != 1 {
+        return Err(format!(
+            "`params` has shape {:?}, expected one dimension",
+            params.dims()
+        ));
+    }
+    if !matches!(params.dtype(), DType::F32 | DType::F64) {
+        return Err(format!(
+            "`params` is {:?}, expected f32 or f64",
+            params.dtype()
+        ));
+    }
+    let values = params
+        .to_dtype(DType::F64)
+        .and_then(|t| t.to_vec1::<f64>())
+        .map_err(|e| e.to_string())?;
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(format!("`params` entry {i} is {}", values[i])),
+        None => Ok(()),
+    }
 }

@@ -231,22 +231,27 @@ impl LayerRatios {
 
     /// Read a ratios file (the JSON of this struct, as `deepzero prune --out` writes it).
     pub fn load(path: &Path) -> Result<LayerRatios> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let bytes = std::fs::read(path).map_err(|e| {
             Error::NotFound(format!(
                 "{}: {e}; write a ratios file with `deepzero prune --out`",
                 path.display()
             ))
         })?;
-        let r: LayerRatios = serde_json::from_str(&text).map_err(|e| {
+        Self::parse(&bytes, path)
+    }
+
+    /// [`LayerRatios::load`] from the bytes of the file; `origin` names it in error messages.
+    pub fn parse(bytes: &[u8], origin: &Path) -> Result<LayerRatios> {
+        let r: LayerRatios = serde_json::from_slice(bytes).map_err(|e| {
             Error::data(
-                path,
+                origin,
                 format!("not a deepzero ratios file ({e}); write one with `deepzero prune --out`"),
             )
         })?;
         for l in &r.layers {
             if !(0.0..=1.0).contains(&l.keep_ratio) {
                 return Err(Error::data(
-                    path,
+                    origin,
                     format!("{}: keep_ratio {} is outside [0, 1]", l.name, l.keep_ratio),
                 ));
             }

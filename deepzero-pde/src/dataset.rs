@@ -455,10 +455,31 @@ impl Dataset {
                 ),
             ));
         }
+        if Path::new(&header.data_file).file_name() != Some(header.data_file.as_ref()) {
+            return Err(Error::format(
+                &header_path,
+                format!(
+                    "data_file {:?} must be a file name in the data set's directory",
+                    header.data_file
+                ),
+            ));
+        }
         let data_path = dir.join(&header.data_file);
         let state_len = channels * n * n;
-        let per_simulation = 2 * (config.steps + 1) * state_len;
-        let values = read_f64s(&data_path, total * per_simulation)?;
+        let values = (config.steps.checked_add(1))
+            .and_then(|states| states.checked_mul(2 * state_len))
+            .and_then(|per_simulation| per_simulation.checked_mul(total))
+            .ok_or_else(|| Error::format(&header_path, "the data set's sizes overflow"))?;
+        let values = read_f64s(&data_path, values)?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::format(
+                &data_path,
+                format!(
+                    "value {i} is {}; a data set holds finite states (regenerate it)",
+                    values[i]
+                ),
+            ));
+        }
         let mut chunks = values.chunks_exact(state_len);
         let mut next_trajectory = || -> Result<Vec<Array3<f64>>> {
             (0..=config.steps)
@@ -599,20 +620,22 @@ where
     result.map_err(|e| Error::io(path, e))
 }
 
+/// The `expected` values of the file at `path`; its size is checked before anything is read,
+/// so that a header announcing absurd sizes allocates nothing.
 fn read_f64s(path: &Path, expected: usize) -> Result<Vec<f64>> {
-    let mut bytes = Vec::with_capacity(expected * 8);
-    fs::File::open(path)
-        .and_then(|mut file| file.read_to_end(&mut bytes))
-        .map_err(|e| Error::io(path, e))?;
-    if bytes.len() != expected * 8 {
+    let mut file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if Some(size) != (expected as u64).checked_mul(8) {
         return Err(Error::format(
             path,
-            format!(
-                "{} bytes, the header implies {} ({expected} f64 values)",
-                bytes.len(),
-                expected * 8
-            ),
+            format!("{size} bytes, the header implies {expected} f64 values of 8 bytes"),
         ));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 != size {
+        return Err(Error::format(path, "the file changed while it was read"));
     }
     Ok(bytes
         .chunks_exact(8)

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::io::read_maybe_gzip;
+use super::io::{maybe_gunzip, read_maybe_gzip};
 use super::Dataset;
 use crate::error::{Error, Result};
 
@@ -46,9 +46,32 @@ fn batches_dir(dir: &Path) -> PathBuf {
     }
 }
 
-/// Append the records of one batch file to `images` / `labels`.
-fn read_batch(path: &Path, images: &mut Vec<f32>, labels: &mut Vec<u8>) -> Result<()> {
-    let bytes = read_maybe_gzip(path)?;
+/// Parse one CIFAR-10 binary batch file held in memory (raw or gzip); `origin` names it in
+/// error messages. The result is 3×32×32 with 10 classes.
+pub fn parse_cifar10_batch(bytes: &[u8], origin: &Path) -> Result<Dataset> {
+    let (mut images, mut labels) = (Vec::new(), Vec::new());
+    append_batch(&maybe_gunzip(bytes, origin)?, origin, &mut images, &mut labels)?;
+    Ok(cifar10(images, labels))
+}
+
+fn cifar10(images: Vec<f32>, labels: Vec<u8>) -> Dataset {
+    Dataset {
+        images,
+        labels,
+        channels: 3,
+        height: SIDE,
+        width: SIDE,
+        num_classes: CLASSES,
+    }
+}
+
+/// Append the records of one (decompressed) batch file to `images` / `labels`.
+fn append_batch(
+    bytes: &[u8],
+    path: &Path,
+    images: &mut Vec<f32>,
+    labels: &mut Vec<u8>,
+) -> Result<()> {
     if bytes.is_empty() {
         return Err(Error::data(
             path,
@@ -115,14 +138,7 @@ pub fn load_cifar10(dir: &Path, train: bool) -> Result<Dataset> {
     let mut images = Vec::new();
     let mut labels = Vec::new();
     for p in &paths {
-        read_batch(p, &mut images, &mut labels)?;
+        append_batch(&read_maybe_gzip(p)?, p, &mut images, &mut labels)?;
     }
-    Ok(Dataset {
-        images,
-        labels,
-        channels: 3,
-        height: SIDE,
-        width: SIDE,
-        num_classes: CLASSES,
-    })
+    Ok(cifar10(images, labels))
 }

@@ -24,14 +24,7 @@ pub fn load_digits_csv(path: &Path) -> Result<Dataset> {
 /// [`load_digits_csv`] from bytes in memory (gzip or plain), e.g. a file embedded with
 /// `include_bytes!`. `origin` names the source in error messages.
 pub fn parse_digits_csv(bytes: &[u8], origin: &Path) -> Result<Dataset> {
-    let owned;
-    let text: &[u8] = if super::io::is_gzip(bytes) {
-        owned = maybe_gunzip(bytes.to_vec(), origin)?;
-        &owned
-    } else {
-        bytes
-    };
-    parse_csv_text(text, origin)
+    parse_csv_text(&maybe_gunzip(bytes, origin)?, origin)
 }
 
 /// Parse one integer field; also accepts integral decimals such as `5.0`.

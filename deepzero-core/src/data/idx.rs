@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::io::read_maybe_gzip;
+use super::io::{maybe_gunzip, read_maybe_gzip};
 use super::Dataset;
 use crate::error::{Error, Result};
 
@@ -124,10 +124,29 @@ pub(crate) fn bytes_to_unit(bytes: &[u8]) -> Vec<f32> {
 /// Pixels are scaled to [0, 1]; the result is 1×H×W with 10 classes.
 pub fn load_idx(images: &Path, labels: &Path) -> Result<Dataset> {
     let img_bytes = read_maybe_gzip(images)?;
+    let lab_bytes = read_maybe_gzip(labels)?;
+    parse_idx(&img_bytes, images, &lab_bytes, labels)
+}
+
+/// [`load_idx`] from the bytes of the two files in memory (raw or gzip); `images` and `labels`
+/// name them in error messages.
+pub fn parse_idx(
+    image_bytes: &[u8],
+    images: &Path,
+    label_bytes: &[u8],
+    labels: &Path,
+) -> Result<Dataset> {
+    let img_bytes = maybe_gunzip(image_bytes, images)?;
     let (dims, img_body) = parse_header(&img_bytes, images, IDX_IMAGES_MAGIC, "images")?;
     let (n_images, height, width) = (dims[0], dims[1], dims[2]);
+    if height == 0 || width == 0 {
+        return Err(Error::data(
+            images,
+            format!("the header announces images of {height}×{width} pixels; the file is corrupt"),
+        ));
+    }
 
-    let lab_bytes = read_maybe_gzip(labels)?;
+    let lab_bytes = maybe_gunzip(label_bytes, labels)?;
     let (ldims, lab_body) = parse_header(&lab_bytes, labels, IDX_LABELS_MAGIC, "labels")?;
     let n_labels = ldims[0];
 

@@ -3,8 +3,8 @@
 //! All loaders return a [`Dataset`]: `f32` pixels in [0, 1], laid out N×C×H×W, and `u8`
 //! labels. Supported sources:
 //!
-//! * [`load_idx`] / [`load_idx_dir`] — MNIST and Fashion-MNIST IDX files, raw or gzipped;
-//! * [`load_cifar10`] — the binary version of CIFAR-10;
+//! * [`load_idx`] / [`load_idx_dir`] / [`parse_idx`] — MNIST and Fashion-MNIST IDX files, raw or gzipped;
+//! * [`load_cifar10`] / [`parse_cifar10_batch`] — the binary version of CIFAR-10;
 //! * [`load_digits_csv`] / [`parse_digits_csv`] — scikit-learn's 8×8 `digits.csv.gz`.
 //!
 //! [`load`] picks the files for a [`DatasetKind`]: the user's `--data-dir`, a system-wide copy
@@ -32,9 +32,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-pub use cifar::{load_cifar10, CIFAR10_RECORD_BYTES, CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES};
+pub use cifar::{
+    load_cifar10, parse_cifar10_batch, CIFAR10_RECORD_BYTES, CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES};
 pub use digits::{load_digits_csv, parse_digits_csv};
-pub use idx::{load_idx, load_idx_dir, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC};
+pub use idx::{load_idx, load_idx_dir, parse_idx, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC};
 pub use split::stratified_split;
 pub use transform::{epoch_batches, gather, gather_plain, Augment, Normalization};
 
