@@ -369,8 +369,8 @@ pub fn parse(
                 tpath,
                 format!(
                     "the checkpoint mixes two epochs: its tensors are of epoch {epoch}, its \
-                     state ({}) of epoch {}; it is damaged or was assembled by hand (delete this \
-                     checkpoint directory to resume from an older one, or start the run again)",
+                     state ({}) of epoch {}; it was damaged or assembled from two checkpoints: \
+                     restore it from a copy or start the run again",
                     spath.display(),
                     meta.epoch
                 ),
