@@ -420,6 +420,35 @@ fn train_denoiser_on(args: TrainDenoiserArgs, ranks: &Ranks) -> Result<DenoiserS
         ae.clone(),
         config.clone(),
     )?;
+    // The state the run starts from (also on resume: sparse CGE's ZO-GraSP ratios are computed
+    // at it, exactly as in the uninterrupted run).
+    let start = match &args.init {
+        Some(init) => {
+            let run =
+                DenoiserRun::load(init).with_context(|| format!("--init {}", init.display()))?;
+            if run.record.spec != spec {
+                bail!(
+                    "--init {}: its denoiser is {:?}, this run's {spec:?}",
+                    init.display(),
+                    run.record.spec
+                );
+            }
+            let mut s = TrainState::new(run.params);
+            s.task = run.bn.to_task_state();
+            s
+        }
+        None => {
+            let p = initial_params(&model, args.seed);
+            TrainState::new(
+                candle_core::Tensor::from_vec(p, model.num_params(), &candle_core::Device::Cpu)?
+                    .to_dtype(candle_core::DType::F32)?,
+            )
+        }
+    };
+    if !start.task.is_null() {
+        task.load_state(&start.task)?;
+    }
+    let (mut estimator, ratios) = args.method.estimator(&task, &start.params, &config.zo)?;
     let mut state = if resumed {
         let expected = config::fingerprint(&dir, &args, &[], &[RATIOS_FILE])?;
         let s = config::load_checkpoint(&dir, &candle_core::Device::Cpu, &expected)?;
@@ -448,38 +477,11 @@ fn train_denoiser_on(args: TrainDenoiserArgs, ranks: &Ranks) -> Result<DenoiserS
             };
             record.save(&dir, ae.as_deref())?;
         }
-        match &args.init {
-            Some(init) => {
-                let run = DenoiserRun::load(init)
-                    .with_context(|| format!("--init {}", init.display()))?;
-                if run.record.spec != spec {
-                    bail!(
-                        "--init {}: its denoiser is {:?}, this run's {spec:?}",
-                        init.display(),
-                        run.record.spec
-                    );
-                }
-                let mut s = TrainState::new(run.params);
-                s.task = run.bn.to_task_state();
-                s
-            }
-            None => {
-                let p = initial_params(&model, args.seed);
-                TrainState::new(
-                    candle_core::Tensor::from_vec(
-                        p,
-                        model.num_params(),
-                        &candle_core::Device::Cpu,
-                    )?
-                    .to_dtype(candle_core::DType::F32)?,
-                )
-            }
-        }
+        start
     };
-    if !state.task.is_null() {
+    if resumed && !state.task.is_null() {
         task.load_state(&state.task)?;
     }
-    let (mut estimator, ratios) = args.method.estimator(&task, &state.params, &config.zo)?;
     ranks.share(estimator.as_mut())?;
     if let (Some(r), false, true) = (&ratios, resumed, ranks.is_root()) {
         report::write_json_atomic(&dir.join(RATIOS_FILE), r)?;

@@ -356,13 +356,14 @@ pub fn parse(
     let params = tensors_map
         .remove("params")
         .ok_or_else(|| Error::data(tpath, "no `params` tensor in the checkpoint"))?;
-    check_params(&params).map_err(|msg| {
-        Error::data(tpath, format!("{msg}; the checkpoint is damaged"))
+    check_params(&params)
+        .map_err(|msg| Error::data(tpath, format!("{msg}; the checkpoint is damaged")))?;
+    let meta: Meta = serde_json::from_slice(state).map_err(|e| {
+        Error::data(
+            spath,
+            format!("not a readable checkpoint state ({e}); it is damaged"),
+        )
     })?;
-    let meta: Meta =
-        serde_json::from_slice(state).map_err(|e| {
-            Error::data(spath, format!("not a readable checkpoint state ({e}); it is damaged"))
-        })?;
     if let Some(epoch) = tensors_epoch(tensors, tpath)? {
         if epoch != meta.epoch {
             return Err(Error::data(

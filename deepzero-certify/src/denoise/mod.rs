@@ -660,13 +660,27 @@ impl Task for DenoiserTask<'_> {
         run().map_err(to_core)
     }
     fn state(&self) -> deepzero_core::Result<serde_json::Value> {
-        Ok(self.bn.to_task_state())
+        let mut state = self.bn.to_task_state();
+        if let Some(fields) = state.as_object_mut() {
+            fields.insert(
+                BLACK_BOX_QUERIES.to_string(),
+                self.black_box_queries().into(),
+            );
+        }
+        Ok(state)
     }
     fn load_state(&mut self, state: &serde_json::Value) -> deepzero_core::Result<()> {
         self.bn = bn_from_state(state, self.denoiser).map_err(to_core)?;
+        // A resumed run goes on counting from the checkpoint's count.
+        if let Some(n) = state.get(BLACK_BOX_QUERIES).and_then(|v| v.as_u64()) {
+            self.queries.store(n, Ordering::Relaxed);
+        }
         Ok(())
     }
 }
+
+/// The key of the black-box image count in the task state of a checkpoint.
+const BLACK_BOX_QUERIES: &str = "black_box_queries";
 
 /// The denoiser's batch-norm statistics from a checkpoint's task state (`{"bn": ...}`).
 pub fn bn_from_state(state: &serde_json::Value, model: &Model) -> Result<BnState> {
