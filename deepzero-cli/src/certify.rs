@@ -97,10 +97,15 @@ pub struct CertifyRunArgs {
     #[arg(long)]
     #[serde(skip)]
     pub overwrite: bool,
-    /// Continue the run in this directory (its certify.tsv and config.json).
+    /// Continue the run in this directory (its certify.tsv and config.json); other flags given
+    /// must agree with the saved ones.
     #[arg(long)]
     #[serde(skip)]
     pub resume: Option<PathBuf>,
+    /// The flags given on the command line (clap ids), for `--resume`'s conflict check.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub given: Vec<String>,
 }
 
 /// `summary.json` of a certification run.
@@ -337,6 +342,12 @@ pub fn run_certify(args: CertifyRunArgs) -> Result<CertifySummary> {
             let text = crate::report::read_saved_config(dir, "certify run")?;
             let saved: CertifyRunArgs = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not a deepzero certify config", path.display()))?;
+            let conflicts = crate::config::resume_conflicts(&args.given, &args, &saved)?;
+            crate::config::refuse_conflicts(
+                &format!("--resume {}", dir.display()),
+                &conflicts,
+                "drop them (the run's rows must share one setting) or start a new run with --out",
+            )?;
             (saved, dir.clone(), true)
         }
         None => {

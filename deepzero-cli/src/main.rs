@@ -108,10 +108,14 @@ fn main() {
         Command::Experiment(cmd) => experiment::run(cmd),
         Command::Certify(mut args) => {
             if let Some(("certify", m)) = matches.subcommand() {
-                if let (Some(certify::CertifyCommand::TrainDenoiser(a)), Some((_, m))) =
-                    (&mut args.command, m.subcommand())
-                {
-                    a.given = given_flags(m);
+                match (&mut args.command, m.subcommand()) {
+                    (Some(certify::CertifyCommand::TrainDenoiser(a)), Some((_, m))) => {
+                        a.given = given_flags(m);
+                    }
+                    (Some(certify::CertifyCommand::Run(a)), Some((_, m))) => {
+                        a.given = given_flags(m);
+                    }
+                    _ => {}
                 }
             }
             certify::run(args)

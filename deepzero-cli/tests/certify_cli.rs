@@ -103,6 +103,17 @@ fn certify_run_writes_cohens_format_and_resumes_after_a_dying_classifier() -> Re
     ensure!(kept.len() == 3 && kept[..] == tsv[..3], "{kept:?}");
     // Resume with a healthy classifier: the same rows as the uninterrupted run.
     std::fs::remove_file(tmp.path().join("die"))?;
+    // Other settings given to the resume are refused: the rows must share one σ and n.
+    let err = fails_with(
+        1,
+        tmp.path(),
+        &["certify", "run", "--resume", part_s, "--sigma", "0.5"],
+    )?;
+    ensure!(err.contains("--sigma 0.5 (the run has 0.25)"), "{err}");
+    ensure!(
+        rows(&part.join("certify.tsv"))?.len() == 3,
+        "a refused resume changed the rows"
+    );
     ok(tmp.path(), &["certify", "run", "--resume", part_s])?;
     ensure!(
         rows(&part.join("certify.tsv"))? == tsv,
