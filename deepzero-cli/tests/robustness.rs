@@ -377,6 +377,61 @@ fn divergence_in_every_engine_stops_with_the_step_and_the_cause() -> Result<()> 
 }
 
 #[test]
+fn divergence_in_the_applications_names_the_epoch_and_the_learning_rate() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    // PDE: a correction trained with a huge rate blows the solver up; the advice is the rate
+    // (not the solver's Δt), and the epoch is named.
+    for method in ["non", "zo-sol"] {
+        let out = tmp.path().join(format!("pde-{method}"));
+        let mut args = PDE_TINY.to_vec();
+        args.extend(["--methods", method, "--lr", "1e6", "--out", utf8(&out)?]);
+        let err = fails_with(1, tmp.path(), &args)?;
+        contains_all(
+            &err,
+            &["training diverged", "epoch 1", "lower the learning rate"],
+        )?;
+        ensure!(
+            !err.contains("use Δt"),
+            "{method}: the solver's advice:\n{err}"
+        );
+    }
+    // Denoiser: an infinite loss stops the run at its step.
+    let victim = tmp.path().join("victim");
+    ok(
+        tmp.path(),
+        &train_args(utf8(&victim)?, &["--estimator", "fo", "--epochs", "1"]),
+    )?;
+    let classifier = format!("run:{}", utf8(&victim)?);
+    let out = tmp.path().join("denoiser");
+    let err = fails_with(
+        1,
+        tmp.path(),
+        &[
+            "certify",
+            "train-denoiser",
+            "--classifier",
+            &classifier,
+            "--dataset",
+            "digits",
+            "--method",
+            "mse",
+            "--train-limit",
+            "64",
+            "--eval-size",
+            "8",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e30",
+            "--out",
+            utf8(&out)?,
+        ],
+    )?;
+    contains_all(&err, &["training diverged", "epoch 1", "learning rate"])?;
+    Ok(())
+}
+
+#[test]
 fn gradcheck_with_a_huge_mu_is_an_error_not_a_nan_cosine() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     for estimator in ["cge", "rge"] {

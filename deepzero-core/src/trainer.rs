@@ -350,7 +350,13 @@ impl Trainer<'_> {
                 });
             }
             state.seconds = base_seconds + started.elapsed().as_secs_f64();
-            let metrics = task.evaluate(&state.params)?;
+            let metrics = task.evaluate(&state.params).map_err(|e| match e {
+                Error::Diverged(m) => Error::Diverged(format!(
+                    "evaluating the model after epoch {}: {m}",
+                    epoch + 1
+                )),
+                other => other,
+            })?;
             let m = EpochMetrics {
                 epoch: epoch + 1,
                 train_loss: loss_sum / steps as f64,

@@ -377,10 +377,20 @@ pub fn apply_correction(
 
 /// A PDE error as core sees it: blow-ups are divergence, the rest configuration.
 pub fn to_core(error: Error) -> deepzero_core::Error {
+    // With a correction in the loop, a blow-up means its output grew too large: the solver's
+    // own advice (a smaller Δt) does not apply.
+    const CAUSE: &str = "the correction network's output is too large; lower the learning rate \
+                         (or μ)";
     match error {
-        Error::Cfl { .. } | Error::NonFinite { .. } => {
-            deepzero_core::Error::Diverged(error.to_string())
-        }
+        Error::Cfl {
+            step, cfl, limit, ..
+        } => deepzero_core::Error::Diverged(format!(
+            "the corrected state blew up at solver step {step} (CFL number {cfl:.3e} > {limit}): \
+             {CAUSE}"
+        )),
+        Error::NonFinite { step, field, .. } => deepzero_core::Error::Diverged(format!(
+            "the corrected {field} has NaN or infinite values at solver step {step}: {CAUSE}"
+        )),
         other => deepzero_core::Error::Config(other.to_string()),
     }
 }
