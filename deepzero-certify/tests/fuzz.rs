@@ -85,7 +85,10 @@ impl BlackBox for Tiny {
     }
     fn logits(&self, images: &[f32], n: usize) -> deepzero_certify::Result<Vec<f32>> {
         if images.len() != n * 4 {
-            return Err(Error::Shape(format!("{} values for {n} images", images.len())));
+            return Err(Error::Shape(format!(
+                "{} values for {n} images",
+                images.len()
+            )));
         }
         Ok(images
             .chunks(4)
@@ -127,9 +130,16 @@ fn fuzz_process_serve() {
 fn fuzz_onnx_model() {
     use deepzero_certify::OnnxClassifier;
     let fixture = |name: &str| {
-        std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+        std::fs::read(format!(
+            "{}/tests/fixtures/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
     };
-    let valid = [fixture("classifier_dyn.onnx"), fixture("classifier_b2.onnx")];
+    let valid = [
+        fixture("classifier_dyn.onnx"),
+        fixture("classifier_b2.onnx"),
+    ];
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.onnx");
     fuzz("onnx-model", Format::Binary, &valid, |input| {
@@ -178,13 +188,22 @@ fn serve_header_announcing_a_huge_payload_is_an_error() {
 #[cfg(feature = "onnx")]
 #[test]
 fn onnx_output_computed_by_no_node_is_an_error() {
-    let fixture = format!("{}/tests/fixtures/classifier_dyn.onnx", env!("CARGO_MANIFEST_DIR"));
+    let fixture = format!(
+        "{}/tests/fixtures/classifier_dyn.onnx",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let mut bytes = std::fs::read(fixture).unwrap();
     let at = bytes.windows(6).rposition(|w| w == b"logits").unwrap();
     bytes[at] = b'x';
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("renamed.onnx");
     std::fs::write(&path, bytes).unwrap();
-    let err = deepzero_certify::OnnxClassifier::load(&path).err().unwrap().to_string();
-    assert!(err.contains("renamed.onnx") && err.contains("could not load"), "{err}");
+    let err = deepzero_certify::OnnxClassifier::load(&path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("renamed.onnx") && err.contains("could not load"),
+        "{err}"
+    );
 }

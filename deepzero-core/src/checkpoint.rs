@@ -257,9 +257,8 @@ pub fn parse(
     let params = tensors
         .remove("params")
         .ok_or_else(|| Error::data(tpath, "no `params` tensor in the checkpoint"))?;
-    check_params(&params).map_err(|msg| {
-        Error::data(tpath, format!("{msg}; the checkpoint is damaged"))
-    })?;
+    check_params(&params)
+        .map_err(|msg| Error::data(tpath, format!("{msg}; the checkpoint is damaged")))?;
     let meta: Meta =
         serde_json::from_slice(state).map_err(|e| Error::data(spath, e.to_string()))?;
     if meta.history.len() != meta.epoch {

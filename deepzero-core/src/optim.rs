@@ -170,7 +170,10 @@ impl Optimizer for Adam {
         self.m = state.get("adam.m").cloned();
         self.v = state.get("adam.v").cloned();
         if let Some(t) = state.get("adam.t") {
-            let t = t.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+            let t = t
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_vec1::<f64>()?;
             self.t = match t[..] {
                 [t] if t.is_finite() && t >= 0.0 => t as u64,
                 _ => {

@@ -168,7 +168,11 @@ fn check_checkpoint(tensors: &[u8], state: &[u8]) -> Verdict {
     );
     Parsed::from(parsed, |s| {
         if s.history.len() != s.epoch {
-            return Err(format!("epoch {} with {} metrics", s.epoch, s.history.len()));
+            return Err(format!(
+                "epoch {} with {} metrics",
+                s.epoch,
+                s.history.len()
+            ));
         }
         let values = s
             .params

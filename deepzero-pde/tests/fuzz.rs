@@ -27,7 +27,10 @@ fn dataset_files() -> (Vec<u8>, Vec<u8>) {
         ..DatasetConfig::default()
     };
     let dir = tempfile::tempdir().unwrap();
-    Dataset::generate(&config).unwrap().save(dir.path()).unwrap();
+    Dataset::generate(&config)
+        .unwrap()
+        .save(dir.path())
+        .unwrap();
     let read = |name| std::fs::read(dir.path().join(name)).unwrap();
     (read(HEADER), read(DATA))
 }
@@ -42,7 +45,11 @@ fn check(dir: &Path, header: &[u8], data: &[u8]) -> Verdict {
         let shape = [c.problem.channels(), n, n];
         let sims: Vec<_> = ds.train.iter().chain(&ds.test).collect();
         if ds.train.len() != c.train_simulations || ds.test.len() != c.test_simulations {
-            return Err(format!("{} + {} simulations", ds.train.len(), ds.test.len()));
+            return Err(format!(
+                "{} + {} simulations",
+                ds.train.len(),
+                ds.test.len()
+            ));
         }
         for s in sims {
             for states in [&s.reference, &s.source] {

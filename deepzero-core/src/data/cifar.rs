@@ -50,7 +50,12 @@ fn batches_dir(dir: &Path) -> PathBuf {
 /// error messages. The result is 3×32×32 with 10 classes.
 pub fn parse_cifar10_batch(bytes: &[u8], origin: &Path) -> Result<Dataset> {
     let (mut images, mut labels) = (Vec::new(), Vec::new());
-    append_batch(&maybe_gunzip(bytes, origin)?, origin, &mut images, &mut labels)?;
+    append_batch(
+        &maybe_gunzip(bytes, origin)?,
+        origin,
+        &mut images,
+        &mut labels,
+    )?;
     Ok(cifar10(images, labels))
 }
 

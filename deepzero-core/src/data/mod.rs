@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 pub use cifar::{
-    load_cifar10, parse_cifar10_batch, CIFAR10_RECORD_BYTES, CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES};
+    load_cifar10, parse_cifar10_batch, CIFAR10_RECORD_BYTES, CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES,
+};
 pub use digits::{load_digits_csv, parse_digits_csv};
 pub use idx::{load_idx, load_idx_dir, parse_idx, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC};
 pub use split::stratified_split;

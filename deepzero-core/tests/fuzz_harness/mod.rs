@@ -246,7 +246,16 @@ fn inputs(format: Format, valid: &[Vec<u8>]) -> BoxedStrategy<Vec<u8>> {
 
 /// Byte values and 32-bit words that often reach edge cases.
 const BYTES: [u8; 8] = [0, 1, 0x7f, 0x80, 0xff, b'\n', b',', b'-'];
-const WORDS: [u32; 8] = [0, 1, 2, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff, 0x0000_0803, 3073];
+const WORDS: [u32; 8] = [
+    0,
+    1,
+    2,
+    0x7fff_ffff,
+    0x8000_0000,
+    0xffff_ffff,
+    0x0000_0803,
+    3073,
+];
 
 /// One byte-level mutation.
 #[derive(Clone, Debug)]
@@ -298,7 +307,11 @@ impl ByteEdit {
             }
             ByteEdit::Word(i, w, big) if len >= 4 => {
                 let at = i.index(len - 3);
-                let bytes = if *big { w.to_be_bytes() } else { w.to_le_bytes() };
+                let bytes = if *big {
+                    w.to_be_bytes()
+                } else {
+                    w.to_le_bytes()
+                };
                 file[at..at + 4].copy_from_slice(&bytes);
             }
             _ => {}
