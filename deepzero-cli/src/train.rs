@@ -498,9 +498,7 @@ impl RunObserver {
             label: format!("{} {}", model.name, est),
         })
     }
-}
 
-impl RunObserver {
     /// `metrics.jsonl` and the loss plots, from the checkpointed history.
     fn write_history(&self, history: &[EpochMetrics]) -> Result<()> {
         let mut lines = String::new();
