@@ -542,6 +542,35 @@ impl Default for DistributedOpts {
 /// that rank abort or hang at that (1-based) gradient exchange.
 pub const FAULT_ENV: &str = "DEEPZERO_FAULT";
 
+/// The hidden, test-only pause inside checkpoint saves: `MS` makes `deepzero train` stop for
+/// that many milliseconds at each point between a checkpoint's writes
+/// ([`checkpoint::Interruption`](deepzero_core::checkpoint::Interruption)), announcing each pause
+/// on stderr, so that a test can kill the process there (tests/kill_resume.rs). Never set in
+/// normal use.
+pub const CHECKPOINT_PAUSE_ENV: &str = "DEEPZERO_TEST_CHECKPOINT_PAUSE_MS";
+
+/// What `deepzero train` calls between a checkpoint's writes.
+pub type CheckpointHook =
+    Box<dyn FnMut(deepzero_core::checkpoint::Interruption) -> deepzero_core::Result<()>>;
+
+/// The [`CheckpointHook`] of this process: nothing, or the pause of [`CHECKPOINT_PAUSE_ENV`].
+pub fn checkpoint_hook() -> Result<CheckpointHook> {
+    let pause = match std::env::var(CHECKPOINT_PAUSE_ENV) {
+        Ok(ms) => Some(std::time::Duration::from_millis(
+            ms.parse()
+                .with_context(|| format!("{CHECKPOINT_PAUSE_ENV}={ms}"))?,
+        )),
+        Err(_) => None,
+    };
+    Ok(Box::new(move |at| {
+        if let Some(pause) = pause {
+            eprintln!("checkpoint: pausing {} ms at {at:?}", pause.as_millis());
+            std::thread::sleep(pause);
+        }
+        Ok(())
+    }))
+}
+
 /// Default of `--rank-timeout`, seconds.
 pub const DEFAULT_RANK_TIMEOUT: f64 = 600.0;
 

@@ -1,8 +1,9 @@
 //! `deepzero train`: one run, one directory.
 
 use crate::common::{
-    build_model, flag_error, initial_params, load_data, set_threads, DataOpts, DeviceArg,
-    DistributedOpts, DtypeArg, EstimatorOpts, ModelOpts, Ranks, SparsityOpts,
+    build_model, checkpoint_hook, flag_error, initial_params, load_data, set_threads,
+    CheckpointHook, DataOpts, DeviceArg, DistributedOpts, DtypeArg, EstimatorOpts, ModelOpts,
+    Ranks, SparsityOpts,
 };
 use crate::config;
 use crate::note;
@@ -107,12 +108,15 @@ const RATIOS_FILE: &str = "ratios.json";
 /// ones: the `--ratios` path (the run's copy, `ratios.json`, is hashed as an input instead).
 const NOT_HASHED: &[&str] = &["ratios"];
 
+/// The last file a train run writes: a run without it did not finish.
+const SUMMARY_FILE: &str = "summary.json";
+
 /// Files a train run writes besides its checkpoints (removed by `--overwrite`).
 const RUN_FILES: &[&str] = &[
     "config.json",
     RATIOS_FILE,
     "metrics.jsonl",
-    "summary.json",
+    SUMMARY_FILE,
     "loss.png",
     "loss.svg",
     "accuracy.png",
@@ -253,7 +257,7 @@ fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
         let mut s = config::load_checkpoint(&dir, &device, expected)?;
         s.params = s.params.to_dtype(precision.dtype())?;
         optimizer.load_state(&s.optimizer)?;
-        if s.epoch >= config.epochs {
+        if s.epoch >= config.epochs && dir.join(SUMMARY_FILE).is_file() {
             bail!(
                 "--resume {}: the run already finished its {} epochs (raise --epochs to go on)",
                 dir.display(),
@@ -264,7 +268,11 @@ fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
             // The new length is the run's from now on (a later resume keeps it).
             report::write_json_atomic(&dir.join("config.json"), &args)?;
         }
-        note!("resuming {} at epoch {}", dir.display(), s.epoch + 1);
+        match s.epoch >= config.epochs {
+            // Stopped after its last checkpoint, before its summary: write the reports.
+            true => note!("finishing the reports of {}", dir.display()),
+            false => note!("resuming {} at epoch {}", dir.display(), s.epoch + 1),
+        }
         s
     } else {
         if ranks.is_root() {
@@ -285,10 +293,17 @@ fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
         config.epochs,
         dir.display()
     );
+    let resumed_at_end = resumed && state.epoch >= config.epochs;
     let steps_per_epoch = task.steps_per_epoch();
     let trainer = Trainer { config: &config };
     let mut obs = match ranks.is_root() {
-        true => Some(RunObserver::new(&dir, steps_per_epoch, &model, &args)?),
+        true => Some(RunObserver::new(
+            &dir,
+            steps_per_epoch,
+            &model,
+            &args,
+            checkpoint_hook()?,
+        )?),
         false => None,
     };
     let mut silent = Silent;
@@ -332,7 +347,10 @@ fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
         return Ok(summary);
     };
     obs.bar.finish_and_clear();
-    report::write_json_atomic(&dir.join("summary.json"), &summary)?;
+    if resumed_at_end {
+        obs.write_history(&state.history)?;
+    }
+    report::write_json_atomic(&dir.join(SUMMARY_FILE), &summary)?;
     eprintln!(
         "done in {:.1}s (this process {:.1}s): test accuracy {:.4} (best {:.4}), {} queries → {}",
         state.seconds,
@@ -394,6 +412,8 @@ fn resumed_args(dir: &Path, args: &TrainArgs) -> Result<TrainArgs> {
 
 struct RunObserver {
     dir: PathBuf,
+    /// Called between a checkpoint's writes ([`checkpoint_hook`]).
+    checkpoint_hook: CheckpointHook,
     bar: ProgressBar,
     label: String,
     /// Without a terminal the bar is hidden: print a line at most once a minute instead.
@@ -401,7 +421,13 @@ struct RunObserver {
 }
 
 impl RunObserver {
-    fn new(dir: &Path, steps: usize, model: &Model, args: &TrainArgs) -> Result<Self> {
+    fn new(
+        dir: &Path,
+        steps: usize,
+        model: &Model,
+        args: &TrainArgs,
+        checkpoint_hook: CheckpointHook,
+    ) -> Result<Self> {
         let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
         bar.set_style(
             ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
@@ -411,10 +437,22 @@ impl RunObserver {
         let est = format!("{:?}", args.estimator.estimator).to_lowercase();
         Ok(RunObserver {
             dir: dir.to_path_buf(),
+            checkpoint_hook,
             plain: (!std::io::IsTerminal::is_terminal(&std::io::stderr())).then(Instant::now),
             bar,
             label: format!("{} {}", model.name, est),
         })
+    }
+
+    /// `metrics.jsonl` and the loss plots, from the checkpointed history.
+    fn write_history(&self, history: &[EpochMetrics]) -> Result<()> {
+        let mut lines = String::new();
+        for h in history {
+            lines.push_str(&serde_json::to_string(h)?);
+            lines.push('\n');
+        }
+        report::write_atomic(&self.dir.join("metrics.jsonl"), lines.as_bytes())?;
+        plot_history(&self.dir, history, &self.label)
     }
 }
 
@@ -448,15 +486,8 @@ impl Observer for RunObserver {
         self.bar.suspend(|| eprintln!("{}", epoch_line(m)));
         // Checkpoint first, then rewrite metrics.jsonl from the checkpointed history, so that a
         // run killed at any point resumes with metrics and parameters that agree.
-        checkpoint::save(&self.dir, state)?;
-        let mut lines = String::new();
-        for h in &state.history {
-            lines.push_str(&serde_json::to_string(h).map_err(|e| io(e.into()))?);
-            lines.push('\n');
-        }
-        report::write_atomic(&self.dir.join("metrics.jsonl"), lines.as_bytes()).map_err(io)?;
-        plot_history(&self.dir, &state.history, &self.label).map_err(io)?;
-        Ok(())
+        checkpoint::save_with(&self.dir, state, &mut *self.checkpoint_hook)?;
+        self.write_history(&state.history).map_err(io)
     }
 }
 

@@ -143,6 +143,8 @@ fn checkpoint_files() -> (Vec<u8>, Vec<u8>) {
     ]);
     let state = TrainState {
         epoch: 2,
+        steps: 20,
+        fingerprint: None,
         params,
         task: serde_json::json!({ "bn": null }),
         optimizer,
@@ -223,4 +225,47 @@ fn fuzz_layer_ratios() {
             Ok(())
         })
     });
+}
+
+// Regression cases: inputs that broke a parser or the code that reads its result.
+
+/// An IDX header announcing images of 0×0 pixels was accepted: a data set of empty images.
+#[test]
+fn idx_images_of_zero_pixels_are_an_error() {
+    let images = idx_file(0x0803, &[IDX_N, 0, 0], &[]);
+    let err = parse_idx(
+        &images,
+        Path::new("images"),
+        &idx_labels(),
+        Path::new("labels"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("0×0 pixels"), "{err}");
+}
+
+/// Adam read its step count as `adam.t[0]` and panicked on an empty tensor from a damaged
+/// checkpoint.
+#[test]
+fn adam_state_without_a_step_count_is_an_error() {
+    use deepzero_core::optim::{OptimizerConfig, OptimizerKind};
+    let mut adam = OptimizerConfig {
+        kind: OptimizerKind::Adam,
+        ..OptimizerConfig::default()
+    }
+    .build()
+    .unwrap();
+    let zeros = Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap();
+    for t in [vec![], vec![1.0, 2.0], vec![f64::NAN]] {
+        let state = HashMap::from([
+            ("adam.m".to_string(), zeros.clone()),
+            ("adam.v".to_string(), zeros.clone()),
+            (
+                "adam.t".to_string(),
+                Tensor::new(t.as_slice(), &Device::Cpu).unwrap(),
+            ),
+        ]);
+        let err = adam.load_state(&state).unwrap_err().to_string();
+        assert!(err.contains("adam.t"), "{err}");
+    }
 }

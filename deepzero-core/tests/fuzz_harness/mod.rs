@@ -163,15 +163,18 @@ pub fn byte_string(bytes: &[u8]) -> String {
     format!("b\"{escaped}\"")
 }
 
+/// The input being checked and since when.
+type Current = Arc<Mutex<Option<(Instant, Vec<u8>)>>>;
+
 /// Aborts the process when one input runs longer than [`HANG_SECONDS`], printing it.
 struct Watchdog {
-    current: Arc<Mutex<Option<(Instant, Vec<u8>)>>>,
+    current: Current,
     done: Arc<AtomicBool>,
 }
 
 impl Watchdog {
     fn start(name: &str) -> Watchdog {
-        let current: Arc<Mutex<Option<(Instant, Vec<u8>)>>> = Arc::default();
+        let current = Current::default();
         let done = Arc::new(AtomicBool::new(false));
         let (watched, finished, name) = (current.clone(), done.clone(), name.to_string());
         std::thread::spawn(move || {
