@@ -128,3 +128,77 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+/// The fuzz target of `--config` files (the harness of deepzero-core's parser fuzzing): TOML and
+/// JSON files, valid ones of `train` and `pde` mutated and random bytes, must be taken or refused
+/// with an error, and whatever `expand` returns must parse or be refused by clap, never panic.
+#[cfg(test)]
+#[path = "../../deepzero-core/tests/fuzz_harness/mod.rs"]
+mod fuzz_harness;
+
+#[cfg(test)]
+mod fuzz_config {
+    use super::{config, Cli};
+    use crate::fuzz_harness::{fuzz, Format, Parsed, Verdict};
+    use clap::CommandFactory;
+    use std::ffi::OsString;
+
+    fn check(command: &[&str], extension: &str, bytes: &[u8]) -> Verdict {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let file = dir.path().join(format!("c.{extension}"));
+        std::fs::write(&file, bytes).map_err(|e| e.to_string())?;
+        let mut argv: Vec<OsString> = vec!["deepzero".into()];
+        argv.extend(command.iter().map(OsString::from));
+        argv.push("--config".into());
+        argv.push(file.into());
+        match config::expand(&Cli::command(), argv) {
+            Err(e) if e.message.contains("--config") && (e.code == 1 || e.code == 2) => {
+                Ok(Parsed::Rejected)
+            }
+            Err(e) => Err(format!(
+                "an error that does not name --config: {}",
+                e.message
+            )),
+            Ok(argv) => Ok(match Cli::command().try_get_matches_from(argv) {
+                Ok(_) => Parsed::Accepted,
+                Err(_) => Parsed::Rejected,
+            }),
+        }
+    }
+
+    #[test]
+    fn fuzz_config_toml() {
+        let valid = [
+            b"epochs = 3\nlr = 0.05\nestimator = \"rge\"\nq = 20\n\n[data]\ndataset = \"digits\"\ntrain_limit = 100\n".to_vec(),
+            b"no_augment = true\nwarmup_epochs = 1\nmodel = \"cnn\"\ndepth = 2\n".to_vec(),
+        ];
+        fuzz("config (train, TOML)", Format::Text, &valid, |b| {
+            check(&["train"], "toml", b)
+        });
+        let pde = [b"methods = [\"src\", \"non\"]\ngrid = 16\nsteps = 12\nlr = 1e-3\n".to_vec()];
+        fuzz("config (pde, TOML)", Format::Text, &pde, |b| {
+            check(&["pde"], "toml", b)
+        });
+    }
+
+    #[test]
+    fn fuzz_config_json() {
+        // A run's config.json as `train` writes it.
+        let parsed = <Cli as clap::Parser>::try_parse_from([
+            "deepzero",
+            "train",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "2",
+        ])
+        .expect("train flags");
+        let super::Command::Train(args) = parsed.command else {
+            panic!("not train");
+        };
+        let valid = [serde_json::to_vec_pretty(&args).expect("config.json")];
+        fuzz("config (train, JSON)", Format::Text, &valid, |b| {
+            check(&["train"], "json", b)
+        });
+    }
+}
