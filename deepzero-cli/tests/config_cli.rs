@@ -383,3 +383,89 @@ fn pde_into_a_run_with_checkpoints_checks_flags_and_checkpoints() -> Result<()> 
     );
     Ok(())
 }
+
+/// A `deepzero` (sparse CGE with ZO-GraSP ratios) denoiser run killed after its first epoch and
+/// resumed ends with the parameters and the black-box count of the uninterrupted run: the ratios
+/// are computed at the run's starting point again (they were computed at the resumed weights),
+/// and the count is part of the checkpoint.
+#[test]
+fn a_killed_and_resumed_deepzero_denoiser_ends_as_the_uninterrupted_one() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mut victim = vec![
+        "train",
+        "--estimator",
+        "fo",
+        "--epochs",
+        "1",
+        "--out",
+        "victim",
+    ];
+    victim.extend(SMALL);
+    ok(tmp.path(), &victim)?;
+    let denoiser = |out: &'static str| {
+        vec![
+            "certify",
+            "train-denoiser",
+            "--classifier",
+            "run:victim",
+            "--dataset",
+            "digits",
+            "--method",
+            "deepzero",
+            "--train-limit",
+            "256",
+            "--eval-size",
+            "8",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "3",
+            "--out",
+            out,
+        ]
+    };
+    ok(tmp.path(), &denoiser("whole"))?;
+    // Kill the second run as soon as its first epoch is written (its checkpoint comes first).
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_deepzero"))
+        .args(denoiser("part"))
+        .current_dir(tmp.path())
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let metrics = tmp.path().join("part/metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() == 0) {
+        ensure!(
+            started.elapsed().as_secs() < 120,
+            "no epoch finished in 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill()?;
+    child.wait()?;
+    if !tmp.path().join("part/summary.json").is_file() {
+        ok(
+            tmp.path(),
+            &["certify", "train-denoiser", "--resume", "part"],
+        )?;
+    }
+    let tensors = |run: &str| -> Result<Vec<u8>> {
+        let dir = newest_checkpoint(&tmp.path().join(run))?;
+        Ok(std::fs::read(dir.join("tensors.safetensors"))?)
+    };
+    ensure!(
+        tensors("whole")? == tensors("part")?,
+        "the resumed denoiser's parameters differ from the uninterrupted run's"
+    );
+    let last = |run: &str| -> Result<serde_json::Value> {
+        let text = std::fs::read_to_string(tmp.path().join(run).join("metrics.jsonl"))?;
+        Ok(serde_json::from_str(text.lines().last().unwrap_or("{}"))?)
+    };
+    let (a, b) = (last("whole")?, last("part")?);
+    ensure!(
+        a["black_box_queries"] == b["black_box_queries"] && a["epoch"] == 3,
+        "black-box counts differ: {a} vs {b}"
+    );
+    Ok(())
+}
