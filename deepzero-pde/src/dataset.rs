@@ -295,8 +295,8 @@ impl DatasetConfig {
                 "at least 1 step per simulation",
             ));
         }
-        self.check_work()?;
-        self.check_memory()
+        self.check_memory()?;
+        self.check_work()
     }
 
     /// The reference simulations (warm-up and recorded steps on the fine grid) must be a
