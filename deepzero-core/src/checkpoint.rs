@@ -215,7 +215,6 @@ pub fn save_with(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let mut interrupted = |at: Interruption| hook(at);
 
     let mut tensors: HashMap<String, Tensor> = state.optimizer.clone();
     tensors.insert("params".into(), state.params.clone());
@@ -227,7 +226,7 @@ pub fn save_with(
     File::open(&tpath)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(&tpath, e))?;
-    interrupted(Interruption::AfterTensors)?;
+    hook(Interruption::AfterTensors)?;
 
     let meta = Meta {
         format: FORMAT,
@@ -246,7 +245,7 @@ pub fn save_with(
     })?;
     write_synced(&tmp.join(STATE_FILE), &json)?;
     sync_dir(&tmp)?;
-    interrupted(Interruption::BeforeCommit)?;
+    hook(Interruption::BeforeCommit)?;
 
     let dest = root.join(&name);
     if dest.exists() {
@@ -255,7 +254,7 @@ pub fn save_with(
     }
     std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
     sync_dir(&root)?;
-    interrupted(Interruption::BeforeCleanup)?;
+    hook(Interruption::BeforeCleanup)?;
 
     // The new checkpoint is durable: drop older ones, leftovers of interrupted saves, and the
     // files of the layout before version 2.

@@ -269,3 +269,21 @@ fn adam_state_without_a_step_count_is_an_error() {
         assert!(err.contains("adam.t"), "{err}");
     }
 }
+
+/// The harness itself: a parser that panics on some inputs is caught, and the input shrunk.
+#[test]
+#[should_panic(expected = "shrunk input (1 bytes)")]
+fn harness_catches_a_panicking_parser() {
+    fuzz(
+        "panics-on-0xff",
+        Format::Binary,
+        &[vec![1, 2, 3]],
+        |input| {
+            assert!(!input.contains(&0xff), "0xff");
+            Ok(match input {
+                [1, 2, 3] => Parsed::Accepted,
+                _ => Parsed::Rejected,
+            })
+        },
+    );
+}

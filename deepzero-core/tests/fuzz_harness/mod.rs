@@ -13,7 +13,8 @@
 //!
 //! CI runs [`CI_CASES`] cases per target from a fixed seed. `DEEPZERO_FUZZ_SECONDS=600` runs
 //! every target for that long instead, round after round of fresh seeds, and prints the number
-//! of cases. Adding a target is one call of [`fuzz`] in a `#[test]`.
+//! of cases; `DEEPZERO_FUZZ_SEED=N` gives another run other seeds. Adding a target is one call of
+//! [`fuzz`] in a `#[test]`.
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +27,8 @@ use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, Test
 
 /// Seconds each target runs in long mode (unset: CI mode, [`CI_CASES`] cases).
 pub const SECONDS_ENV: &str = "DEEPZERO_FUZZ_SECONDS";
+/// A number mixed into every seed (default 0), so that another long run tries other inputs.
+pub const SEED_ENV: &str = "DEEPZERO_FUZZ_SEED";
 /// Cases per target in CI mode.
 pub const CI_CASES: u32 = 2000;
 /// Cases per round of fresh seeds in long mode.
@@ -83,6 +86,10 @@ pub fn fuzz(name: &str, format: Format, valid: &[Vec<u8>], check: impl Fn(&[u8])
         s.parse()
             .unwrap_or_else(|_| panic!("{SECONDS_ENV}={s} is not a number of seconds"))
     });
+    let base: u64 = std::env::var(SEED_ENV).map_or(0, |s| {
+        s.parse()
+            .unwrap_or_else(|_| panic!("{SEED_ENV}={s} is not a whole number"))
+    });
     let watchdog = Watchdog::start(name);
     let accepted = AtomicU64::new(0);
     let cases = AtomicU64::new(0);
@@ -101,7 +108,7 @@ pub fn fuzz(name: &str, format: Format, valid: &[Vec<u8>], check: impl Fn(&[u8])
             failure_persistence: None,
             ..Config::default()
         };
-        let mut runner = TestRunner::new_with_rng(config, rng(name, round));
+        let mut runner = TestRunner::new_with_rng(config, rng(name, base, round));
         let outcome = runner.run(&strategy, |input| {
             watchdog.begin(&input);
             let verdict = check(&input);
@@ -120,7 +127,7 @@ pub fn fuzz(name: &str, format: Format, valid: &[Vec<u8>], check: impl Fn(&[u8])
         match outcome {
             Ok(()) => {}
             Err(TestError::Fail(why, input)) => panic!(
-                "fuzz {name} (round {round}): {why}\nshrunk input ({} bytes), add it as a named \
+                "fuzz {name} (seed {base}, round {round}): {why}\nshrunk input ({} bytes), add it as a named \
                  regression test: {}",
                 input.len(),
                 byte_string(&input)
@@ -133,7 +140,7 @@ pub fn fuzz(name: &str, format: Format, valid: &[Vec<u8>], check: impl Fn(&[u8])
         }
     }
     eprintln!(
-        "fuzz {name}: {} cases ({} accepted) in {:.1} s, {round} round(s)",
+        "fuzz {name}: {} cases ({} accepted) in {:.1} s, {round} round(s) of seed {base}",
         cases.load(Ordering::Relaxed),
         accepted.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64()
@@ -141,8 +148,9 @@ pub fn fuzz(name: &str, format: Format, valid: &[Vec<u8>], check: impl Fn(&[u8])
 }
 
 /// The seeded generator of round `round` of target `name`.
-fn rng(name: &str, round: u64) -> TestRng {
-    // FNV-1a of the name, then the round: a different, reproducible stream per target and round.
+fn rng(name: &str, base: u64, round: u64) -> TestRng {
+    // FNV-1a of the name, the base seed, the round: a different, reproducible stream per target
+    // and round.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in name.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
@@ -150,6 +158,7 @@ fn rng(name: &str, round: u64) -> TestRng {
     let mut seed = [0u8; 32];
     seed[..8].copy_from_slice(&h.to_le_bytes());
     seed[8..16].copy_from_slice(&round.to_le_bytes());
+    seed[16..24].copy_from_slice(&base.to_le_bytes());
     TestRng::from_seed(RngAlgorithm::ChaCha, &seed)
 }
 
