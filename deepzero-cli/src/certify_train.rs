@@ -319,21 +319,7 @@ fn resumed_args(dir: &Path, args: &TrainDenoiserArgs) -> Result<TrainDenoiserArg
             path.display()
         )
     })?;
-    if !checkpoint::exists(dir) {
-        bail!(
-            "--resume {}: the run stopped before its first checkpoint (written at the end of \
-             epoch 1), so there is nothing to resume; start it again with the flags in {} and \
-             `--out {} --overwrite`",
-            dir.display(),
-            path.display(),
-            dir.display()
-        );
-    }
-    config::refuse_conflicts(
-        &format!("--resume {}", dir.display()),
-        &config::resume_conflicts(&args.given, args, &saved)?,
-        "drop them or start a new run with --out",
-    )?;
+    config::check_resumable(dir, &args.given, args, &saved)?;
     saved.resume = None;
     saved.given = args.given.clone();
     saved.threads = args.threads;

@@ -438,6 +438,31 @@ fn show(v: Option<&Value>) -> String {
     }
 }
 
+/// `--resume dir` of a run saved as `saved`: it must have a checkpoint, and the flags `given`
+/// to the resuming command (`args`) must agree with the saved ones.
+pub fn check_resumable(
+    dir: &Path,
+    given: &[String],
+    args: &impl Serialize,
+    saved: &impl Serialize,
+) -> Result<()> {
+    if !deepzero_core::checkpoint::exists(dir) {
+        bail!(
+            "--resume {}: the run stopped before its first checkpoint (written at the end of \
+             epoch 1), so there is nothing to resume; start it again with the flags in {} and \
+             `--out {} --overwrite`",
+            dir.display(),
+            dir.join("config.json").display(),
+            dir.display()
+        );
+    }
+    refuse_conflicts(
+        &format!("--resume {}", dir.display()),
+        &resume_conflicts(given, args, saved)?,
+        "drop them or start a new run with --out",
+    )
+}
+
 /// The error for flags of `what` (`--resume DIR`) that disagree with the saved run.
 pub fn refuse_conflicts(what: &str, conflicts: &[String], fix: &str) -> Result<()> {
     if conflicts.is_empty() {

@@ -370,21 +370,7 @@ fn resumed_args(dir: &Path, args: &TrainArgs) -> Result<TrainArgs> {
     let text = report::read_saved_config(dir, "train")?;
     let mut saved: TrainArgs = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a deepzero train config", path.display()))?;
-    if !checkpoint::exists(dir) {
-        bail!(
-            "--resume {}: the run stopped before its first checkpoint (written at the end of \
-             epoch 1), so there is nothing to resume; start it again with the flags in {} and \
-             `--out {} --overwrite`",
-            dir.display(),
-            path.display(),
-            dir.display()
-        );
-    }
-    config::refuse_conflicts(
-        &format!("--resume {}", dir.display()),
-        &config::resume_conflicts(&args.given, args, &saved)?,
-        "drop them or start a new run with --out",
-    )?;
+    config::check_resumable(dir, &args.given, args, &saved)?;
     saved.resume = None;
     saved.given = args.given.clone();
     // The thread count is how to run, not what to compute (estimates do not depend on

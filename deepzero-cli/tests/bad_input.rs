@@ -9,8 +9,8 @@
 mod common;
 
 use anyhow::{bail, ensure, Context, Result};
-use common::SMALL;
-use std::path::{Path, PathBuf};
+use common::{snapshot, SMALL};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -117,26 +117,6 @@ fn make_fixtures(dir: &Path) -> Result<()> {
     std::fs::create_dir(dir.join("half"))?;
     std::fs::copy(dir.join("done/config.json"), dir.join("half/config.json"))?;
     Ok(())
-}
-
-/// Every file and directory under `dir` with its bytes (directories: empty).
-fn snapshot(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d)? {
-            let p = entry?.path();
-            let rel = p.strip_prefix(dir)?.to_path_buf();
-            if p.is_dir() {
-                out.push((rel, Vec::new()));
-                stack.push(p);
-            } else {
-                out.push((rel, std::fs::read(&p)?));
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
 }
 
 /// Runs `deepzero args` in `cwd` with a time limit; returns (exit code, stderr).

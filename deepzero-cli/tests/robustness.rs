@@ -507,26 +507,8 @@ fn a_ratios_file_is_copied_and_resume_uses_the_copy() -> Result<()> {
 // experiment --resume and single output files
 // ---------------------------------------------------------------------------------------
 
-/// A hash of every file under `dir` (path and bytes), to check that nothing changed.
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(|s| s.as_str()).collect()
-}
-
-fn tree_digest(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d)? {
-            let p = entry?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push((p.display().to_string(), std::fs::read(&p)?));
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
 }
 
 #[test]
@@ -572,7 +554,7 @@ fn experiment_resume_refuses_a_missing_foreign_or_different_directory() -> Resul
         tmp.path(),
         &train_args(utf8(&run)?, &["--estimator", "fo", "--epochs", "1"]),
     )?;
-    let before = tree_digest(&run)?;
+    let before = snapshot(&run)?;
     let args = exp(utf8(&run)?, &["--resume"]);
     let err = fails_with(1, tmp.path(), &strs(&args))?;
     contains_all(
@@ -582,11 +564,11 @@ fn experiment_resume_refuses_a_missing_foreign_or_different_directory() -> Resul
             "nothing was changed",
         ],
     )?;
-    ensure!(tree_digest(&run)? == before, "the train run was modified");
+    ensure!(snapshot(&run)? == before, "the train run was modified");
     // An experiment resumed with other settings: was mixed into one table; now refused.
     let done = tmp.path().join("exp");
     ok(tmp.path(), &strs(&exp(utf8(&done)?, &[])))?;
-    let before = tree_digest(&done)?;
+    let before = snapshot(&done)?;
     let args = exp(utf8(&done)?, &["--resume", "--lr", "0.05"]);
     let err = fails_with(1, tmp.path(), &strs(&args))?;
     contains_all(&err, &["--lr 0.05 (the experiment has 0.1)", "config.json"])?;
@@ -601,7 +583,7 @@ fn experiment_resume_refuses_a_missing_foreign_or_different_directory() -> Resul
     ];
     let err = fails_with(1, tmp.path(), &args)?;
     contains_all(&err, &["holds a `deepzero experiment cge-vs-rge` run"])?;
-    ensure!(tree_digest(&done)? == before, "the experiment was modified");
+    ensure!(snapshot(&done)? == before, "the experiment was modified");
     // The same settings (and another --threads) resume: every sub-run is kept.
     let args = exp(utf8(&done)?, &["--resume", "--threads", "1"]);
     let o = ok(tmp.path(), &strs(&args))?;

@@ -117,3 +117,23 @@ pub fn read_json(path: &Path) -> Result<Value> {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
+
+/// Every file and directory under `dir` with its bytes (directories: empty).
+pub fn snapshot(dir: &Path) -> Result<Vec<(std::path::PathBuf, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let p = entry?.path();
+            let rel = p.strip_prefix(dir)?.to_path_buf();
+            if p.is_dir() {
+                out.push((rel, Vec::new()));
+                stack.push(p);
+            } else {
+                out.push((rel, std::fs::read(&p)?));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
