@@ -495,18 +495,9 @@ pub fn setting_value<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
         .find_map(|x| setting_value(x, key))
 }
 
-/// Settings a configuration's hash leaves out: what a resume may change, and where the run and
-/// its copies live (`out`; an input file's contents are hashed instead of its path).
-const NOT_HASHED: &[&str] = &[
-    "resume",
-    "threads",
-    "distributed",
-    "rank_timeout",
-    "overwrite",
-    "epochs",
-    FLAG,
-    "out",
-];
+/// Settings a configuration's hash leaves out besides [`RESUME_MAY_SET`]: where the run and its
+/// copies live (`out`; an input file's contents are hashed instead of its path).
+const NOT_HASHED: &[&str] = &["out"];
 
 /// FNV-1a (64 bits) of `bytes`, as 16 hex digits: stable across builds and platforms.
 pub fn hash(bytes: &[u8]) -> String {
@@ -537,7 +528,7 @@ fn canonical(v: &Value, drop: &[&str]) -> Value {
 }
 
 /// The checkpoint fingerprint of the run in `dir` with configuration `config` (hashed without
-/// [`NOT_HASHED`] and the command's own `also_not_hashed`) and the files `inputs` of `dir`
+/// [`RESUME_MAY_SET`], [`NOT_HASHED`] and the command's own `also_not_hashed`) and the files `inputs` of `dir`
 /// that it reads (`ratios.json`; a file that is not there is left out).
 pub fn fingerprint(
     dir: &Path,
@@ -545,7 +536,12 @@ pub fn fingerprint(
     also_not_hashed: &[&str],
     inputs: &[&str],
 ) -> Result<Fingerprint> {
-    let drop: Vec<&str> = NOT_HASHED.iter().chain(also_not_hashed).copied().collect();
+    let drop: Vec<&str> = RESUME_MAY_SET
+        .iter()
+        .chain(NOT_HASHED)
+        .chain(also_not_hashed)
+        .copied()
+        .collect();
     let json = canonical(&serde_json::to_value(config)?, &drop);
     let mut files = BTreeMap::new();
     for name in inputs {
