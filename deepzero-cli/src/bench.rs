@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use deepzero_core::estimator::{Cge, Difference, GradientEstimator};
 use deepzero_core::fast::kernels::{self, Act};
+use deepzero_core::fast::simd::{self, Isa};
 use deepzero_core::fast::{step_cost, Engine};
 use deepzero_core::head::Head;
 use deepzero_core::model::{circular_pad, params_tensor, tensor_to_vec, Model, Padding, Precision};
@@ -95,9 +96,44 @@ pub struct KernelBenchArgs {
     /// Threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Instruction set of our kernels: avx512, avx2 or portable [default: the best this CPU runs].
+    #[arg(long, value_parser = parse_isa)]
+    pub isa: Option<Isa>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_isa(s: &str) -> std::result::Result<Isa, String> {
+    s.parse()
+}
+
+/// Take `--isa`: refuse one this CPU cannot run.
+pub(crate) fn use_isa(isa: Option<Isa>) -> Result<Isa> {
+    simd::force(isa)
+        .map_err(|e| anyhow::anyhow!("--isa: {e}; leave it out to use the best one"))?;
+    Ok(simd::active())
+}
+
+/// Median seconds of one call of `f`, over 7 samples of at least 50 ms each (as many calls as
+/// that takes, `min_reps` or more), after one warm-up call: first-touch page faults, cold
+/// caches and timer granularity stay out of the figure.
+pub(crate) fn median_seconds(min_reps: usize, mut f: impl FnMut()) -> f64 {
+    let t = Instant::now();
+    f();
+    let first = t.elapsed().as_secs_f64();
+    let reps = ((0.05 / first.max(1e-9)).ceil() as usize).clamp(min_reps.max(1), 10_000);
+    let mut samples: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            t.elapsed().as_secs_f64() / reps as f64
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[3]
 }
 
 /// Output of `bench cge` (keys as the issue specifies).
@@ -255,26 +291,29 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
 }
 
 /// Matrix-multiply rate of the machine as the engines use it: one single-threaded 512³ f32
-/// product per thread, all threads at once.
+/// product per thread, all threads at once; the faster of the `gemm` crate (candle's kernels)
+/// and our own micro-kernels, so that ratios against it are not flattered by a slow reference.
 pub fn sgemm_gflops(threads: usize) -> f64 {
     let n = 512;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let a: Vec<f32> = (0..n * n).map(|_| rng.random::<f32>()).collect();
     let b: Vec<f32> = (0..n * n).map(|_| rng.random::<f32>()).collect();
-    let reps = 8;
-    let run = || {
+    let flops = 2.0 * (n * n * n) as f64 * threads as f64;
+    let crate_s = median_seconds(2, || {
         (0..threads).into_par_iter().for_each(|_| {
             let mut c = vec![0.0f32; n * n];
-            for _ in 0..reps {
-                kernels::sgemm(n, n, n, &a, n, &b, n, &mut c, n, false);
-            }
+            kernels::sgemm(n, n, n, &a, n, &b, n, &mut c, n, false);
             std::hint::black_box(&c);
         })
-    };
-    run();
-    let t = Instant::now();
-    run();
-    (2.0 * (n * n * n) as f64 * reps as f64 * threads as f64) / t.elapsed().as_secs_f64() / 1e9
+    });
+    let ours_s = median_seconds(2, || {
+        (0..threads).into_par_iter().for_each(|_| {
+            let mut c = vec![0.0f32; n * n];
+            kernels::sgemm_tiled(n, n, n, &a, &b, &mut c);
+            std::hint::black_box(&c);
+        })
+    });
+    flops / crate_s.min(ours_s) / 1e9
 }
 
 #[derive(Serialize, Debug)]
@@ -287,6 +326,7 @@ struct KernelRow {
 
 fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
     set_threads(a.threads);
+    let isa = use_isa(a.isa)?;
     let threads = rayon::current_num_threads();
     let (model, _) = model_for(a.model, None, None, None, 0)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -318,16 +358,14 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
         let act = Act::from_nchw(&x, a.batch, ci, h, w);
         let flops = 2.0 * layer.cost as f64 * a.batch as f64;
         // ours: one conv per thread at once (as queries run).
-        let reps = 3;
-        let t = Instant::now();
-        (0..threads).into_par_iter().for_each(|_| {
-            for _ in 0..reps {
+        let ours_s = median_seconds(2, || {
+            (0..threads).into_par_iter().for_each(|_| {
                 std::hint::black_box(kernels::conv(
                     &act, &wt, co, None, kk, stride, padding, circular,
                 ));
-            }
+            })
         });
-        let ours = flops * (reps * threads) as f64 / t.elapsed().as_secs_f64() / 1e9;
+        let ours = flops * threads as f64 / ours_s / 1e9;
         let dev = candle_core::Device::Cpu;
         let mut xt = candle_core::Tensor::from_vec(x.clone(), (a.batch, ci, h, w), &dev)?;
         let mut pad = padding;
@@ -336,12 +374,10 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
             pad = 0;
         }
         let wtt = candle_core::Tensor::from_vec(wt.clone(), (co, ci, kk, kk), &dev)?;
-        let _ = xt.conv2d(&wtt, pad, stride, 1, 1)?;
-        let t = Instant::now();
-        for _ in 0..reps {
-            std::hint::black_box(xt.conv2d(&wtt, pad, stride, 1, 1)?);
-        }
-        let candle = flops * reps as f64 / t.elapsed().as_secs_f64() / 1e9;
+        let candle_s = median_seconds(1, || {
+            std::hint::black_box(xt.conv2d(&wtt, pad, stride, 1, 1).expect("candle conv2d"));
+        });
+        let candle = flops / candle_s / 1e9;
         rows.push(KernelRow {
             layer: layer.name.clone(),
             shape: key,
@@ -354,11 +390,14 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"threads": threads, "sgemm_gflops": sgemm, "layers": rows})
+                &serde_json::json!({"threads": threads, "isa": isa.name(), "sgemm_gflops": sgemm, "layers": rows})
             )?
         );
     } else {
-        println!("threads {threads}, sgemm {sgemm:.1} GFLOP/s (512³ per thread)");
+        println!(
+            "threads {threads}, kernels {}, sgemm {sgemm:.1} GFLOP/s (512³ per thread)",
+            isa.name()
+        );
         println!(
             "{:<20} {:<26} {:>10} {:>12} {:>10}",
             "layer", "shape", "ours", "candle(1×)", "ours/sgemm"

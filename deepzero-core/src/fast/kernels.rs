@@ -123,6 +123,51 @@ pub fn sgemm(
     }
 }
 
+/// `C[m×n] = A[m×k] · B[k×n]` (row-major, packed) on our micro-kernels: the reference rate of
+/// `bench kernels` beside [`sgemm`], and the plain product behind the direct convolutions'
+/// kernels. `B` is copied into rows padded to whole tiles.
+pub fn sgemm_tiled(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "sgemm_tiled: short slices"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let isa = super::simd::active();
+    let (mr, nr) = (isa.mr(), isa.nr());
+    let ld = n.div_ceil(nr) * nr;
+    SCRATCH.with(|cell| {
+        let scratch = &mut *cell.borrow_mut();
+        scratch.padded.clear();
+        scratch.padded.resize(k * ld, 0.0);
+        for r in 0..k {
+            scratch.padded[r * ld..r * ld + n].copy_from_slice(&b[r * n..(r + 1) * n]);
+        }
+        scratch.offsets.clear();
+        scratch.offsets.extend((0..k).map(|r| r * ld));
+        super::simd::pack_a(a, k, m, k, mr, &mut scratch.packed);
+        let panels = m.div_ceil(mr);
+        scratch.product.clear();
+        scratch.product.resize(panels * mr * ld, 0.0);
+        super::simd::gemm_tiles(
+            isa,
+            panels,
+            k,
+            &scratch.packed,
+            &scratch.padded,
+            &scratch.offsets,
+            0,
+            ld / nr,
+            &mut scratch.product,
+            ld,
+        );
+        for i in 0..m {
+            c[i * n..(i + 1) * n].copy_from_slice(&scratch.product[i * ld..i * ld + n]);
+        }
+    });
+}
+
 /// Geometry of a convolution.
 #[derive(Clone, Copy, Debug)]
 pub struct ConvGeom {
@@ -208,10 +253,10 @@ pub fn im2col(planes: &[&[f32]], n: usize, g: &ConvGeom, cols: &mut [f32]) {
     }
 }
 
-/// Fewest input channels for which [`conv`] uses shifted products instead of im2col.
-const SHIFTED_MIN_CHANNELS: usize = 4;
-
 /// Full convolution: `out[co] = Σ_ci W[co, ci] ⋆ x[ci] (+ b[co])`, zero or circular padding.
+///
+/// Runs the indirect micro-kernels of [`super::simd`] on a padded copy of the input (see
+/// [`conv_indirect`]); circular padding with a stride above 1 takes one im2col product instead.
 pub fn conv(
     x: &Act,
     w: &[f32],
@@ -222,118 +267,351 @@ pub fn conv(
     pad: usize,
     circular: bool,
 ) -> Act {
-    // The shifted path runs k² products of inner size C_in over the whole output; with few
-    // input channels (a network's first layer) one im2col product of inner size C_in·k² is
-    // faster.
-    if stride == 1 && k > 1 && 2 * pad == k - 1 && x.c >= SHIFTED_MIN_CHANNELS {
-        return conv_shifted(x, w, co, bias, k, pad, circular);
-    }
     let g = ConvGeom::new(k, stride, pad, circular, x.h, x.w);
-    let planes: Vec<&[f32]> = (0..x.c).map(|c| x.plane(c)).collect();
-    let kk = x.c * k * k;
-    let cols_n = x.n * g.oh * g.ow;
-    let mut cols = vec![0.0f32; kk * cols_n];
-    im2col(&planes, x.n, &g, &mut cols);
     let mut out = Act::zeros(co, x.n, g.oh, g.ow);
-    if let Some(b) = bias {
-        for o in 0..co {
-            out.plane_mut(o).fill(b[o]);
+    let planes: Vec<&[f32]> = (0..x.c).map(|c| x.plane(c)).collect();
+    if circular && stride > 1 {
+        let kk = x.c * k * k;
+        let cols_n = x.n * g.oh * g.ow;
+        let mut cols = vec![0.0f32; kk * cols_n];
+        im2col(&planes, x.n, &g, &mut cols);
+        if let Some(b) = bias {
+            for o in 0..co {
+                out.plane_mut(o).fill(b[o]);
+            }
         }
+        sgemm(
+            co,
+            cols_n,
+            kk,
+            w,
+            kk,
+            &cols,
+            cols_n,
+            &mut out.data,
+            cols_n,
+            bias.is_some(),
+        );
+        return out;
     }
-    sgemm(
-        co,
-        cols_n,
-        kk,
+    conv_indirect(
+        &planes,
+        x.n,
+        &g,
         w,
-        kk,
-        &cols,
-        cols_n,
+        x.c * k * k,
+        co,
         &mut out.data,
-        cols_n,
-        bias.is_some(),
+        Epilogue::Set(bias),
     );
     out
 }
 
-/// "Same" stride-1 convolution without an im2col matrix: on a zero-padded copy of the input
-/// (each image `(h+2p) × (w+2p)`, laid out back to back), the output at padded position `q` is
-/// `Σ_taps W_tap · x_pad[q + shift_tap]`, so each of the `k²` taps is one matrix product
-/// `W_tap[Co, Ci] × x_pad[Ci, shifted columns]` accumulated into a padded output whose interior
-/// is the result. This writes the input once instead of `k²` times. With circular padding the
-/// border of each padded image holds the wrapped-around rows and columns instead of zeros.
-fn conv_shifted(
-    x: &Act,
-    w: &[f32],
-    co: usize,
-    bias: Option<&[f32]>,
+/// What [`conv_indirect`] does with the product.
+#[derive(Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// `out = product (+ bias)`.
+    Set(Option<&'a [f32]>),
+    /// `out += product`.
+    Add,
+}
+
+/// Scratch buffers of [`conv_indirect`], one set per thread, reused across calls (the fast
+/// engine runs thousands of convolutions per step; allocating them each time showed up as
+/// ≈ 10% memset and memmove in profiles).
+#[derive(Default)]
+struct Scratch {
+    padded: Vec<f32>,
+    packed: Vec<f32>,
+    product: Vec<f32>,
+    offsets: Vec<usize>,
+    /// Output row pieces of one pass.
+    spans: Vec<(usize, usize, usize)>,
+    /// Padded input copies by layout. A call with a layout seen before rewrites only the data
+    /// slots (its zero slots are still zero), which saves a memset as large as the input.
+    layouts: Vec<(LayoutKey, Vec<f32>)>,
+}
+
+/// What fixes where a padded copy's zero slots are: channels, batch, geometry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct LayoutKey {
+    ci: usize,
+    n: usize,
+    h: usize,
+    w: usize,
     k: usize,
+    stride: usize,
     pad: usize,
     circular: bool,
-) -> Act {
-    let (ci, n) = (x.c, x.n);
-    let (hp, wp) = (x.h + 2 * pad, x.w + 2 * pad);
-    let plane = n * hp * wp;
-    let margin = pad * wp + pad;
-    let ld = plane + 2 * margin;
-    let mut xp = vec![0.0f32; ci * ld];
-    for c in 0..ci {
-        let src = x.plane(c);
-        let dst = &mut xp[c * ld + margin..][..plane];
-        for ni in 0..n {
-            for y in 0..x.h {
-                let d0 = (ni * hp + y + pad) * wp + pad;
-                dst[d0..d0 + x.w].copy_from_slice(&src[(ni * x.h + y) * x.w..][..x.w]);
-            }
-            if circular {
-                wrap_border(&mut dst[ni * hp * wp..(ni + 1) * hp * wp], x.h, x.w, pad);
+}
+
+/// Padded copies kept per thread (a ResNet-20 has six convolution layouts, and the fast engine's
+/// one-channel changes six more).
+const KEPT_LAYOUTS: usize = 16;
+
+impl Scratch {
+    /// The padded buffer for `key` (`len` values): a kept one, or a new zeroed one (evicting the
+    /// least recently used). `true` when it is new.
+    fn padded_for(&mut self, key: LayoutKey, len: usize) -> (Vec<f32>, bool) {
+        if let Some(i) = self.layouts.iter().position(|(k, _)| *k == key) {
+            let (_, buf) = self.layouts.remove(i);
+            if buf.len() == len {
+                return (buf, false);
             }
         }
+        if self.layouts.len() >= KEPT_LAYOUTS {
+            self.layouts.remove(0);
+        }
+        (vec![0.0; len], true)
     }
-    // Weights per tap, [Co, Ci].
-    let kk = k * k;
-    let mut wt = vec![0.0f32; kk * co * ci];
-    for o in 0..co {
-        for c in 0..ci {
-            for t in 0..kk {
-                wt[(t * co + o) * ci + c] = w[(o * ci + c) * kk + t];
-            }
+    fn keep(&mut self, key: LayoutKey, buf: Vec<f32>) {
+        self.layouts.push((key, buf));
+    }
+}
+
+thread_local! {
+    /// Tests: this thread's convolutions take the given instruction set.
+    static ISA_OVERRIDE: std::cell::Cell<Option<super::simd::Isa>> = const { std::cell::Cell::new(None) };
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// One dimension of a convolution split by stride phase: input index `s·o + t − pad` of tap `t`
+/// is in phase `(t − pad) mod s`, at phase index `o + d_t` with `d_t = ⌊(t − pad) / s⌋`.
+struct Axis {
+    /// Per tap: (phase, d).
+    taps: Vec<(usize, isize)>,
+    /// Zero slots before the data (the most negative `d`, as a count).
+    lo: usize,
+    /// Data (and zero-filled) slots per line: covers every phase and every read.
+    data: usize,
+    /// Input lines per phase.
+    phase_len: Vec<usize>,
+}
+
+impl Axis {
+    fn new(size: usize, out: usize, k: usize, s: usize, pad: usize) -> Axis {
+        let taps: Vec<(usize, isize)> = (0..k)
+            .map(|t| {
+                let v = t as isize - pad as isize;
+                (v.rem_euclid(s as isize) as usize, v.div_euclid(s as isize))
+            })
+            .collect();
+        let lo = taps
+            .iter()
+            .map(|&(_, d)| (-d).max(0) as usize)
+            .max()
+            .unwrap_or(0);
+        let hi = taps
+            .iter()
+            .map(|&(_, d)| d.max(0) as usize)
+            .max()
+            .unwrap_or(0);
+        let phase_len: Vec<usize> = (0..s).map(|a| (size + s - 1 - a) / s).collect();
+        let data = phase_len.iter().copied().max().unwrap_or(0).max(out + hi);
+        Axis {
+            taps,
+            lo,
+            data,
+            phase_len,
         }
     }
-    let mut outp = vec![0.0f32; co * plane];
-    for t in 0..kk {
-        let (i, j) = (t / k, t % k);
-        let start = (margin as isize
-            + (i as isize - pad as isize) * wp as isize
-            + (j as isize - pad as isize)) as usize;
-        sgemm(
-            co,
-            plane,
-            ci,
-            &wt[t * co * ci..],
-            ci,
-            &xp[start..],
-            ld,
-            &mut outp,
-            plane,
-            t > 0,
-        );
+}
+
+/// `out = W ⋆ x` as an indirect product: the input goes once into a padded, stride-phase-split
+/// copy, and row `(c, i, j)` of the product's `B` is that copy shifted by the tap — so the
+/// micro-kernel keeps each output tile in registers over all `C_in · k²` taps.
+///
+/// Layout of the copy, per input channel and stride phase: images back to back, each line
+/// (row) `data + lo` long and each image `data + lo` lines, the `lo` trailing slots zero. With
+/// zero padding those zeros serve as the left (top) padding of the next line (image) too, so the
+/// output positions computed and dropped between rows are few (1.27× the outputs on 8×8 maps,
+/// 1.06× on 32×32). Circular padding (stride 1) pads each image on every side with its wrapped
+/// values instead.
+///
+/// `planes`: the input channels, each `[N, H, W]`; `a`: the weights, row `o` at `a[o · lda ..]`
+/// with the `C_in · k²` taps in `(c, i, j)` order.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_indirect(
+    planes: &[&[f32]],
+    n: usize,
+    g: &ConvGeom,
+    a: &[f32],
+    lda: usize,
+    co: usize,
+    out: &mut [f32],
+    epilogue: Epilogue,
+) {
+    let (ci, k, s) = (planes.len(), g.k, g.stride);
+    let kk = ci * k * k;
+    let out_plane = n * g.oh * g.ow;
+    assert!(
+        out.len() >= co * out_plane,
+        "conv_indirect: output too short"
+    );
+    if co == 0 || out_plane == 0 {
+        return;
     }
-    let mut out = Act::zeros(co, n, x.h, x.w);
-    for o in 0..co {
-        let b = bias.map_or(0.0, |b| b[o]);
-        let src = &outp[o * plane..(o + 1) * plane];
-        let dst = out.plane_mut(o);
-        for ni in 0..n {
-            for y in 0..x.h {
-                let s0 = (ni * hp + y + pad) * wp + pad;
-                let d = &mut dst[(ni * x.h + y) * x.w..][..x.w];
-                for (dv, &sv) in d.iter_mut().zip(&src[s0..s0 + x.w]) {
-                    *dv = sv + b;
+    if kk == 0 {
+        if let Epilogue::Set(b) = epilogue {
+            for o in 0..co {
+                out[o * out_plane..(o + 1) * out_plane].fill(b.map_or(0.0, |b| b[o]));
+            }
+        }
+        return;
+    }
+    assert!(!g.circular || s == 1, "circular padding with stride > 1");
+    let isa = ISA_OVERRIDE
+        .with(|o| o.get())
+        .unwrap_or_else(super::simd::active);
+    let (mr, nr) = (isa.mr(), isa.nr());
+    let (rows, cols) = if g.circular {
+        // Whole padded images: p slots of wrapped values on each side.
+        let full = |size: usize| Axis {
+            taps: (0..k).map(|t| (0, t as isize - g.pad as isize)).collect(),
+            lo: g.pad,
+            data: size + g.pad,
+            phase_len: vec![size],
+        };
+        (full(g.h), full(g.w))
+    } else {
+        (
+            Axis::new(g.h, g.oh, k, s, g.pad),
+            Axis::new(g.w, g.ow, k, s, g.pad),
+        )
+    };
+    let line = cols.data + cols.lo;
+    let image = (rows.data + rows.lo) * line;
+    let margin = rows.lo * line + cols.lo;
+    let plane_len = margin + n * image;
+    let phases = s * s;
+    // Output positions `q = n·image + oy·line + ox`, computed in whole tiles.
+    let q_len = (n - 1) * image + (g.oh - 1) * line + g.ow;
+    let hi_read = (rows.data + 1) * line + nr;
+    SCRATCH.with(|cell| {
+        let scratch = &mut *cell.borrow_mut();
+        let key = LayoutKey {
+            ci,
+            n,
+            h: g.h,
+            w: g.w,
+            k,
+            stride: s,
+            pad: g.pad,
+            circular: g.circular,
+        };
+        let (mut padded, _) = scratch.padded_for(key, ci * phases * plane_len + hi_read);
+        for (c, src) in planes.iter().enumerate() {
+            for pa in 0..s {
+                let bases: Vec<usize> = (0..s)
+                    .map(|pb| (c * phases + pa * s + pb) * plane_len + margin)
+                    .collect();
+                for ni in 0..n {
+                    let img = &src[ni * g.h * g.w..(ni + 1) * g.h * g.w];
+                    for u in 0..rows.phase_len[pa] {
+                        let srow = &img[(u * s + pa) * g.w..][..g.w];
+                        let at = ni * image + u * line;
+                        if s == 1 {
+                            padded[bases[0] + at..][..g.w].copy_from_slice(srow);
+                        } else if s == 2 {
+                            // Both column phases in one pass over the source row.
+                            let (lo, hi) = padded.split_at_mut(bases[1] + at);
+                            let d0 = &mut lo[bases[0] + at..][..cols.phase_len[0]];
+                            let d1 = &mut hi[..cols.phase_len[1]];
+                            super::simd::deinterleave2(srow, d0, d1);
+                            if g.w % 2 == 1 {
+                                d0[g.w / 2] = srow[g.w - 1];
+                            }
+                        } else {
+                            for pb in 0..s {
+                                let d = &mut padded[bases[pb] + at..][..cols.phase_len[pb]];
+                                for (v, dv) in d.iter_mut().enumerate() {
+                                    *dv = srow[v * s + pb];
+                                }
+                            }
+                        }
+                    }
+                }
+                if g.circular {
+                    for ni in 0..n {
+                        let start = bases[0] - margin + ni * image;
+                        wrap_border(&mut padded[start..start + image], g.h, g.w, g.pad);
+                    }
                 }
             }
         }
-    }
-    out
+        let offsets = &mut scratch.offsets;
+        offsets.clear();
+        for c in 0..ci {
+            for &(pa, di) in &rows.taps {
+                for &(pb, dj) in &cols.taps {
+                    let plane = (c * phases + pa * s + pb) * plane_len;
+                    let shift = (rows.lo as isize + di) * line as isize + cols.lo as isize + dj;
+                    offsets.push(plane + shift as usize);
+                }
+            }
+        }
+        super::simd::pack_a(a, lda, co, kk, mr, &mut scratch.packed);
+        let panels = co.div_ceil(mr);
+        // Product columns per pass: ≈ 256 KiB of products, so they stay in L2 until extracted.
+        let chunk = ((1usize << 16) / (panels * mr)).max(nr) / nr * nr;
+        let product = &mut scratch.product;
+        if product.len() < panels * mr * chunk {
+            product.resize(panels * mr * chunk, 0.0);
+        }
+        let spans = &mut scratch.spans;
+        let mut q0 = 0;
+        while q0 < q_len {
+            let tiles = (q_len - q0).min(chunk).div_ceil(nr);
+            super::simd::gemm_tiles(
+                isa,
+                panels,
+                kk,
+                &scratch.packed,
+                &padded,
+                &scratch.offsets,
+                q0,
+                tiles,
+                product,
+                chunk,
+            );
+            let q1 = (q0 + tiles * nr).min(q_len);
+            // Output rows (n, oy) that meet [q0, q1): (start in the product, start in the
+            // output plane, length).
+            let image_lines = rows.data + rows.lo;
+            spans.clear();
+            for lrow in q0 / line..=(q1 - 1) / line {
+                let (ni, oy) = (lrow / image_lines, lrow % image_lines);
+                let qs = lrow * line;
+                let (a0, a1) = (qs.max(q0), (qs + g.ow).min(q1));
+                if oy < g.oh && a0 < a1 {
+                    spans.push((a0 - q0, (ni * g.oh + oy) * g.ow + (a0 - qs), a1 - a0));
+                }
+            }
+            for o in 0..co {
+                let src = &product[o * chunk..(o + 1) * chunk];
+                let dst = &mut out[o * out_plane..(o + 1) * out_plane];
+                match epilogue {
+                    Epilogue::Set(b) => {
+                        let b = b.map_or(0.0, |b| b[o]);
+                        for &(p, d, len) in spans.iter() {
+                            for (d, &v) in dst[d..d + len].iter_mut().zip(&src[p..p + len]) {
+                                *d = v + b;
+                            }
+                        }
+                    }
+                    Epilogue::Add => {
+                        for &(p, d, len) in spans.iter() {
+                            for (d, &v) in dst[d..d + len].iter_mut().zip(&src[p..p + len]) {
+                                *d += v;
+                            }
+                        }
+                    }
+                }
+            }
+            q0 = q1;
+        }
+        scratch.keep(key, padded);
+    });
 }
 
 /// Fill the border of one padded image (`(h + 2p) × (w + 2p)`, interior already written) with
@@ -366,22 +644,35 @@ pub fn conv_add_channel(
     n: usize,
 ) {
     let kk = g.k * g.k;
-    let cols_n = n * g.oh * g.ow;
-    let mut cols = vec![0.0f32; kk * cols_n];
-    im2col(&[delta], n, g, &mut cols);
+    if g.circular && g.stride > 1 {
+        let cols_n = n * g.oh * g.ow;
+        let mut cols = vec![0.0f32; kk * cols_n];
+        im2col(&[delta], n, g, &mut cols);
+        sgemm(
+            out.c,
+            cols_n,
+            kk,
+            &w[c * kk..],
+            ci_total * kk,
+            &cols,
+            cols_n,
+            &mut out.data,
+            cols_n,
+            true,
+        );
+        return;
+    }
     // W[co, c, :, :] rows start at (o·ci_total + c)·k², stride ci_total·k².
-    let a = &w[c * kk..];
-    sgemm(
-        out.c,
-        cols_n,
-        kk,
-        a,
+    let co = out.c;
+    conv_indirect(
+        &[delta],
+        n,
+        g,
+        &w[c * kk..],
         ci_total * kk,
-        &cols,
-        cols_n,
+        co,
         &mut out.data,
-        cols_n,
-        true,
+        Epilogue::Add,
     );
 }
 
@@ -517,7 +808,28 @@ pub fn subsample2_plane(x: &[f32], n: usize, h: usize, w: usize, out: &mut [f32]
 
 #[cfg(test)]
 mod tests {
+    use super::super::simd::Isa;
     use super::*;
+
+    /// `conv` on one instruction set (the ISA is passed down instead of forced globally, so
+    /// tests running at the same time keep theirs).
+    #[allow(clippy::too_many_arguments)]
+    fn conv_with(
+        isa: Isa,
+        x: &Act,
+        w: &[f32],
+        co: usize,
+        bias: Option<&[f32]>,
+        k: usize,
+        s: usize,
+        p: usize,
+        circ: bool,
+    ) -> Act {
+        ISA_OVERRIDE.with(|o| o.set(Some(isa)));
+        let out = conv(x, w, co, bias, k, s, p, circ);
+        ISA_OVERRIDE.with(|o| o.set(None));
+        out
+    }
 
     /// Direct convolution, the definition (circular: indices taken modulo the image size).
     fn conv_direct(
@@ -584,6 +896,17 @@ mod tests {
             (4, 2, 8, 8, 3, 2, 1, true),
             (6, 3, 4, 6, 5, 1, 2, true),
             (2, 3, 4, 6, 5, 1, 2, true),
+            // Odd sizes with stride 2, stride 3, valid (unpadded) and 1×1 strided convolutions,
+            // and more output channels than one micro-kernel tile.
+            (3, 4, 7, 9, 3, 2, 1, false),
+            (2, 3, 9, 8, 3, 3, 1, false),
+            (3, 2, 7, 6, 3, 1, 0, false),
+            (4, 3, 7, 7, 1, 2, 0, false),
+            (2, 3, 8, 7, 5, 2, 2, false),
+            (3, 19, 5, 6, 3, 1, 1, false),
+            (3, 19, 5, 6, 3, 1, 1, true),
+            (2, 3, 5, 37, 3, 2, 1, false),
+            (2, 3, 5, 34, 3, 2, 1, false),
         ] {
             let n = 3;
             let x: Vec<f32> = (0..n * c * h * w)
@@ -594,8 +917,28 @@ mod tests {
                 .collect();
             let bias: Vec<f32> = (0..co).map(|i| i as f32 * 0.1).collect();
             let a = Act::from_nchw(&x, n, c, h, w);
-            let got = conv(&a, &wt, co, Some(&bias), k, s, p, circ);
             let want = conv_direct(&a, &wt, co, k, s, p, circ);
+            // Every instruction set gives the same bits.
+            let mut first: Option<Act> = None;
+            for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+                if !isa.supported() {
+                    continue;
+                }
+                let got = conv_with(isa, &a, &wt, co, Some(&bias), k, s, p, circ);
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => assert_eq!(f, &got, "{isa:?}: conv {c}->{co} k{k} s{s}"),
+                }
+            }
+            let got = first.expect("the portable path");
+            // A second call on the same layout reuses the padded copy: only its data changes.
+            let neg = Act::from_nchw(&x.iter().map(|v| -v).collect::<Vec<_>>(), n, c, h, w);
+            let again = conv(&neg, &wt, co, None, k, s, p, circ);
+            for o in 0..co {
+                for (g, a) in got.plane(o).iter().zip(again.plane(o)) {
+                    assert!((g - bias[o] + a).abs() < 1e-4, "reused layout: {g} vs {a}");
+                }
+            }
             assert_eq!(
                 (got.c, got.n, got.h, got.w),
                 (want.c, want.n, want.h, want.w)

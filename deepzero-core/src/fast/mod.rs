@@ -23,6 +23,7 @@
 //! the rounding a difference of two f32 batch means carries.
 
 pub mod kernels;
+pub mod simd;
 
 use crate::error::{Error, Result};
 use crate::head::Head;

@@ -1,0 +1,464 @@
+//! Register-blocked matrix-product micro-kernels with run-time instruction-set dispatch.
+//!
+//! One product shape serves every convolution of the engine: `C[m × p] = A[m × K] · B`, where
+//! row `r` of `B` is read at `b[off[r] ..]` with unit stride. With `off[r]` the position of input
+//! channel `c` shifted by kernel tap `(i, j)` in a padded copy of the input, that product *is* the
+//! convolution (an "indirect" gemm): no im2col matrix is written, and each output tile keeps its
+//! accumulators in registers over all `K = C_in · k²` rows.
+//!
+//! A micro-kernel computes an `MR × NR` tile of `C` (rows = output channels, columns = output
+//! positions): per row of `B` it loads `NR` values, broadcasts `MR` values of `A` and issues
+//! `MR · NR / lanes` fused multiply-adds.
+//!
+//! | instruction set | tile | accumulators |
+//! |---|---|---|
+//! | AVX-512F | 8 × 48 | 24 zmm |
+//! | AVX2 + FMA | 6 × 16 | 12 ymm |
+//! | portable | 4 × 8 | scalar `mul_add` |
+//!
+//! Every path adds the rows of `B` in the same order with one fused multiply-add each, so all
+//! three give bit-identical results; tests force each path and compare.
+//!
+//! Callers own the buffers: `A` packed by [`pack_a`] (`m` rounded up to `MR`), `C` with room for
+//! whole tiles (`MR` rows, columns rounded up to `NR`), and `B` readable `NR` values past the last
+//! position of every row. That removes all edge handling from the kernels.
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Instruction set of the micro-kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust (`f32::mul_add`).
+    Portable,
+    /// AVX2 with FMA (x86-64-v3).
+    Avx2,
+    /// AVX-512F.
+    Avx512,
+}
+
+impl Isa {
+    /// Tile rows (output channels per micro-kernel call).
+    pub fn mr(self) -> usize {
+        match self {
+            Isa::Portable => 4,
+            Isa::Avx2 => 6,
+            Isa::Avx512 => 8,
+        }
+    }
+    /// Tile columns (output positions per micro-kernel call).
+    pub fn nr(self) -> usize {
+        match self {
+            Isa::Portable => 8,
+            Isa::Avx2 => 16,
+            Isa::Avx512 => 48,
+        }
+    }
+    /// Whether this CPU can run it.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+    /// Name as the benchmarks print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+}
+
+impl std::str::FromStr for Isa {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Isa, String> {
+        match s {
+            "avx512" => Ok(Isa::Avx512),
+            "avx2" => Ok(Isa::Avx2),
+            "portable" => Ok(Isa::Portable),
+            other => Err(format!(
+                "unknown instruction set '{other}': use avx512, avx2 or portable"
+            )),
+        }
+    }
+}
+
+/// 0: not chosen yet; otherwise 1 + the index of the chosen path.
+static CHOSEN: AtomicU8 = AtomicU8::new(0);
+
+const ORDER: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+
+/// The best path this CPU runs.
+pub fn detected() -> Isa {
+    [Isa::Avx512, Isa::Avx2]
+        .into_iter()
+        .find(|i| i.supported())
+        .unwrap_or(Isa::Portable)
+}
+
+/// The path the kernels take: [`detected`] unless [`force`] chose another.
+pub fn active() -> Isa {
+    match CHOSEN.load(Ordering::Relaxed) {
+        0 => {
+            let isa = detected();
+            let _ = CHOSEN.compare_exchange(
+                0,
+                1 + ORDER.iter().position(|&i| i == isa).expect("listed") as u8,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            active()
+        }
+        v => ORDER[(v - 1) as usize],
+    }
+}
+
+/// Make every later kernel call take `isa` (as a CPU without AVX-512 would), or go back to the
+/// detected path with `None`. Refuses a path this CPU cannot run. Results are the same on every
+/// path, so this changes speed only.
+pub fn force(isa: Option<Isa>) -> Result<(), String> {
+    let isa = match isa {
+        Some(i) if !i.supported() => {
+            return Err(format!("this CPU cannot run the {} kernels", i.name()))
+        }
+        Some(i) => i,
+        None => detected(),
+    };
+    CHOSEN.store(
+        1 + ORDER.iter().position(|&i| i == isa).expect("listed") as u8,
+        Ordering::Relaxed,
+    );
+    Ok(())
+}
+
+/// Pack `A` (`m × k`, row stride `lda`) into panels of `mr` rows: `[m / mr][k][mr]`, the last
+/// panel padded with zero rows. `out` is resized to fit.
+pub fn pack_a(a: &[f32], lda: usize, m: usize, k: usize, mr: usize, out: &mut Vec<f32>) {
+    let panels = m.div_ceil(mr);
+    out.clear();
+    out.resize(panels * k * mr, 0.0);
+    for pnl in 0..panels {
+        let dst = &mut out[pnl * k * mr..(pnl + 1) * k * mr];
+        for i in 0..mr.min(m - pnl * mr) {
+            let row = &a[(pnl * mr + i) * lda..][..k];
+            for (r, &v) in row.iter().enumerate() {
+                dst[r * mr + i] = v;
+            }
+        }
+    }
+}
+
+/// `C[tile rows, cols] = A · B` over whole tiles: for each panel of `A` and each group of `NR`
+/// columns starting at `col0 + t · NR` (`t < tiles`), rows of `B` at `b[off[r] + col]`; `C` row
+/// `i` of panel `p` at `c[(p · MR + i) · ldc + col − col0]`.
+///
+/// Panics unless every read and write is inside the slices (checked once, up front).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_tiles(
+    isa: Isa,
+    panels: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    off: &[usize],
+    col0: usize,
+    tiles: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let (mr, nr) = (isa.mr(), isa.nr());
+    if panels == 0 || tiles == 0 {
+        return;
+    }
+    assert!(a.len() >= panels * k * mr, "gemm_tiles: A too short");
+    assert!(off.len() >= k, "gemm_tiles: too few row offsets");
+    let last_col = col0 + tiles * nr;
+    if let Some(&max_off) = off[..k].iter().max() {
+        assert!(max_off + last_col <= b.len(), "gemm_tiles: B too short");
+    }
+    assert!(ldc >= tiles * nr, "gemm_tiles: ldc too small");
+    assert!(
+        c.len() >= (panels * mr - 1) * ldc + tiles * nr,
+        "gemm_tiles: C too short"
+    );
+    for p in 0..panels {
+        let ap = &a[p * k * mr..(p + 1) * k * mr];
+        for t in 0..tiles {
+            let col = col0 + t * nr;
+            let ct = (p * mr) * ldc + t * nr;
+            match isa {
+                Isa::Portable => portable(k, ap, b, off, col, &mut c[ct..], ldc),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the path is only chosen where the CPU has the features (`force`
+                // refuses otherwise, `detected` checks); the asserts above bound every access:
+                // B rows `off[r] + col .. + NR ≤ b.len()`, C rows `ct + i · ldc .. + NR` for
+                // `i < MR` inside `c`, A `k · MR` values.
+                Isa::Avx2 => unsafe {
+                    x86::avx2_6x16(
+                        k,
+                        ap.as_ptr(),
+                        b.as_ptr().add(col),
+                        off.as_ptr(),
+                        c[ct..].as_mut_ptr(),
+                        ldc,
+                    )
+                },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Isa::Avx512 => unsafe {
+                    x86::avx512_8x48(
+                        k,
+                        ap.as_ptr(),
+                        b.as_ptr().add(col),
+                        off.as_ptr(),
+                        c[ct..].as_mut_ptr(),
+                        ldc,
+                    )
+                },
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => unreachable!("only the portable path exists off x86-64"),
+            }
+        }
+    }
+}
+
+/// Even- and odd-indexed values of `src` into `even` and `odd` (as many as each holds): the
+/// stride-2 phase split of a convolution's input rows.
+pub fn deinterleave2(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if active() != Isa::Portable {
+        let blocks = (src.len() / 16).min(even.len() / 8).min(odd.len() / 8);
+        // SAFETY: AVX2 is present (every non-portable path has it); block `i` reads
+        // `src[16i .. 16i + 16]` and writes `even[8i .. 8i + 8]`, `odd[8i .. 8i + 8]`, all in
+        // bounds by the choice of `blocks`.
+        unsafe {
+            x86::deinterleave2_avx2(blocks, src.as_ptr(), even.as_mut_ptr(), odd.as_mut_ptr())
+        };
+        done = blocks * 8;
+    }
+    for (v, pair) in src[2 * done..].chunks_exact(2).enumerate() {
+        if done + v < even.len() {
+            even[done + v] = pair[0];
+        }
+        if done + v < odd.len() {
+            odd[done + v] = pair[1];
+        }
+    }
+}
+
+/// The portable tile: 4 × 8, one fused multiply-add per product, rows in order.
+fn portable(k: usize, a: &[f32], b: &[f32], off: &[usize], col: usize, c: &mut [f32], ldc: usize) {
+    const MR: usize = 4;
+    const NR: usize = 8;
+    let mut acc = [[0.0f32; NR]; MR];
+    for r in 0..k {
+        let br = &b[off[r] + col..][..NR];
+        let ar = &a[r * MR..][..MR];
+        for i in 0..MR {
+            for j in 0..NR {
+                acc[i][j] = ar[i].mul_add(br[j], acc[i][j]);
+            }
+        }
+    }
+    for i in 0..MR {
+        c[i * ldc..i * ldc + NR].copy_from_slice(&acc[i]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `blocks` blocks of 16 values split into 8 even- and 8 odd-indexed ones.
+    ///
+    /// # Safety
+    /// AVX2 present; `src` holds `16 · blocks` values, `even` and `odd` `8 · blocks` each.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn deinterleave2_avx2(
+        blocks: usize,
+        src: *const f32,
+        even: *mut f32,
+        odd: *mut f32,
+    ) {
+        for i in 0..blocks {
+            let lo = _mm256_loadu_ps(src.add(16 * i));
+            let hi = _mm256_loadu_ps(src.add(16 * i + 8));
+            // [l0 l2 h0 h2 | l4 l6 h4 h6], then 64-bit lanes reordered 0 2 1 3.
+            let e = _mm256_shuffle_ps::<0b10_00_10_00>(lo, hi);
+            let o = _mm256_shuffle_ps::<0b11_01_11_01>(lo, hi);
+            let e = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(e)));
+            let o = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(o)));
+            _mm256_storeu_ps(even.add(8 * i), e);
+            _mm256_storeu_ps(odd.add(8 * i), o);
+        }
+    }
+
+    /// 6 × 16 tile, 12 ymm accumulators.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; `a` holds `k · 6` values, every `b + off[r]` holds 16, `c` rows
+    /// `i · ldc`, `i < 6`, hold 16.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn avx2_6x16(
+        k: usize,
+        a: *const f32,
+        b: *const f32,
+        off: *const usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut c00 = _mm256_setzero_ps();
+        let mut c01 = _mm256_setzero_ps();
+        let mut c10 = _mm256_setzero_ps();
+        let mut c11 = _mm256_setzero_ps();
+        let mut c20 = _mm256_setzero_ps();
+        let mut c21 = _mm256_setzero_ps();
+        let mut c30 = _mm256_setzero_ps();
+        let mut c31 = _mm256_setzero_ps();
+        let mut c40 = _mm256_setzero_ps();
+        let mut c41 = _mm256_setzero_ps();
+        let mut c50 = _mm256_setzero_ps();
+        let mut c51 = _mm256_setzero_ps();
+        for r in 0..k {
+            let br = b.add(*off.add(r));
+            let b0 = _mm256_loadu_ps(br);
+            let b1 = _mm256_loadu_ps(br.add(8));
+            let ar = a.add(r * 6);
+            let x = _mm256_broadcast_ss(&*ar);
+            c00 = _mm256_fmadd_ps(x, b0, c00);
+            c01 = _mm256_fmadd_ps(x, b1, c01);
+            let x = _mm256_broadcast_ss(&*ar.add(1));
+            c10 = _mm256_fmadd_ps(x, b0, c10);
+            c11 = _mm256_fmadd_ps(x, b1, c11);
+            let x = _mm256_broadcast_ss(&*ar.add(2));
+            c20 = _mm256_fmadd_ps(x, b0, c20);
+            c21 = _mm256_fmadd_ps(x, b1, c21);
+            let x = _mm256_broadcast_ss(&*ar.add(3));
+            c30 = _mm256_fmadd_ps(x, b0, c30);
+            c31 = _mm256_fmadd_ps(x, b1, c31);
+            let x = _mm256_broadcast_ss(&*ar.add(4));
+            c40 = _mm256_fmadd_ps(x, b0, c40);
+            c41 = _mm256_fmadd_ps(x, b1, c41);
+            let x = _mm256_broadcast_ss(&*ar.add(5));
+            c50 = _mm256_fmadd_ps(x, b0, c50);
+            c51 = _mm256_fmadd_ps(x, b1, c51);
+        }
+        let rows = [
+            [c00, c01],
+            [c10, c11],
+            [c20, c21],
+            [c30, c31],
+            [c40, c41],
+            [c50, c51],
+        ];
+        for (i, row) in rows.iter().enumerate() {
+            let ci = c.add(i * ldc);
+            _mm256_storeu_ps(ci, row[0]);
+            _mm256_storeu_ps(ci.add(8), row[1]);
+        }
+    }
+
+    /// 8 × 48 tile, 24 zmm accumulators.
+    ///
+    /// # Safety
+    /// AVX-512F present; `a` holds `k · 8` values, every `b + off[r]` holds 48, `c` rows
+    /// `i · ldc`, `i < 8`, hold 48.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn avx512_8x48(
+        k: usize,
+        a: *const f32,
+        b: *const f32,
+        off: *const usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 3]; 8];
+        for r in 0..k {
+            let br = b.add(*off.add(r));
+            let b0 = _mm512_loadu_ps(br);
+            let b1 = _mm512_loadu_ps(br.add(16));
+            let b2 = _mm512_loadu_ps(br.add(32));
+            let ar = a.add(r * 8);
+            for (i, row) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*ar.add(i));
+                row[0] = _mm512_fmadd_ps(x, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(x, b1, row[1]);
+                row[2] = _mm512_fmadd_ps(x, b2, row[2]);
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            let ci = c.add(i * ldc);
+            _mm512_storeu_ps(ci, row[0]);
+            _mm512_storeu_ps(ci.add(16), row[1]);
+            _mm512_storeu_ps(ci.add(32), row[2]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_path_gives_the_same_bits_as_the_definition() {
+        let (m, k) = (13, 37);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        let b: Vec<f32> = (0..4000)
+            .map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0)
+            .collect();
+        // Rows of B at scattered offsets, some overlapping.
+        let off: Vec<usize> = (0..k).map(|r| (r * 71) % 900).collect();
+        let mut reference: Option<Vec<f32>> = None;
+        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+            if !isa.supported() {
+                continue;
+            }
+            let (mr, nr) = (isa.mr(), isa.nr());
+            let cols = 96; // a multiple of every NR
+            let mut ap = Vec::new();
+            pack_a(&a, k, m, k, mr, &mut ap);
+            let panels = m.div_ceil(mr);
+            let mut c = vec![f32::NAN; panels * mr * cols];
+            gemm_tiles(isa, panels, k, &ap, &b, &off, 5, cols / nr, &mut c, cols);
+            let got: Vec<f32> = (0..m)
+                .flat_map(|i| c[i * cols..(i + 1) * cols].to_vec())
+                .collect();
+            // The definition, in the same order.
+            for i in 0..m {
+                for j in 0..cols {
+                    let mut s = 0.0f32;
+                    for r in 0..k {
+                        s = a[i * k + r].mul_add(b[off[r] + 5 + j], s);
+                    }
+                    assert_eq!(
+                        got[i * cols + j].to_bits(),
+                        s.to_bits(),
+                        "{isa:?} ({i}, {j})"
+                    );
+                }
+            }
+            match &reference {
+                None => reference = Some(got),
+                Some(r) => assert_eq!(r, &got, "{isa:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn force_refuses_nothing_it_can_run_and_restores() {
+        assert!(force(Some(Isa::Portable)).is_ok());
+        assert_eq!(active(), Isa::Portable);
+        force(None).unwrap();
+        assert_eq!(active(), detected());
+    }
+}
