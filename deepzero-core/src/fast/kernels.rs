@@ -20,6 +20,83 @@ pub struct Act {
     pub data: Vec<f32>,
 }
 
+/// Activation buffers kept per thread for reuse: the engines allocate and drop megabytes of
+/// activations per query, and fresh allocations of that size come from the OS as new pages
+/// (page faults took ≈ 25% of a naive ResNet-20 query before).
+struct Pool {
+    buffers: Vec<Vec<f32>>,
+    bytes: usize,
+}
+
+/// Most bytes of activation buffers a thread keeps.
+const POOL_BYTES: usize = 128 << 20;
+/// Smallest buffer worth keeping (smaller ones come cheaply from the allocator).
+const POOL_MIN_LEN: usize = 4096;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Pool> = const {
+        std::cell::RefCell::new(Pool { buffers: Vec::new(), bytes: 0 })
+    };
+}
+
+/// A buffer of `len` values, reusing a kept one where one is large enough: zeroed, or, with
+/// `zero == false`, holding whatever values it held before.
+fn pooled(len: usize, zero: bool) -> Vec<f32> {
+    if len >= POOL_MIN_LEN {
+        let reused = POOL
+            .try_with(|p| {
+                let mut p = p.borrow_mut();
+                // The smallest kept buffer that fits.
+                let best = p
+                    .buffers
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| b.capacity() >= len)
+                    .min_by_key(|(_, b)| b.capacity())
+                    .map(|(i, _)| i)?;
+                let b = p.buffers.swap_remove(best);
+                p.bytes -= b.capacity() * 4;
+                Some(b)
+            })
+            .ok()
+            .flatten();
+        if let Some(mut b) = reused {
+            if zero {
+                b.clear();
+            }
+            b.resize(len, 0.0);
+            b.truncate(len);
+            return b;
+        }
+    }
+    vec![0.0; len]
+}
+
+impl Drop for Act {
+    fn drop(&mut self) {
+        let b = std::mem::take(&mut self.data);
+        if b.capacity() < POOL_MIN_LEN {
+            return;
+        }
+        let _ = POOL.try_with(|p| {
+            let mut p = p.borrow_mut();
+            let size = b.capacity() * 4;
+            // Make room by dropping the smallest kept buffers; keep nothing over the budget.
+            while p.bytes + size > POOL_BYTES && !p.buffers.is_empty() {
+                let i = (0..p.buffers.len())
+                    .min_by_key(|&i| p.buffers[i].capacity())
+                    .expect("non-empty");
+                let old = p.buffers.swap_remove(i);
+                p.bytes -= old.capacity() * 4;
+            }
+            if p.bytes + size <= POOL_BYTES {
+                p.bytes += size;
+                p.buffers.push(b);
+            }
+        });
+    }
+}
+
 impl Act {
     /// Zeros of the given shape.
     pub fn zeros(c: usize, n: usize, h: usize, w: usize) -> Act {
@@ -28,7 +105,18 @@ impl Act {
             n,
             h,
             w,
-            data: vec![0.0; c * n * h * w],
+            data: pooled(c * n * h * w, true),
+        }
+    }
+    /// An activation of the given shape whose values are left as they come (stale values of a
+    /// reused buffer, or zeros): for callers that write every value, which saves a memset.
+    pub fn for_overwrite(c: usize, n: usize, h: usize, w: usize) -> Act {
+        Act {
+            c,
+            n,
+            h,
+            w,
+            data: pooled(c * n * h * w, false),
         }
     }
     /// Values per channel (`n · h · w`).
@@ -268,9 +356,9 @@ pub fn conv(
     circular: bool,
 ) -> Act {
     let g = ConvGeom::new(k, stride, pad, circular, x.h, x.w);
-    let mut out = Act::zeros(co, x.n, g.oh, g.ow);
     let planes: Vec<&[f32]> = (0..x.c).map(|c| x.plane(c)).collect();
     if circular && stride > 1 {
+        let mut out = Act::zeros(co, x.n, g.oh, g.ow);
         let kk = x.c * k * k;
         let cols_n = x.n * g.oh * g.ow;
         let mut cols = vec![0.0f32; kk * cols_n];
@@ -294,6 +382,8 @@ pub fn conv(
         );
         return out;
     }
+    // Every output value is written (`Epilogue::Set`).
+    let mut out = Act::for_overwrite(co, x.n, g.oh, g.ow);
     conv_indirect(
         &planes,
         x.n,
@@ -511,7 +601,7 @@ pub fn conv_indirect(
                         let srow = &img[(u * s + pa) * g.w..][..g.w];
                         let at = ni * image + u * line;
                         if s == 1 {
-                            padded[bases[0] + at..][..g.w].copy_from_slice(srow);
+                            copy_short(srow, &mut padded[bases[0] + at..][..g.w]);
                         } else if s == 2 {
                             // Both column phases in one pass over the source row.
                             let (lo, hi) = padded.split_at_mut(bases[1] + at);
@@ -612,6 +702,21 @@ pub fn conv_indirect(
         }
         scratch.keep(key, padded);
     });
+}
+
+/// `dst.copy_from_slice(src)` for short rows (8 to 64 values): fixed-size pieces compile to
+/// vector moves, where `copy_from_slice` calls `memmove` once per row.
+fn copy_short(src: &[f32], dst: &mut [f32]) {
+    let mut s8 = src.chunks_exact(8);
+    let mut d8 = dst.chunks_exact_mut(8);
+    for (d, s) in (&mut d8).zip(&mut s8) {
+        let s: &[f32; 8] = s.try_into().expect("8 values");
+        let d: &mut [f32; 8] = d.try_into().expect("8 values");
+        *d = *s;
+    }
+    for (d, s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
+        *d = *s;
+    }
 }
 
 /// Fill the border of one padded image (`(h + 2p) × (w + 2p)`, interior already written) with

@@ -65,6 +65,21 @@ pub struct Engine<'a> {
     probs: Vec<f64>,
     /// Output head: the base output in f64, batch-major `[N, output_len]`.
     base_output: Vec<f64>,
+    /// Per register: the last node that reads it (`usize::MAX` for the output), so a query
+    /// drops its changed values as soon as nothing needs them.
+    last_use: Vec<usize>,
+}
+
+/// Per register of `model`: the last node reading it; `usize::MAX` for the output register.
+fn last_uses(model: &Model) -> Vec<usize> {
+    let mut last = vec![0; model.nodes.len() + 1];
+    for (k, node) in model.nodes.iter().enumerate() {
+        for &r in &node.inputs {
+            last[r] = k;
+        }
+    }
+    last[model.nodes.len()] = usize::MAX;
+    last
 }
 
 fn shape_error(msg: String) -> Error {
@@ -119,6 +134,7 @@ impl<'a> Engine<'a> {
             base_loss: Vec::new(),
             probs: Vec::new(),
             base_output: Vec::new(),
+            last_use: last_uses(model),
         };
         for node in &model.nodes {
             let ins: Vec<&Act> = node.inputs.iter().map(|&r| &e.regs[r]).collect();
@@ -288,6 +304,11 @@ impl<'a> Engine<'a> {
                 Change::Full(layer.forward_fast(&refs, self.host_params(over)).0)
             };
             st[k + 1] = s;
+            for &r in &node.inputs {
+                if self.last_use[r] == k {
+                    st[r] = Change::Same;
+                }
+            }
         }
         Ok(st.pop().expect("output register"))
     }
