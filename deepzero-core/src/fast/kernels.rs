@@ -238,17 +238,36 @@ pub fn sgemm_tiled(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [
         let panels = m.div_ceil(mr);
         scratch.product.clear();
         scratch.product.resize(panels * mr * ld, 0.0);
-        super::simd::gemm_tiles(
+        let piece = if isa == super::simd::Isa::Avx512 {
+            16
+        } else {
+            8
+        };
+        super::simd::consecutive(
+            isa,
+            piece,
+            0,
+            ld / nr,
+            &mut scratch.pieces,
+            &mut scratch.dst,
+        );
+        let tiles = super::simd::Tiles {
+            piece,
+            pieces: &scratch.pieces,
+            dst: &scratch.dst,
+        };
+        super::simd::gemm(
             isa,
             panels,
             k,
             &scratch.packed,
             &scratch.padded,
             &scratch.offsets,
-            0,
-            ld / nr,
+            &tiles,
             &mut scratch.product,
             ld,
+            None,
+            false,
         );
         for i in 0..m {
             c[i * n..(i + 1) * n].copy_from_slice(&scratch.product[i * ld..i * ld + n]);
@@ -417,6 +436,11 @@ struct Scratch {
     offsets: Vec<usize>,
     /// Output row pieces of one pass.
     spans: Vec<(usize, usize, usize)>,
+    /// Tile pieces and destinations of one pass.
+    pieces: Vec<usize>,
+    dst: Vec<usize>,
+    /// The bias padded to whole panels.
+    bias: Vec<f32>,
     /// Padded input copies by layout. A call with a layout seen before rewrites only the data
     /// slots (its zero slots are still zero), which saves a memset as large as the input.
     layouts: Vec<(LayoutKey, Vec<f32>)>,
@@ -642,63 +666,162 @@ pub fn conv_indirect(
         }
         super::simd::pack_a(a, lda, co, kk, mr, &mut scratch.packed);
         let panels = co.div_ceil(mr);
-        // Product columns per pass: ≈ 256 KiB of products, so they stay in L2 until extracted.
-        let chunk = ((1usize << 16) / (panels * mr)).max(nr) / nr * nr;
-        let product = &mut scratch.product;
-        if product.len() < panels * mr * chunk {
-            product.resize(panels * mr * chunk, 0.0);
-        }
-        let spans = &mut scratch.spans;
-        let mut q0 = 0;
-        while q0 < q_len {
-            let tiles = (q_len - q0).min(chunk).div_ceil(nr);
-            super::simd::gemm_tiles(
-                isa,
-                panels,
-                kk,
-                &scratch.packed,
-                &padded,
-                &scratch.offsets,
-                q0,
-                tiles,
-                product,
-                chunk,
-            );
-            let q1 = (q0 + tiles * nr).min(q_len);
-            // Output rows (n, oy) that meet [q0, q1): (start in the product, start in the
-            // output plane, length).
-            let image_lines = rows.data + rows.lo;
-            spans.clear();
-            for lrow in q0 / line..=(q1 - 1) / line {
-                let (ni, oy) = (lrow / image_lines, lrow % image_lines);
-                let qs = lrow * line;
-                let (a0, a1) = (qs.max(q0), (qs + g.ow).min(q1));
-                if oy < g.oh && a0 < a1 {
-                    spans.push((a0 - q0, (ni * g.oh + oy) * g.ow + (a0 - qs), a1 - a0));
+        let (bias, add) = match epilogue {
+            Epilogue::Set(b) => (b, false),
+            Epilogue::Add => (None, true),
+        };
+        let bias = bias.map(|b| {
+            scratch.bias.clear();
+            scratch.bias.extend_from_slice(&b[..co]);
+            scratch.bias.resize(panels * mr, 0.0);
+            scratch.bias.as_slice()
+        });
+        let piece = if isa == super::simd::Isa::Avx512 && g.ow % 16 == 0 {
+            16
+        } else {
+            8
+        };
+        let (pieces, dst) = (&mut scratch.pieces, &mut scratch.dst);
+        if g.ow % piece == 0 && co % mr == 0 {
+            // Dense tiles: pieces skip the padding, so only real outputs are computed, and
+            // they go straight into `out`. Passes of ≈ 256 KiB of input keep it in L2 across
+            // the panels.
+            let position = |pos: usize| {
+                let (ni, rest) = (pos / (g.oh * g.ow), pos % (g.oh * g.ow));
+                ni * image + (rest / g.ow) * line + rest % g.ow
+            };
+            let per = nr / piece;
+            let pass = ((1usize << 16) / ci).max(nr) / nr * nr;
+            let full = out_plane / nr;
+            let mut t0 = 0;
+            while t0 < full {
+                let t1 = (t0 + pass / nr).min(full);
+                pieces.clear();
+                dst.clear();
+                for t in t0..t1 {
+                    dst.push(t * nr);
+                    pieces.extend((0..per).map(|v| position(t * nr + v * piece)));
+                }
+                let tiles = super::simd::Tiles { piece, pieces, dst };
+                super::simd::gemm(
+                    isa,
+                    panels,
+                    kk,
+                    &scratch.packed,
+                    &padded,
+                    &scratch.offsets,
+                    &tiles,
+                    out,
+                    out_plane,
+                    bias,
+                    add,
+                );
+                t0 = t1;
+            }
+            let tail = out_plane - full * nr;
+            if tail > 0 {
+                // The last, partial tile into a scratch tile (pieces past the end read
+                // position 0 and are dropped).
+                pieces.clear();
+                pieces.extend((0..per).map(|v| {
+                    let pos = full * nr + v * piece;
+                    if pos < out_plane {
+                        position(pos)
+                    } else {
+                        0
+                    }
+                }));
+                let product = &mut scratch.product;
+                if product.len() < panels * mr * nr {
+                    product.resize(panels * mr * nr, 0.0);
+                }
+                let tiles = super::simd::Tiles {
+                    piece,
+                    pieces,
+                    dst: &[0],
+                };
+                super::simd::gemm(
+                    isa,
+                    panels,
+                    kk,
+                    &scratch.packed,
+                    &padded,
+                    &scratch.offsets,
+                    &tiles,
+                    product,
+                    nr,
+                    bias,
+                    false,
+                );
+                for o in 0..co {
+                    let src = &product[o * nr..o * nr + tail];
+                    let d = &mut out[o * out_plane + full * nr..(o + 1) * out_plane];
+                    for (d, &v) in d.iter_mut().zip(src) {
+                        *d = if add { *d + v } else { v };
+                    }
                 }
             }
-            for o in 0..co {
-                let src = &product[o * chunk..(o + 1) * chunk];
-                let dst = &mut out[o * out_plane..(o + 1) * out_plane];
-                match epilogue {
-                    Epilogue::Set(b) => {
-                        let b = b.map_or(0.0, |b| b[o]);
-                        for &(p, d, len) in spans.iter() {
-                            for (d, &v) in dst[d..d + len].iter_mut().zip(&src[p..p + len]) {
-                                *d = v + b;
-                            }
-                        }
+        } else {
+            // Tiles over consecutive padded positions, padding included, into a product
+            // buffer of ≈ 256 KiB (it stays in L2), from which the real outputs are copied.
+            let chunk = ((1usize << 16) / (panels * mr)).max(nr) / nr * nr;
+            let product = &mut scratch.product;
+            if product.len() < panels * mr * chunk {
+                product.resize(panels * mr * chunk, 0.0);
+            }
+            let spans = &mut scratch.spans;
+            let piece = if isa == super::simd::Isa::Avx512 {
+                16
+            } else {
+                8
+            };
+            let mut q0 = 0;
+            while q0 < q_len {
+                let count = (q_len - q0).min(chunk).div_ceil(nr);
+                super::simd::consecutive(isa, piece, q0, count, pieces, dst);
+                let tiles = super::simd::Tiles { piece, pieces, dst };
+                super::simd::gemm(
+                    isa,
+                    panels,
+                    kk,
+                    &scratch.packed,
+                    &padded,
+                    &scratch.offsets,
+                    &tiles,
+                    product,
+                    chunk,
+                    bias,
+                    false,
+                );
+                let q1 = (q0 + count * nr).min(q_len);
+                // Output rows (n, oy) that meet [q0, q1): (start in the product, start in the
+                // output plane, length).
+                let image_lines = rows.data + rows.lo;
+                spans.clear();
+                for lrow in q0 / line..=(q1 - 1) / line {
+                    let (ni, oy) = (lrow / image_lines, lrow % image_lines);
+                    let qs = lrow * line;
+                    let (a0, a1) = (qs.max(q0), (qs + g.ow).min(q1));
+                    if oy < g.oh && a0 < a1 {
+                        spans.push((a0 - q0, (ni * g.oh + oy) * g.ow + (a0 - qs), a1 - a0));
                     }
-                    Epilogue::Add => {
-                        for &(p, d, len) in spans.iter() {
-                            for (d, &v) in dst[d..d + len].iter_mut().zip(&src[p..p + len]) {
+                }
+                for o in 0..co {
+                    let src = &product[o * chunk..(o + 1) * chunk];
+                    let d = &mut out[o * out_plane..(o + 1) * out_plane];
+                    for &(p, at, len) in spans.iter() {
+                        let (d, src) = (&mut d[at..at + len], &src[p..p + len]);
+                        if add {
+                            for (d, &v) in d.iter_mut().zip(src) {
                                 *d += v;
                             }
+                        } else {
+                            d.copy_from_slice(src);
                         }
                     }
                 }
+                q0 = q1;
             }
-            q0 = q1;
         }
         scratch.keep(key, padded);
     });
@@ -1012,6 +1135,13 @@ mod tests {
             (3, 19, 5, 6, 3, 1, 1, true),
             (2, 3, 5, 37, 3, 2, 1, false),
             (2, 3, 5, 34, 3, 2, 1, false),
+            // Dense tiles (output widths of 8 and 16, output channels a multiple of every
+            // tile height), with a partial last tile.
+            (3, 24, 5, 8, 3, 1, 1, false),
+            (3, 24, 5, 8, 3, 1, 1, true),
+            (2, 24, 4, 16, 3, 1, 1, false),
+            (2, 24, 6, 32, 3, 2, 1, false),
+            (2, 48, 3, 16, 5, 1, 2, true),
         ] {
             let n = 3;
             let x: Vec<f32> = (0..n * c * h * w)

@@ -155,77 +155,156 @@ pub fn pack_a(a: &[f32], lda: usize, m: usize, k: usize, mr: usize, out: &mut Ve
     }
 }
 
-/// `C[tile rows, cols] = A · B` over whole tiles: for each panel of `A` and each group of `NR`
-/// columns starting at `col0 + t · NR` (`t < tiles`), rows of `B` at `b[off[r] + col]`; `C` row
-/// `i` of panel `p` at `c[(p · MR + i) · ldc + col − col0]`.
+/// Where the columns of each micro-kernel tile come from and go to.
+///
+/// A tile's `NR` columns are read in pieces of `piece` values (16 or 8, dividing `NR`; the
+/// portable path takes 8): piece `v` of tile `t` reads row `r` of `B` at
+/// `b[off[r] + pieces[t · NR/piece + v] ..]`, and the tile is written at column `dst[t]` of
+/// `C`. Consecutive pieces make a plain product; pieces that skip the padding between output
+/// rows let a convolution compute (and store) only real outputs.
+pub struct Tiles<'a> {
+    /// Values per piece.
+    pub piece: usize,
+    /// Per tile, `NR / piece` positions in `B`.
+    pub pieces: &'a [usize],
+    /// Per tile, its first column in `C`.
+    pub dst: &'a [usize],
+}
+
+/// `C[panel rows, tile columns] (+)= bias + A · B` for every panel of packed `A` ([`pack_a`])
+/// and every tile of `tiles`. Row `i` of panel `p` goes to `c[(p · MR + i) · ldc + dst ..]`.
+/// Each value starts at its row's bias (or 0), adds the rows of `B` in order with one fused
+/// multiply-add each, and is then stored, or added to what `C` holds with `add`.
 ///
 /// Panics unless every read and write is inside the slices (checked once, up front).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_tiles(
+pub fn gemm(
     isa: Isa,
     panels: usize,
     k: usize,
     a: &[f32],
     b: &[f32],
     off: &[usize],
-    col0: usize,
-    tiles: usize,
+    tiles: &Tiles,
     c: &mut [f32],
     ldc: usize,
+    bias: Option<&[f32]>,
+    add: bool,
 ) {
     let (mr, nr) = (isa.mr(), isa.nr());
-    if panels == 0 || tiles == 0 {
+    let per = nr / tiles.piece;
+    let count = tiles.dst.len();
+    if panels == 0 || count == 0 {
         return;
     }
-    assert!(a.len() >= panels * k * mr, "gemm_tiles: A too short");
-    assert!(off.len() >= k, "gemm_tiles: too few row offsets");
-    let last_col = col0 + tiles * nr;
-    if let Some(&max_off) = off[..k].iter().max() {
-        assert!(max_off + last_col <= b.len(), "gemm_tiles: B too short");
-    }
-    assert!(ldc >= tiles * nr, "gemm_tiles: ldc too small");
+    let piece_ok = match isa {
+        Isa::Portable => tiles.piece == 8,
+        Isa::Avx2 => tiles.piece == 8,
+        Isa::Avx512 => tiles.piece == 16 || tiles.piece == 8,
+    };
     assert!(
-        c.len() >= (panels * mr - 1) * ldc + tiles * nr,
-        "gemm_tiles: C too short"
+        piece_ok,
+        "gemm: pieces of {} values on {isa:?}",
+        tiles.piece
     );
+    assert!(tiles.pieces.len() >= count * per, "gemm: too few pieces");
+    assert!(a.len() >= panels * k * mr, "gemm: A too short");
+    assert!(off.len() >= k, "gemm: too few row offsets");
+    if let (Some(&mo), Some(&mp)) = (
+        off[..k].iter().max(),
+        tiles.pieces[..count * per].iter().max(),
+    ) {
+        assert!(mo + mp + tiles.piece <= b.len(), "gemm: B too short");
+    }
+    let md = *tiles.dst.iter().max().expect("a tile");
+    assert!(md + nr <= ldc, "gemm: ldc too small");
+    assert!(
+        c.len() >= (panels * mr - 1) * ldc + md + nr,
+        "gemm: C too short"
+    );
+    if let Some(b) = bias {
+        assert!(b.len() >= panels * mr, "gemm: bias too short");
+    }
     for p in 0..panels {
         let ap = &a[p * k * mr..(p + 1) * k * mr];
-        for t in 0..tiles {
-            let col = col0 + t * nr;
-            let ct = (p * mr) * ldc + t * nr;
+        let bp = bias.map(|b| &b[p * mr..(p + 1) * mr]);
+        for t in 0..count {
+            let pcs = &tiles.pieces[t * per..(t + 1) * per];
+            let ct = p * mr * ldc + tiles.dst[t];
             match isa {
-                Isa::Portable => portable(k, ap, b, off, col, &mut c[ct..], ldc),
+                Isa::Portable => portable(k, ap, b, off, pcs[0], &mut c[ct..], ldc, bp, add),
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the path is only chosen where the CPU has the features (`force`
                 // refuses otherwise, `detected` checks); the asserts above bound every access:
-                // B rows `off[r] + col .. + NR ≤ b.len()`, C rows `ct + i · ldc .. + NR` for
-                // `i < MR` inside `c`, A `k · MR` values.
+                // B pieces `off[r] + piece position .. + piece ≤ b.len()`, C rows
+                // `ct + i · ldc .. + NR` for `i < MR` inside `c`, A `k · MR` values, bias `MR`.
                 Isa::Avx2 => unsafe {
                     x86::avx2_6x16(
                         k,
                         ap.as_ptr(),
-                        b.as_ptr().add(col),
+                        b.as_ptr(),
                         off.as_ptr(),
+                        [pcs[0], pcs[1]],
                         c[ct..].as_mut_ptr(),
                         ldc,
+                        bp.map_or(std::ptr::null(), |b| b.as_ptr()),
+                        add,
                     )
                 },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
                 Isa::Avx512 => unsafe {
-                    x86::avx512_8x48(
-                        k,
-                        ap.as_ptr(),
-                        b.as_ptr().add(col),
-                        off.as_ptr(),
-                        c[ct..].as_mut_ptr(),
-                        ldc,
-                    )
+                    let cp = c[ct..].as_mut_ptr();
+                    let bp = bp.map_or(std::ptr::null(), |b| b.as_ptr());
+                    if tiles.piece == 16 {
+                        x86::avx512_8x48::<false>(
+                            k,
+                            ap.as_ptr(),
+                            b.as_ptr(),
+                            off.as_ptr(),
+                            [pcs[0], pcs[1], pcs[2], 0, 0, 0],
+                            cp,
+                            ldc,
+                            bp,
+                            add,
+                        )
+                    } else {
+                        x86::avx512_8x48::<true>(
+                            k,
+                            ap.as_ptr(),
+                            b.as_ptr(),
+                            off.as_ptr(),
+                            [pcs[0], pcs[1], pcs[2], pcs[3], pcs[4], pcs[5]],
+                            cp,
+                            ldc,
+                            bp,
+                            add,
+                        )
+                    }
                 },
                 #[cfg(not(target_arch = "x86_64"))]
                 _ => unreachable!("only the portable path exists off x86-64"),
             }
         }
+    }
+}
+
+/// Consecutive pieces: tile `t` reads `B` columns `col0 + t · NR ..` and writes `C` columns
+/// `t · NR ..` (a plain product over `tiles · NR` columns).
+pub fn consecutive(
+    isa: Isa,
+    piece: usize,
+    col0: usize,
+    tiles: usize,
+    pieces: &mut Vec<usize>,
+    dst: &mut Vec<usize>,
+) {
+    let nr = isa.nr();
+    pieces.clear();
+    dst.clear();
+    for t in 0..tiles {
+        dst.push(t * nr);
+        pieces.extend((0..nr / piece).map(|v| col0 + t * nr + v * piece));
     }
 }
 
@@ -255,10 +334,26 @@ pub fn deinterleave2(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
 }
 
 /// The portable tile: 4 × 8, one fused multiply-add per product, rows in order.
-fn portable(k: usize, a: &[f32], b: &[f32], off: &[usize], col: usize, c: &mut [f32], ldc: usize) {
+#[allow(clippy::too_many_arguments)]
+fn portable(
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    off: &[usize],
+    col: usize,
+    c: &mut [f32],
+    ldc: usize,
+    bias: Option<&[f32]>,
+    add: bool,
+) {
     const MR: usize = 4;
     const NR: usize = 8;
     let mut acc = [[0.0f32; NR]; MR];
+    if let Some(bias) = bias {
+        for i in 0..MR {
+            acc[i] = [bias[i]; NR];
+        }
+    }
     for r in 0..k {
         let br = &b[off[r] + col..][..NR];
         let ar = &a[r * MR..][..MR];
@@ -269,7 +364,14 @@ fn portable(k: usize, a: &[f32], b: &[f32], off: &[usize], col: usize, c: &mut [
         }
     }
     for i in 0..MR {
-        c[i * ldc..i * ldc + NR].copy_from_slice(&acc[i]);
+        let row = &mut c[i * ldc..i * ldc + NR];
+        if add {
+            for (d, v) in row.iter_mut().zip(acc[i]) {
+                *d += v;
+            }
+        } else {
+            row.copy_from_slice(&acc[i]);
+        }
     }
 }
 
@@ -301,91 +403,110 @@ mod x86 {
         }
     }
 
-    /// 6 × 16 tile, 12 ymm accumulators.
+    /// 6 × 16 tile, 12 ymm accumulators; the two 8-value pieces at `pieces`.
     ///
     /// # Safety
-    /// AVX2 and FMA present; `a` holds `k · 6` values, every `b + off[r]` holds 16, `c` rows
-    /// `i · ldc`, `i < 6`, hold 16.
+    /// AVX2 and FMA present; `a` holds `k · 6` values, every `b + off[r] + pieces[v]` holds 8,
+    /// `c` rows `i · ldc`, `i < 6`, hold 16; `bias` is null or holds 6.
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn avx2_6x16(
         k: usize,
         a: *const f32,
         b: *const f32,
         off: *const usize,
+        pieces: [usize; 2],
         c: *mut f32,
         ldc: usize,
+        bias: *const f32,
+        add: bool,
     ) {
-        let mut c00 = _mm256_setzero_ps();
-        let mut c01 = _mm256_setzero_ps();
-        let mut c10 = _mm256_setzero_ps();
-        let mut c11 = _mm256_setzero_ps();
-        let mut c20 = _mm256_setzero_ps();
-        let mut c21 = _mm256_setzero_ps();
-        let mut c30 = _mm256_setzero_ps();
-        let mut c31 = _mm256_setzero_ps();
-        let mut c40 = _mm256_setzero_ps();
-        let mut c41 = _mm256_setzero_ps();
-        let mut c50 = _mm256_setzero_ps();
-        let mut c51 = _mm256_setzero_ps();
-        for r in 0..k {
-            let br = b.add(*off.add(r));
-            let b0 = _mm256_loadu_ps(br);
-            let b1 = _mm256_loadu_ps(br.add(8));
-            let ar = a.add(r * 6);
-            let x = _mm256_broadcast_ss(&*ar);
-            c00 = _mm256_fmadd_ps(x, b0, c00);
-            c01 = _mm256_fmadd_ps(x, b1, c01);
-            let x = _mm256_broadcast_ss(&*ar.add(1));
-            c10 = _mm256_fmadd_ps(x, b0, c10);
-            c11 = _mm256_fmadd_ps(x, b1, c11);
-            let x = _mm256_broadcast_ss(&*ar.add(2));
-            c20 = _mm256_fmadd_ps(x, b0, c20);
-            c21 = _mm256_fmadd_ps(x, b1, c21);
-            let x = _mm256_broadcast_ss(&*ar.add(3));
-            c30 = _mm256_fmadd_ps(x, b0, c30);
-            c31 = _mm256_fmadd_ps(x, b1, c31);
-            let x = _mm256_broadcast_ss(&*ar.add(4));
-            c40 = _mm256_fmadd_ps(x, b0, c40);
-            c41 = _mm256_fmadd_ps(x, b1, c41);
-            let x = _mm256_broadcast_ss(&*ar.add(5));
-            c50 = _mm256_fmadd_ps(x, b0, c50);
-            c51 = _mm256_fmadd_ps(x, b1, c51);
+        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+        if !bias.is_null() {
+            for (i, row) in acc.iter_mut().enumerate() {
+                let v = _mm256_set1_ps(*bias.add(i));
+                *row = [v, v];
+            }
         }
-        let rows = [
-            [c00, c01],
-            [c10, c11],
-            [c20, c21],
-            [c30, c31],
-            [c40, c41],
-            [c50, c51],
-        ];
-        for (i, row) in rows.iter().enumerate() {
+        let (b0p, b1p) = (b.add(pieces[0]), b.add(pieces[1]));
+        for r in 0..k {
+            let o = *off.add(r);
+            let b0 = _mm256_loadu_ps(b0p.add(o));
+            let b1 = _mm256_loadu_ps(b1p.add(o));
+            let ar = a.add(r * 6);
+            for (i, row) in acc.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*ar.add(i));
+                row[0] = _mm256_fmadd_ps(x, b0, row[0]);
+                row[1] = _mm256_fmadd_ps(x, b1, row[1]);
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
             let ci = c.add(i * ldc);
-            _mm256_storeu_ps(ci, row[0]);
-            _mm256_storeu_ps(ci.add(8), row[1]);
+            for (v, &x) in row.iter().enumerate() {
+                let x = if add {
+                    _mm256_add_ps(_mm256_loadu_ps(ci.add(8 * v)), x)
+                } else {
+                    x
+                };
+                _mm256_storeu_ps(ci.add(8 * v), x);
+            }
         }
     }
 
-    /// 8 × 48 tile, 24 zmm accumulators.
+    /// 8 × 48 tile, 24 zmm accumulators. Pieces of 16 values at `pieces[..3]`, or with `HALF`
+    /// of 8 values at `pieces[..6]` (two joined per register).
     ///
     /// # Safety
-    /// AVX-512F present; `a` holds `k · 8` values, every `b + off[r]` holds 48, `c` rows
-    /// `i · ldc`, `i < 8`, hold 48.
+    /// AVX-512F present; `a` holds `k · 8` values, every `b + off[r] + pieces[v]` holds a
+    /// piece, `c` rows `i · ldc`, `i < 8`, hold 48; `bias` is null or holds 8.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn avx512_8x48(
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn avx512_8x48<const HALF: bool>(
         k: usize,
         a: *const f32,
         b: *const f32,
         off: *const usize,
+        pieces: [usize; 6],
         c: *mut f32,
         ldc: usize,
+        bias: *const f32,
+        add: bool,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 3]; 8];
+        if !bias.is_null() {
+            for (i, row) in acc.iter_mut().enumerate() {
+                let v = _mm512_set1_ps(*bias.add(i));
+                *row = [v, v, v];
+            }
+        }
+        let p: [*const f32; 6] = [
+            b.add(pieces[0]),
+            b.add(pieces[1]),
+            b.add(pieces[2]),
+            b.add(pieces[3]),
+            b.add(pieces[4]),
+            b.add(pieces[5]),
+        ];
         for r in 0..k {
-            let br = b.add(*off.add(r));
-            let b0 = _mm512_loadu_ps(br);
-            let b1 = _mm512_loadu_ps(br.add(16));
-            let b2 = _mm512_loadu_ps(br.add(32));
+            let o = *off.add(r);
+            let (b0, b1, b2) = if HALF {
+                let join = |lo: *const f32, hi: *const f32| {
+                    let lo = _mm512_castps256_ps512(_mm256_loadu_ps(lo));
+                    let hi = _mm256_castps_pd(_mm256_loadu_ps(hi));
+                    _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(lo), hi))
+                };
+                (
+                    join(p[0].add(o), p[1].add(o)),
+                    join(p[2].add(o), p[3].add(o)),
+                    join(p[4].add(o), p[5].add(o)),
+                )
+            } else {
+                (
+                    _mm512_loadu_ps(p[0].add(o)),
+                    _mm512_loadu_ps(p[1].add(o)),
+                    _mm512_loadu_ps(p[2].add(o)),
+                )
+            };
             let ar = a.add(r * 8);
             for (i, row) in acc.iter_mut().enumerate() {
                 let x = _mm512_set1_ps(*ar.add(i));
@@ -396,9 +517,14 @@ mod x86 {
         }
         for (i, row) in acc.iter().enumerate() {
             let ci = c.add(i * ldc);
-            _mm512_storeu_ps(ci, row[0]);
-            _mm512_storeu_ps(ci.add(16), row[1]);
-            _mm512_storeu_ps(ci.add(32), row[2]);
+            for (v, &x) in row.iter().enumerate() {
+                let x = if add {
+                    _mm512_add_ps(_mm512_loadu_ps(ci.add(16 * v)), x)
+                } else {
+                    x
+                };
+                _mm512_storeu_ps(ci.add(16 * v), x);
+            }
         }
     }
 }
@@ -429,7 +555,16 @@ mod tests {
             pack_a(&a, k, m, k, mr, &mut ap);
             let panels = m.div_ceil(mr);
             let mut c = vec![f32::NAN; panels * mr * cols];
-            gemm_tiles(isa, panels, k, &ap, &b, &off, 5, cols / nr, &mut c, cols);
+            let (mut pieces, mut dst) = (Vec::new(), Vec::new());
+            consecutive(isa, 8, 5, cols / nr, &mut pieces, &mut dst);
+            let tiles = Tiles {
+                piece: 8,
+                pieces: &pieces,
+                dst: &dst,
+            };
+            gemm(
+                isa, panels, k, &ap, &b, &off, &tiles, &mut c, cols, None, false,
+            );
             let got: Vec<f32> = (0..m)
                 .flat_map(|i| c[i * cols..(i + 1) * cols].to_vec())
                 .collect();
