@@ -441,6 +441,8 @@ struct Scratch {
     dst: Vec<usize>,
     /// The bias padded to whole panels.
     bias: Vec<f32>,
+    /// Lane sums of a weight gradient.
+    lanes: Vec<f32>,
     /// Padded input copies by layout. A call with a layout seen before rewrites only the data
     /// slots (its zero slots are still zero), which saves a memset as large as the input.
     layouts: Vec<(LayoutKey, Vec<f32>)>,
@@ -531,6 +533,151 @@ impl Axis {
     }
 }
 
+/// Geometry of the padded, stride-phase-split input copy that [`conv_indirect`] describes.
+struct PaddedLayout {
+    rows: Axis,
+    cols: Axis,
+    /// Values per line (row) of a padded image.
+    line: usize,
+    /// Values per padded image.
+    image: usize,
+    /// Zero (or wrapped) values before the first image's data.
+    margin: usize,
+    /// Values per (channel, phase) plane.
+    plane_len: usize,
+    /// Padded positions from the first output to the last, plus one.
+    q_len: usize,
+    ci: usize,
+    n: usize,
+}
+
+impl PaddedLayout {
+    fn new(g: &ConvGeom, n: usize, ci: usize) -> PaddedLayout {
+        let (k, s) = (g.k, g.stride);
+        let (rows, cols) = if g.circular {
+            // Whole padded images: p slots of wrapped values on each side.
+            let full = |size: usize| Axis {
+                taps: (0..k).map(|t| (0, t as isize - g.pad as isize)).collect(),
+                lo: g.pad,
+                data: size + g.pad,
+                phase_len: vec![size],
+            };
+            (full(g.h), full(g.w))
+        } else {
+            (
+                Axis::new(g.h, g.oh, k, s, g.pad),
+                Axis::new(g.w, g.ow, k, s, g.pad),
+            )
+        };
+        let line = cols.data + cols.lo;
+        let image = (rows.data + rows.lo) * line;
+        let margin = rows.lo * line + cols.lo;
+        PaddedLayout {
+            line,
+            image,
+            margin,
+            plane_len: margin + n * image,
+            q_len: (n - 1) * image + (g.oh - 1) * line + g.ow,
+            rows,
+            cols,
+            ci,
+            n,
+        }
+    }
+
+    /// Padded output position of output `pos` (`(n, oy, ox)` in dense order).
+    fn position(&self, g: &ConvGeom, pos: usize) -> usize {
+        let (ni, rest) = (pos / (g.oh * g.ow), pos % (g.oh * g.ow));
+        ni * self.image + (rest / g.ow) * self.line + rest % g.ow
+    }
+
+    /// The padded copy of `planes`, readable `slack` values past every position read, and its
+    /// key (hand both back to [`Scratch::keep`]).
+    fn fill(
+        &self,
+        scratch: &mut Scratch,
+        planes: &[&[f32]],
+        g: &ConvGeom,
+        slack: usize,
+    ) -> (Vec<f32>, LayoutKey) {
+        let (s, n, ci) = (g.stride, self.n, self.ci);
+        let (rows, cols, line, image, margin) =
+            (&self.rows, &self.cols, self.line, self.image, self.margin);
+        let phases = s * s;
+        let plane_len = self.plane_len;
+        let key = LayoutKey {
+            ci,
+            n,
+            h: g.h,
+            w: g.w,
+            k: g.k,
+            stride: s,
+            pad: g.pad,
+            circular: g.circular,
+        };
+        let hi_read = (rows.data + 1) * line + slack;
+        let (mut padded, _) = scratch.padded_for(key, ci * phases * plane_len + hi_read);
+        for (c, src) in planes.iter().enumerate() {
+            for pa in 0..s {
+                let bases: Vec<usize> = (0..s)
+                    .map(|pb| (c * phases + pa * s + pb) * plane_len + margin)
+                    .collect();
+                for ni in 0..n {
+                    let img = &src[ni * g.h * g.w..(ni + 1) * g.h * g.w];
+                    for u in 0..rows.phase_len[pa] {
+                        let srow = &img[(u * s + pa) * g.w..][..g.w];
+                        let at = ni * image + u * line;
+                        if s == 1 {
+                            copy_short(srow, &mut padded[bases[0] + at..][..g.w]);
+                        } else if s == 2 {
+                            // Both column phases in one pass over the source row.
+                            let (lo, hi) = padded.split_at_mut(bases[1] + at);
+                            let d0 = &mut lo[bases[0] + at..][..cols.phase_len[0]];
+                            let d1 = &mut hi[..cols.phase_len[1]];
+                            super::simd::deinterleave2(srow, d0, d1);
+                            if g.w % 2 == 1 {
+                                d0[g.w / 2] = srow[g.w - 1];
+                            }
+                        } else {
+                            for pb in 0..s {
+                                let d = &mut padded[bases[pb] + at..][..cols.phase_len[pb]];
+                                for (v, dv) in d.iter_mut().enumerate() {
+                                    *dv = srow[v * s + pb];
+                                }
+                            }
+                        }
+                    }
+                }
+                if g.circular {
+                    for ni in 0..n {
+                        let start = bases[0] - margin + ni * image;
+                        wrap_border(&mut padded[start..start + image], g.h, g.w, g.pad);
+                    }
+                }
+            }
+        }
+        (padded, key)
+    }
+
+    /// Where row `(c, i, j)` of the product's `B` starts in the padded copy.
+    fn offsets(&self, g: &ConvGeom, offsets: &mut Vec<usize>) {
+        let s = g.stride;
+        let phases = s * s;
+        offsets.clear();
+        for c in 0..self.ci {
+            for &(pa, di) in &self.rows.taps {
+                for &(pb, dj) in &self.cols.taps {
+                    let plane = (c * phases + pa * s + pb) * self.plane_len;
+                    let shift = (self.rows.lo as isize + di) * self.line as isize
+                        + self.cols.lo as isize
+                        + dj;
+                    offsets.push(plane + shift as usize);
+                }
+            }
+        }
+    }
+}
+
 /// `out = W ⋆ x` as an indirect product: the input goes once into a padded, stride-phase-split
 /// copy, and row `(c, i, j)` of the product's `B` is that copy shifted by the tap — so the
 /// micro-kernel keeps each output tile in registers over all `C_in · k²` taps.
@@ -578,92 +725,12 @@ pub fn conv_indirect(
         .with(|o| o.get())
         .unwrap_or_else(super::simd::active);
     let (mr, nr) = (isa.mr(), isa.nr());
-    let (rows, cols) = if g.circular {
-        // Whole padded images: p slots of wrapped values on each side.
-        let full = |size: usize| Axis {
-            taps: (0..k).map(|t| (0, t as isize - g.pad as isize)).collect(),
-            lo: g.pad,
-            data: size + g.pad,
-            phase_len: vec![size],
-        };
-        (full(g.h), full(g.w))
-    } else {
-        (
-            Axis::new(g.h, g.oh, k, s, g.pad),
-            Axis::new(g.w, g.ow, k, s, g.pad),
-        )
-    };
-    let line = cols.data + cols.lo;
-    let image = (rows.data + rows.lo) * line;
-    let margin = rows.lo * line + cols.lo;
-    let plane_len = margin + n * image;
-    let phases = s * s;
-    // Output positions `q = n·image + oy·line + ox`, computed in whole tiles.
-    let q_len = (n - 1) * image + (g.oh - 1) * line + g.ow;
-    let hi_read = (rows.data + 1) * line + nr;
+    let lay = PaddedLayout::new(g, n, ci);
+    let (rows, line, q_len) = (&lay.rows, lay.line, lay.q_len);
     SCRATCH.with(|cell| {
         let scratch = &mut *cell.borrow_mut();
-        let key = LayoutKey {
-            ci,
-            n,
-            h: g.h,
-            w: g.w,
-            k,
-            stride: s,
-            pad: g.pad,
-            circular: g.circular,
-        };
-        let (mut padded, _) = scratch.padded_for(key, ci * phases * plane_len + hi_read);
-        for (c, src) in planes.iter().enumerate() {
-            for pa in 0..s {
-                let bases: Vec<usize> = (0..s)
-                    .map(|pb| (c * phases + pa * s + pb) * plane_len + margin)
-                    .collect();
-                for ni in 0..n {
-                    let img = &src[ni * g.h * g.w..(ni + 1) * g.h * g.w];
-                    for u in 0..rows.phase_len[pa] {
-                        let srow = &img[(u * s + pa) * g.w..][..g.w];
-                        let at = ni * image + u * line;
-                        if s == 1 {
-                            copy_short(srow, &mut padded[bases[0] + at..][..g.w]);
-                        } else if s == 2 {
-                            // Both column phases in one pass over the source row.
-                            let (lo, hi) = padded.split_at_mut(bases[1] + at);
-                            let d0 = &mut lo[bases[0] + at..][..cols.phase_len[0]];
-                            let d1 = &mut hi[..cols.phase_len[1]];
-                            super::simd::deinterleave2(srow, d0, d1);
-                            if g.w % 2 == 1 {
-                                d0[g.w / 2] = srow[g.w - 1];
-                            }
-                        } else {
-                            for pb in 0..s {
-                                let d = &mut padded[bases[pb] + at..][..cols.phase_len[pb]];
-                                for (v, dv) in d.iter_mut().enumerate() {
-                                    *dv = srow[v * s + pb];
-                                }
-                            }
-                        }
-                    }
-                }
-                if g.circular {
-                    for ni in 0..n {
-                        let start = bases[0] - margin + ni * image;
-                        wrap_border(&mut padded[start..start + image], g.h, g.w, g.pad);
-                    }
-                }
-            }
-        }
-        let offsets = &mut scratch.offsets;
-        offsets.clear();
-        for c in 0..ci {
-            for &(pa, di) in &rows.taps {
-                for &(pb, dj) in &cols.taps {
-                    let plane = (c * phases + pa * s + pb) * plane_len;
-                    let shift = (rows.lo as isize + di) * line as isize + cols.lo as isize + dj;
-                    offsets.push(plane + shift as usize);
-                }
-            }
-        }
+        let (padded, key) = lay.fill(scratch, planes, g, nr);
+        lay.offsets(g, &mut scratch.offsets);
         super::simd::pack_a(a, lda, co, kk, mr, &mut scratch.packed);
         let panels = co.div_ceil(mr);
         let (bias, add) = match epilogue {
@@ -686,10 +753,7 @@ pub fn conv_indirect(
             // Dense tiles: pieces skip the padding, so only real outputs are computed, and
             // they go straight into `out`. Passes of ≈ 256 KiB of input keep it in L2 across
             // the panels.
-            let position = |pos: usize| {
-                let (ni, rest) = (pos / (g.oh * g.ow), pos % (g.oh * g.ow));
-                ni * image + (rest / g.ow) * line + rest % g.ow
-            };
+            let position = |pos: usize| lay.position(g, pos);
             let per = nr / piece;
             let pass = ((1usize << 16) / ci).max(nr) / nr * nr;
             let full = out_plane / nr;
@@ -825,6 +889,106 @@ pub fn conv_indirect(
         }
         scratch.keep(key, padded);
     });
+}
+
+/// Weight gradient of a convolution: `dW[o, (c, i, j)] = Σ_(n, oy, ox) dy[o][n, oy, ox] ·
+/// x_pad[c][n, s·oy + i − p, s·ox + j − p]`, laid out `[Co, Ci, k, k]` (the bias gradient is the
+/// per-channel sum of `dy`, not computed here).
+///
+/// The same padded copy as [`conv_indirect`] gives each tap's input row at a fixed offset from
+/// the output position; `dy` goes into the same padded positions (zeros between rows), and
+/// every `(o, tap)` pair is a dot product over those positions, summed in 16 lanes
+/// ([`super::simd::dot_lanes`], register tiles of 4 × 6 pairs) in passes that keep the input
+/// in L2. The order of the additions is fixed, so the result does not depend on the
+/// instruction set.
+///
+/// `planes`: the input channels, each `[N, H, W]`; `dy`: `co` planes of `N · Ho · Wo`.
+pub fn conv_weight_grad(
+    planes: &[&[f32]],
+    n: usize,
+    g: &ConvGeom,
+    dy: &[f32],
+    co: usize,
+) -> Vec<f32> {
+    let ci = planes.len();
+    let kk = ci * g.k * g.k;
+    let out_plane = n * g.oh * g.ow;
+    assert!(dy.len() >= co * out_plane, "conv_weight_grad: dy too short");
+    let mut dw = vec![0.0f32; co * kk];
+    if co == 0 || kk == 0 || out_plane == 0 {
+        return dw;
+    }
+    if g.circular && g.stride > 1 {
+        // im2col · dyᵀ (the layouts of conv_indirect need stride 1 with circular padding).
+        let mut cols = vec![0.0f32; kk * out_plane];
+        im2col(planes, n, g, &mut cols);
+        let mut dyt = vec![0.0f32; out_plane * co];
+        for o in 0..co {
+            for (p, &v) in dy[o * out_plane..(o + 1) * out_plane].iter().enumerate() {
+                dyt[p * co + o] = v;
+            }
+        }
+        let mut dwt = vec![0.0f32; kk * co];
+        sgemm(
+            kk, co, out_plane, &cols, out_plane, &dyt, co, &mut dwt, co, false,
+        );
+        for r in 0..kk {
+            for o in 0..co {
+                dw[o * kk + r] = dwt[r * co + o];
+            }
+        }
+        return dw;
+    }
+    let isa = ISA_OVERRIDE
+        .with(|o| o.get())
+        .unwrap_or_else(super::simd::active);
+    let lanes = super::simd::DOT_LANES;
+    let lay = PaddedLayout::new(g, n, ci);
+    let qp = lay.q_len.div_ceil(lanes) * lanes;
+    SCRATCH.with(|cell| {
+        let scratch = &mut *cell.borrow_mut();
+        let (padded, key) = lay.fill(scratch, planes, g, lanes);
+        lay.offsets(g, &mut scratch.offsets);
+        // dy at the padded positions, zero elsewhere.
+        let dyq = &mut scratch.product;
+        dyq.clear();
+        dyq.resize(co * qp, 0.0);
+        for o in 0..co {
+            let src = &dy[o * out_plane..(o + 1) * out_plane];
+            let dst = &mut dyq[o * qp..(o + 1) * qp];
+            for (r, row) in src.chunks_exact(g.ow).enumerate() {
+                let q = lay.position(g, r * g.ow);
+                copy_short(row, &mut dst[q..q + g.ow]);
+            }
+        }
+        let acc = &mut scratch.lanes;
+        acc.clear();
+        acc.resize(co * kk * lanes, 0.0);
+        // Passes of ≈ 256 KiB of input.
+        let pass = ((1usize << 16) / ci).max(lanes) / lanes * lanes;
+        let mut q0 = 0;
+        while q0 < qp {
+            let len = pass.min(qp - q0);
+            super::simd::dot_lanes(
+                isa,
+                co,
+                kk,
+                dyq,
+                qp,
+                &padded,
+                &scratch.offsets,
+                q0,
+                len,
+                acc,
+            );
+            q0 += len;
+        }
+        for (d, l) in dw.iter_mut().zip(acc.chunks_exact(lanes)) {
+            *d = super::simd::lane_sum(l);
+        }
+        scratch.keep(key, padded);
+    });
+    dw
 }
 
 /// `dst.copy_from_slice(src)` for short rows (8 to 64 values): fixed-size pieces compile to
@@ -1103,6 +1267,73 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn weight_gradient_matches_the_definition_on_every_path() {
+        for &(c, co, h, w, k, s, p, circ) in &[
+            (3, 5, 7, 6, 3, 1, 1, false),
+            (2, 7, 8, 8, 3, 2, 1, false),
+            (3, 4, 6, 7, 5, 1, 2, true),
+            (4, 9, 8, 16, 3, 1, 1, false),
+            (2, 3, 7, 9, 3, 2, 1, true),
+            (2, 3, 6, 6, 3, 1, 0, false),
+        ] {
+            let n = 3;
+            let x: Vec<f32> = (0..n * c * h * w)
+                .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+                .collect();
+            let a = Act::from_nchw(&x, n, c, h, w);
+            let g = ConvGeom::new(k, s, p, circ, h, w);
+            let dy: Vec<f32> = (0..co * n * g.oh * g.ow)
+                .map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0)
+                .collect();
+            // The definition: dW[o, c, i, j] = Σ dy[o, n, oy, ox] x[c, n, src(oy, i), src(ox, j)].
+            let planes: Vec<&[f32]> = (0..c).map(|ch| a.plane(ch)).collect();
+            let mut first: Option<Vec<f32>> = None;
+            for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+                if !isa.supported() {
+                    continue;
+                }
+                ISA_OVERRIDE.with(|o| o.set(Some(isa)));
+                let got = conv_weight_grad(&planes, n, &g, &dy, co);
+                ISA_OVERRIDE.with(|o| o.set(None));
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => assert_eq!(f, &got, "{isa:?}: {c}->{co} k{k} s{s} circ {circ}"),
+                }
+            }
+            let got = first.expect("portable");
+            for o in 0..co {
+                for ch in 0..c {
+                    for i in 0..k {
+                        for j in 0..k {
+                            let mut want = 0.0f64;
+                            for ni in 0..n {
+                                for oy in 0..g.oh {
+                                    for ox in 0..g.ow {
+                                        let (Some(iy), Some(ix)) =
+                                            (g.source(oy, i, h), g.source(ox, j, w))
+                                        else {
+                                            continue;
+                                        };
+                                        want += dy
+                                            [o * n * g.oh * g.ow + (ni * g.oh + oy) * g.ow + ox]
+                                            as f64
+                                            * a.plane(ch)[(ni * h + iy) * w + ix] as f64;
+                                    }
+                                }
+                            }
+                            let v = got[((o * c + ch) * k + i) * k + j] as f64;
+                            assert!(
+                                (v - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                "{c}->{co} k{k} s{s} circ {circ}: dW[{o},{ch},{i},{j}] {v} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -308,6 +308,98 @@ pub fn consecutive(
     }
 }
 
+/// Lanes of a dot product: position `q` of a reduction adds to lane `q mod 16`.
+pub const DOT_LANES: usize = 16;
+
+/// Partial dot products for a weight gradient: for every row `i < m` of `dy` (at
+/// `dy[i · ldy ..]`) and every row `j < k` of `B` (at `b[off[j] ..]`), lane `l` of
+/// `acc[(i · k + j) · 16 ..]` adds `dy[i][q] · B[j][q]` for the positions `q ≡ l (mod 16)` of
+/// `[q0, q0 + len)`, in increasing `q`, one fused multiply-add each. `len` is a multiple of 16.
+/// Calls over consecutive ranges continue the same sums, and every path adds in the same
+/// order, so the lanes (and [`lane_sum`] of them) are the same bits on every path.
+#[allow(clippy::too_many_arguments)]
+pub fn dot_lanes(
+    isa: Isa,
+    m: usize,
+    k: usize,
+    dy: &[f32],
+    ldy: usize,
+    b: &[f32],
+    off: &[usize],
+    q0: usize,
+    len: usize,
+    acc: &mut [f32],
+) {
+    assert_eq!(
+        len % DOT_LANES,
+        0,
+        "dot_lanes: len must be a multiple of 16"
+    );
+    if m == 0 || k == 0 || len == 0 {
+        return;
+    }
+    assert!(off.len() >= k, "dot_lanes: too few row offsets");
+    assert!(
+        (m - 1) * ldy + q0 + len <= dy.len(),
+        "dot_lanes: dy too short"
+    );
+    let mo = *off[..k].iter().max().expect("k > 0");
+    assert!(mo + q0 + len <= b.len(), "dot_lanes: B too short");
+    assert!(acc.len() >= m * k * DOT_LANES, "dot_lanes: acc too short");
+    match isa {
+        Isa::Portable => {
+            for i in 0..m {
+                let d = &dy[i * ldy + q0..][..len];
+                for j in 0..k {
+                    let x = &b[off[j] + q0..][..len];
+                    let a = &mut acc[(i * k + j) * DOT_LANES..][..DOT_LANES];
+                    for (dc, xc) in d.chunks_exact(DOT_LANES).zip(x.chunks_exact(DOT_LANES)) {
+                        for l in 0..DOT_LANES {
+                            a[l] = dc[l].mul_add(xc[l], a[l]);
+                        }
+                    }
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        isa => {
+            let (ti, tj) = if isa == Isa::Avx512 { (4, 6) } else { (2, 2) };
+            for i0 in (0..m).step_by(ti) {
+                for j0 in (0..k).step_by(tj) {
+                    let (ni, nj) = ((m - i0).min(ti), (k - j0).min(tj));
+                    // SAFETY: the features are present (the path was chosen for this CPU);
+                    // rows i0..i0+ni of dy and j0..j0+nj of B are read over [q0, q0 + len),
+                    // inside the slices by the asserts above; acc entries of those (i, j)
+                    // pairs are inside acc.
+                    unsafe {
+                        x86::dot_tile(
+                            isa,
+                            ni,
+                            nj,
+                            len,
+                            dy.as_ptr().add(i0 * ldy + q0),
+                            ldy,
+                            b.as_ptr().add(q0),
+                            off[j0..].as_ptr(),
+                            acc.as_mut_ptr().add((i0 * k + j0) * DOT_LANES),
+                            k * DOT_LANES,
+                        )
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("only the portable path exists off x86-64"),
+    }
+}
+
+/// The sum of 16 lanes in a fixed pairwise order.
+pub fn lane_sum(l: &[f32]) -> f32 {
+    let s8: [f32; 8] = std::array::from_fn(|i| l[i] + l[i + 8]);
+    let s4: [f32; 4] = std::array::from_fn(|i| s8[i] + s8[i + 4]);
+    (s4[0] + s4[2]) + (s4[1] + s4[3])
+}
+
 /// Even- and odd-indexed values of `src` into `even` and `odd` (as many as each holds): the
 /// stride-2 phase split of a convolution's input rows.
 pub fn deinterleave2(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
@@ -378,6 +470,126 @@ fn portable(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// One tile of [`super::dot_lanes`]: `ni × nj` lane sets, dispatched to a fixed-size kernel.
+    ///
+    /// # Safety
+    /// As [`super::dot_lanes`]' call: `dy` rows `i · ldy`, `i < ni`, and `b + off[j]`,
+    /// `j < nj`, hold `len` values; `acc + i · lda + j · 16` holds 16 values.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn dot_tile(
+        isa: super::Isa,
+        ni: usize,
+        nj: usize,
+        len: usize,
+        dy: *const f32,
+        ldy: usize,
+        b: *const f32,
+        off: *const usize,
+        acc: *mut f32,
+        lda: usize,
+    ) {
+        macro_rules! go {
+            ($f:ident, $($i:literal, $j:literal);*) => {
+                match (ni, nj) {
+                    $(($i, $j) => $f::<$i, $j>(len, dy, ldy, b, off, acc, lda),)*
+                    _ => unreachable!("tile {ni}x{nj}"),
+                }
+            };
+        }
+        if isa == super::Isa::Avx512 {
+            go!(dot512, 1,1; 1,2; 1,3; 1,4; 1,5; 1,6; 2,1; 2,2; 2,3; 2,4; 2,5; 2,6;
+                3,1; 3,2; 3,3; 3,4; 3,5; 3,6; 4,1; 4,2; 4,3; 4,4; 4,5; 4,6)
+        } else {
+            go!(dot256, 1,1; 1,2; 2,1; 2,2)
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot512<const I: usize, const J: usize>(
+        len: usize,
+        dy: *const f32,
+        ldy: usize,
+        b: *const f32,
+        off: *const usize,
+        acc: *mut f32,
+        lda: usize,
+    ) {
+        let mut s = [[_mm512_setzero_ps(); J]; I];
+        let mut xs = [b; J];
+        for (j, x) in xs.iter_mut().enumerate() {
+            *x = b.add(*off.add(j));
+        }
+        for (i, row) in s.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(acc.add(i * lda + j * 16));
+            }
+        }
+        let mut q = 0;
+        while q < len {
+            let d: [__m512; I] = std::array::from_fn(|i| _mm512_loadu_ps(dy.add(i * ldy + q)));
+            for j in 0..J {
+                let x = _mm512_loadu_ps(xs[j].add(q));
+                for i in 0..I {
+                    s[i][j] = _mm512_fmadd_ps(d[i], x, s[i][j]);
+                }
+            }
+            q += 16;
+        }
+        for (i, row) in s.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                _mm512_storeu_ps(acc.add(i * lda + j * 16), *v);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot256<const I: usize, const J: usize>(
+        len: usize,
+        dy: *const f32,
+        ldy: usize,
+        b: *const f32,
+        off: *const usize,
+        acc: *mut f32,
+        lda: usize,
+    ) {
+        // Lanes 0–7 and 8–15 of the 16-lane order in two registers each.
+        let mut s = [[[_mm256_setzero_ps(); 2]; J]; I];
+        let mut xs = [b; J];
+        for (j, x) in xs.iter_mut().enumerate() {
+            *x = b.add(*off.add(j));
+        }
+        for (i, row) in s.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                v[0] = _mm256_loadu_ps(acc.add(i * lda + j * 16));
+                v[1] = _mm256_loadu_ps(acc.add(i * lda + j * 16 + 8));
+            }
+        }
+        let mut q = 0;
+        while q < len {
+            let d: [[__m256; 2]; I] = std::array::from_fn(|i| {
+                [
+                    _mm256_loadu_ps(dy.add(i * ldy + q)),
+                    _mm256_loadu_ps(dy.add(i * ldy + q + 8)),
+                ]
+            });
+            for j in 0..J {
+                let x0 = _mm256_loadu_ps(xs[j].add(q));
+                let x1 = _mm256_loadu_ps(xs[j].add(q + 8));
+                for i in 0..I {
+                    s[i][j][0] = _mm256_fmadd_ps(d[i][0], x0, s[i][j][0]);
+                    s[i][j][1] = _mm256_fmadd_ps(d[i][1], x1, s[i][j][1]);
+                }
+            }
+            q += 16;
+        }
+        for (i, row) in s.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                _mm256_storeu_ps(acc.add(i * lda + j * 16), v[0]);
+                _mm256_storeu_ps(acc.add(i * lda + j * 16 + 8), v[1]);
+            }
+        }
+    }
 
     /// `blocks` blocks of 16 values split into 8 even- and 8 odd-indexed ones.
     ///
