@@ -95,7 +95,7 @@ pub fn check_batch(images: &[f32], n: usize, shape: [usize; 3]) -> Result<()> {
 
 /// The number of classes in an `n × K` score matrix (`n ≥ 1`).
 pub fn classes_in(logits: &[f32], n: usize) -> Result<usize> {
-    if n == 0 || logits.is_empty() || logits.len() % n != 0 {
+    if n == 0 || logits.is_empty() || !logits.len().is_multiple_of(n) {
         return Err(Error::Classifier(format!(
             "{} scores cannot be {n} rows of K ≥ 1 class scores",
             logits.len()

@@ -139,7 +139,7 @@ impl OnnxClassifier {
         let shape = output.shape().to_vec();
         let rows = shape.first().copied().unwrap_or(0);
         let total: usize = shape.iter().product();
-        if rows != run_n || total % run_n.max(1) != 0 {
+        if rows != run_n || !total.is_multiple_of(run_n.max(1)) {
             return Err(self.error(format!(
                 "the output has shape {shape:?}; expected [{run_n}, K] scores"
             )));

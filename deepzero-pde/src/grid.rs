@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 
 /// Checks that `reference` is a whole multiple (≥ 1) of `source` and returns the factor.
 pub fn downsample_factor(reference: usize, source: usize) -> Result<usize> {
-    if source == 0 || reference < source || reference % source != 0 {
+    if source == 0 || reference < source || !reference.is_multiple_of(source) {
         return Err(Error::GridRatio {
             reference,
             source_size: source,

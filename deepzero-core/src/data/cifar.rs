@@ -83,7 +83,7 @@ fn append_batch(
             "file is empty; re-extract it from cifar-10-binary.tar.gz",
         ));
     }
-    if bytes.len() % CIFAR10_RECORD_BYTES != 0 {
+    if !bytes.len().is_multiple_of(CIFAR10_RECORD_BYTES) {
         return Err(Error::data(
             path,
             format!(

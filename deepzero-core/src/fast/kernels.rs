@@ -743,13 +743,13 @@ pub fn conv_indirect(
             scratch.bias.resize(panels * mr, 0.0);
             scratch.bias.as_slice()
         });
-        let piece = if isa == super::simd::Isa::Avx512 && g.ow % 16 == 0 {
+        let piece = if isa == super::simd::Isa::Avx512 && g.ow.is_multiple_of(16) {
             16
         } else {
             8
         };
         let (pieces, dst) = (&mut scratch.pieces, &mut scratch.dst);
-        if g.ow % piece == 0 && co % mr == 0 {
+        if g.ow.is_multiple_of(piece) && co.is_multiple_of(mr) {
             // Dense tiles: pieces skip the padding, so only real outputs are computed, and
             // they go straight into `out`. Passes of ≈ 256 KiB of input keep it in L2 across
             // the panels.
