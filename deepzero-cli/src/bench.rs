@@ -77,6 +77,9 @@ pub struct CgeBenchArgs {
     /// Threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Instruction set of our kernels: avx512, avx2 or portable [default: the best this CPU runs].
+    #[arg(long, value_parser = parse_isa)]
+    pub isa: Option<Isa>,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -155,7 +158,11 @@ pub struct CgeBench {
     pub model_speedup_vs_naive: f64,
     pub model_speedup_reuse_vs_naive: f64,
     pub effective_gflops: f64,
+    /// The naive engine's full forward (the model's multiply-adds × 2 × batch per query).
+    pub naive_gflops: f64,
     pub sgemm_gflops: f64,
+    /// Instruction set of our kernels.
+    pub isa: String,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -217,6 +224,7 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
         bail!("--batch and --coords must be at least 1");
     }
     set_threads(a.threads);
+    let isa = use_isa(a.isa)?;
     let threads = rayon::current_num_threads();
     let (model, train) = a.net.build(a.seed)?;
     let d = model.num_params();
@@ -286,7 +294,11 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
         model_speedup_vs_naive: cn / cf,
         model_speedup_reuse_vs_naive: cn / cr,
         effective_gflops: flops_fast / (fast_s * coords.len() as f64) / 1e9,
+        naive_gflops: 2.0 * model.node_costs().iter().sum::<u64>() as f64 * a.net.batch as f64
+            / naive_s
+            / 1e9,
         sgemm_gflops: sgemm_gflops(threads),
+        isa: isa.name().into(),
     })
 }
 
