@@ -332,8 +332,11 @@ pub fn sgemm_gflops(threads: usize) -> f64 {
 struct KernelRow {
     layer: String,
     shape: String,
+    /// Forward.
     ours_gflops: f64,
     candle_gflops: f64,
+    /// Backward: the weight gradient.
+    ours_weight_grad_gflops: f64,
 }
 
 fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
@@ -378,6 +381,17 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
             })
         });
         let ours = flops * threads as f64 / ours_s / 1e9;
+        let g = kernels::ConvGeom::new(kk, stride, padding, circular, h, w);
+        let dy: Vec<f32> = (0..co * a.batch * g.oh * g.ow)
+            .map(|_| rng.random::<f32>() - 0.5)
+            .collect();
+        let planes: Vec<&[f32]> = (0..ci).map(|c| act.plane(c)).collect();
+        let wgrad_s = median_seconds(2, || {
+            (0..threads).into_par_iter().for_each(|_| {
+                std::hint::black_box(kernels::conv_weight_grad(&planes, a.batch, &g, &dy, co));
+            })
+        });
+        let wgrad = flops * threads as f64 / wgrad_s / 1e9;
         let dev = candle_core::Device::Cpu;
         let mut xt = candle_core::Tensor::from_vec(x.clone(), (a.batch, ci, h, w), &dev)?;
         let mut pad = padding;
@@ -395,6 +409,7 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
             shape: key,
             ours_gflops: ours,
             candle_gflops: candle,
+            ours_weight_grad_gflops: wgrad,
         });
     }
     let sgemm = sgemm_gflops(threads);
@@ -410,18 +425,21 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
             "threads {threads}, kernels {}, sgemm {sgemm:.1} GFLOP/s (512³ per thread)",
             isa.name()
         );
+        println!("GFLOP/s per layer; fwd = forward, dW = weight gradient; /sgemm = fraction of sgemm");
         println!(
-            "{:<20} {:<26} {:>10} {:>12} {:>10}",
-            "layer", "shape", "ours", "candle(1×)", "ours/sgemm"
+            "{:<20} {:<26} {:>8} {:>11} {:>10} {:>8} {:>9}",
+            "layer", "shape", "fwd", "candle(1×)", "fwd/sgemm", "dW", "dW/sgemm"
         );
         for r in &rows {
             println!(
-                "{:<20} {:<26} {:>10.1} {:>12.1} {:>10.2}",
+                "{:<20} {:<26} {:>8.1} {:>11.1} {:>10.2} {:>8.1} {:>9.2}",
                 r.layer,
                 r.shape,
                 r.ours_gflops,
                 r.candle_gflops,
-                r.ours_gflops / sgemm
+                r.ours_gflops / sgemm,
+                r.ours_weight_grad_gflops,
+                r.ours_weight_grad_gflops / sgemm
             );
         }
     }
