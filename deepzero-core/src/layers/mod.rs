@@ -1,8 +1,9 @@
 //! Layer kinds: each one in one place.
 //!
 //! A layer kind is a struct implementing [`Layer`]: its output shape and cost, its candle forward
-//! (differentiable, any dtype), its forward on our f32 kernels ([`crate::fast::kernels`]) and its
-//! change propagation for the fast engine ([`crate::fast`]). [`Op`] lists the kinds and
+//! (differentiable, any dtype), its forward on our f32 kernels ([`crate::fast::kernels`]), its
+//! change propagation for the fast engine ([`crate::fast`]) and its backward on our kernels
+//! ([`crate::fast::backprop`]). [`Op`] lists the kinds and
 //! dispatches to them; the model ([`crate::model`]), the fast engine and the cost model only call
 //! the trait.
 //!
@@ -30,6 +31,7 @@ use crate::fast::Change;
 use crate::layout::{ParamEntry, ParamLayout};
 use crate::model::{BnBatchStats, Mode};
 use candle_core::Tensor;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// One operation of the graph. Parameter fields of the layer structs are indices into
@@ -190,8 +192,16 @@ pub(crate) struct Shapes<'a> {
     pub out: &'a [usize],
 }
 
+/// What one node's backward returns.
+pub(crate) struct NodeGrads {
+    /// Per input: the gradient of the loss with respect to it (`None` where not wanted).
+    pub inputs: Vec<Option<Act>>,
+    /// Per parameter tensor the node reads (layout index): its gradient, laid out as the tensor.
+    pub params: Vec<(usize, Vec<f32>)>,
+}
+
 /// One layer kind. See the module documentation for how the parts are used.
-pub(crate) trait Layer {
+pub(crate) trait Layer: Sync {
     /// Registers read.
     fn arity(&self) -> usize {
         1
@@ -210,6 +220,15 @@ pub(crate) trait Layer {
     fn forward(&self, ins: &[&Tensor], ctx: &mut CandleCtx) -> Result<Tensor>;
     /// Forward on our f32 kernels (channel-major activations).
     fn forward_fast(&self, ins: &[&Act], params: HostParams) -> (Act, NodeCache);
+    /// Forward in train mode for backprop: what [`Layer::forward_fast`] computes, possibly spread
+    /// over threads (results must not depend on their count). Default: `forward_fast`.
+    fn forward_train(&self, ins: &[&Act], params: HostParams) -> (Act, NodeCache) {
+        self.forward_fast(ins, params)
+    }
+    /// Backward: the gradients of the loss with respect to the inputs (those `wanted`) and the
+    /// parameters, given `dy`, the gradient with respect to the output of the forward `base`
+    /// (its registers and caches as [`Layer::forward_train`] left them).
+    fn backward_fast(&self, base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads;
     /// Change of the output when coordinate `j` of parameter tensor `entry` moves by `delta`.
     /// Default: the parameter is added to one channel `j` (a bias, a batch-norm shift).
     fn perturbed(&self, base: &Base, _entry: &ParamEntry, j: usize, delta: f32) -> Change {
@@ -276,6 +295,80 @@ pub(crate) fn change_to_full<'b>(change: &'b Change, like: &Act) -> std::borrow:
             Cow::Owned(a)
         }
     }
+}
+
+/// A layer whose samples do not interact, run over pieces of the batch at once (whole samples,
+/// pieces fixed by the shapes alone, [`crate::fast::conv_grad::samples_per_piece`]) and joined
+/// back: `forward` maps the pieces of the inputs to the piece of the output.
+pub(crate) fn forward_by_samples(ins: &[&Act], forward: impl Fn(&[&Act]) -> Act + Sync) -> Act {
+    let x = ins[0];
+    let per = crate::fast::conv_grad::samples_per_piece(x.h * x.w);
+    if per >= x.n {
+        return forward(ins);
+    }
+    let starts: Vec<usize> = (0..x.n).step_by(per).collect();
+    let outs: Vec<Act> = starts
+        .par_iter()
+        .map(|&s0| {
+            let samples = per.min(x.n - s0);
+            let pieces: Vec<Act> = ins.iter().map(|a| sample_range(a, s0, samples)).collect();
+            let refs: Vec<&Act> = pieces.iter().collect();
+            forward(&refs)
+        })
+        .collect();
+    let first = &outs[0];
+    let mut out = Act::zeros(first.c, x.n, first.h, first.w);
+    let plane = out.plane_len();
+    if plane > 0 {
+        out.data
+            .par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(c, dst)| {
+                let mut at = 0;
+                for piece in &outs {
+                    let src = piece.plane(c);
+                    dst[at..at + src.len()].copy_from_slice(src);
+                    at += src.len();
+                }
+            });
+    }
+    out
+}
+
+/// Samples `start..start + count` of `a`.
+fn sample_range(a: &Act, start: usize, count: usize) -> Act {
+    let hw = a.h * a.w;
+    let mut out = Act::zeros(a.c, count, a.h, a.w);
+    for c in 0..a.c {
+        out.plane_mut(c)
+            .copy_from_slice(&a.plane(c)[start * hw..(start + count) * hw]);
+    }
+    out
+}
+
+/// Per-channel sums of `a` (a bias gradient), each in f64 in a fixed order.
+pub(crate) fn channel_sums(a: &Act) -> Vec<f32> {
+    (0..a.c)
+        .into_par_iter()
+        .map(|c| a.plane(c).iter().map(|&v| v as f64).sum::<f64>() as f32)
+        .collect()
+}
+
+/// `f` applied element-wise to `a` and `b` (same shape) into a new activation shaped like
+/// `a`, in fixed chunks over threads.
+pub(crate) fn zip_map(a: &Act, b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Act {
+    const CHUNK: usize = 1 << 14;
+    let mut out = Act::zeros(a.c, a.n, a.h, a.w);
+    out.data
+        .par_chunks_mut(CHUNK)
+        .zip(a.data.par_chunks(CHUNK))
+        .zip(b.par_chunks(CHUNK))
+        .for_each(|((o, x), y)| {
+            for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                *o = f(x, y);
+            }
+        });
+    out
 }
 
 fn shape_error(name: &str, msg: String) -> crate::error::Error {

@@ -1,12 +1,13 @@
 //! Batch norm.
 
-use super::{Base, BnCache, CandleCtx, HostParams, Layer, NodeCache};
+use super::{Base, BnCache, CandleCtx, HostParams, Layer, NodeCache, NodeGrads};
 use crate::error::Result;
 use crate::fast::kernels::{self, Act};
 use crate::fast::Change;
 use crate::layout::{ParamEntry, ParamKind, ParamLayout};
 use crate::model::{Mode, BN_EPS};
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Batch norm over channels (dim 1).
@@ -68,13 +69,52 @@ impl Layer for BatchNorm {
         let x = ins[0];
         let (g, b) = (params.get(self.scale), params.get(self.shift));
         let mut out = Act::zeros(x.c, x.n, x.h, x.w);
-        let (mut mean, mut inv_std) = (Vec::with_capacity(x.c), Vec::with_capacity(x.c));
-        for c in 0..x.c {
-            let (m, inv) = kernels::bn_plane(x.plane(c), g[c], b[c], BN_EPS, out.plane_mut(c));
-            mean.push(m);
-            inv_std.push(inv);
-        }
+        let plane = x.plane_len().max(1);
+        // Channels over threads; each channel's statistics are its own (no cross-thread sums).
+        let (mean, inv_std): (Vec<f32>, Vec<f32>) = out
+            .data
+            .par_chunks_mut(plane)
+            .enumerate()
+            .map(|(c, dst)| kernels::bn_plane(x.plane(c), g[c], b[c], BN_EPS, dst))
+            .unzip();
         (out, Some(BnCache { mean, inv_std }))
+    }
+    fn backward_fast(&self, base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads {
+        // With x̂ = (x − m)·s: dγ = Σ dy·x̂, dβ = Σ dy, and through the batch's mean and
+        // variance dx = γ·s·(dy − mean(dy) − x̂·mean(dy·x̂)).
+        let (x, bn) = (base.input(0), base.bn());
+        let gamma = base.params.get(self.scale);
+        let plane = x.plane_len().max(1);
+        let count = x.plane_len() as f64;
+        let mut dx = Act::zeros(x.c, x.n, x.h, x.w);
+        let sums: Vec<(f32, f32)> = dx
+            .data
+            .par_chunks_mut(plane)
+            .enumerate()
+            .map(|(c, dst)| {
+                let (m, s) = (bn.mean[c], bn.inv_std[c]);
+                let (xs, dys) = (x.plane(c), dy.plane(c));
+                let (mut sum_dy, mut sum_dy_xhat) = (0.0f64, 0.0f64);
+                for (&xv, &d) in xs.iter().zip(dys) {
+                    sum_dy += d as f64;
+                    sum_dy_xhat += d as f64 * ((xv - m) * s) as f64;
+                }
+                if wanted[0] {
+                    let a = gamma[c] * s;
+                    let (mean_dy, mean_dy_xhat) =
+                        ((sum_dy / count) as f32, (sum_dy_xhat / count) as f32);
+                    for ((o, &xv), &d) in dst.iter_mut().zip(xs).zip(dys) {
+                        *o = a * (d - mean_dy - (xv - m) * s * mean_dy_xhat);
+                    }
+                }
+                (sum_dy_xhat as f32, sum_dy as f32)
+            })
+            .collect();
+        let (dgamma, dbeta) = sums.into_iter().unzip();
+        NodeGrads {
+            inputs: vec![wanted[0].then_some(dx)],
+            params: vec![(self.scale, dgamma), (self.shift, dbeta)],
+        }
     }
     fn perturbed(&self, base: &Base, entry: &ParamEntry, j: usize, delta: f32) -> Change {
         if entry.kind != ParamKind::BnScale {
