@@ -29,8 +29,13 @@ impl Layer for Relu {
     }
     fn backward_fast(&self, base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads {
         // The derivative is taken as 1 at 0, as candle does.
-        let dx = wanted[0]
-            .then(|| zip_map(dy, &base.input(0).data, |d, x| if x >= 0.0 { d } else { 0.0 }));
+        let dx = wanted[0].then(|| {
+            zip_map(
+                dy,
+                &base.input(0).data,
+                |d, x| if x >= 0.0 { d } else { 0.0 },
+            )
+        });
         NodeGrads {
             inputs: vec![dx],
             params: Vec::new(),
