@@ -121,7 +121,7 @@ impl<'a> Trace<'a> {
             };
             // The model input needs no gradient.
             let wanted: Vec<bool> = node.inputs.iter().map(|&r| r != 0).collect();
-            let g = node.op.layer().backward_fast(&base, &dy, &wanted);
+            let g = node.op.layer().backward_fast(&base, dy, &wanted);
             for (entry, values) in g.params {
                 for (t, v) in flat[layout.entries[entry].range()].iter_mut().zip(values) {
                     *t += v as f64;
@@ -208,4 +208,12 @@ pub fn loss_and_grad(
     let (loss, d_output) = head_loss_and_grad(head, trace.output())?;
     let grad = trace.backward(d_output);
     Ok((loss, grad, trace.bn_batch_stats()))
+}
+
+/// Floating-point operations of one forward and backward on `n` samples by the cost model
+/// ([`Model::node_costs`]): the backward counted as twice the forward (input and parameter
+/// gradients), two operations per multiply-add.
+pub fn step_flops(model: &Model, n: usize) -> f64 {
+    let forward: u64 = model.node_costs().iter().sum();
+    3.0 * 2.0 * forward as f64 * n as f64
 }

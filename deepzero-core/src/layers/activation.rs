@@ -1,6 +1,6 @@
 //! Element-wise activations.
 
-use super::{zip_map, Base, CandleCtx, HostParams, Layer, NodeCache, NodeGrads};
+use super::{zip_apply, Base, CandleCtx, HostParams, Layer, NodeCache, NodeGrads};
 use crate::error::Result;
 use crate::fast::kernels::{self, Act};
 use crate::layout::ParamLayout;
@@ -27,17 +27,16 @@ impl Layer for Relu {
         kernels::relu_inplace(&mut out.data);
         (out, None)
     }
-    fn backward_fast(&self, base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads {
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
         // The derivative is taken as 1 at 0, as candle does.
-        let dx = wanted[0].then(|| {
-            zip_map(
-                dy,
-                &base.input(0).data,
-                |d, x| if x >= 0.0 { d } else { 0.0 },
-            )
-        });
+        let mut dx = dy;
+        zip_apply(
+            &mut dx,
+            &base.input(0).data,
+            |d, x| if x >= 0.0 { d } else { 0.0 },
+        );
         NodeGrads {
-            inputs: vec![dx],
+            inputs: vec![wanted[0].then_some(dx)],
             params: Vec::new(),
         }
     }
@@ -58,10 +57,11 @@ impl Layer for Tanh {
         out.data.iter_mut().for_each(|v| *v = v.tanh());
         (out, None)
     }
-    fn backward_fast(&self, base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads {
-        let dx = wanted[0].then(|| zip_map(dy, &base.out.data, |d, y| d * (1.0 - y * y)));
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
+        let mut dx = dy;
+        zip_apply(&mut dx, &base.out.data, |d, y| d * (1.0 - y * y));
         NodeGrads {
-            inputs: vec![dx],
+            inputs: vec![wanted[0].then_some(dx)],
             params: Vec::new(),
         }
     }

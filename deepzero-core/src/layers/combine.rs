@@ -60,16 +60,16 @@ fn combine_cost(ins: &[Spread], cost: f64, shapes: &Shapes) -> (Spread, f64) {
 }
 
 /// Backward of `a + sign·b`: `dy` and `sign·dy`.
-fn combine_backward(dy: &Act, wanted: &[bool], sign: f32) -> NodeGrads {
-    let signed = || {
+fn combine_backward(dy: Act, wanted: &[bool], sign: f32) -> NodeGrads {
+    let second = wanted[1].then(|| {
         let mut d = dy.clone();
         if sign != 1.0 {
             d.data.iter_mut().for_each(|v| *v *= sign);
         }
         d
-    };
+    });
     NodeGrads {
-        inputs: vec![wanted[0].then(|| dy.clone()), wanted[1].then(signed)],
+        inputs: vec![wanted[0].then_some(dy), second],
         params: Vec::new(),
     }
 }
@@ -95,7 +95,7 @@ impl Layer for Add {
     fn forward_fast(&self, ins: &[&Act], _params: HostParams) -> (Act, NodeCache) {
         (combine_fast(ins, 1.0), None)
     }
-    fn backward_fast(&self, _base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads {
+    fn backward_fast(&self, _base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
         combine_backward(dy, wanted, 1.0)
     }
     fn propagate(&self, base: &Base, ins: &[&Change]) -> Change {
@@ -125,7 +125,7 @@ impl Layer for Sub {
     fn forward_fast(&self, ins: &[&Act], _params: HostParams) -> (Act, NodeCache) {
         (combine_fast(ins, -1.0), None)
     }
-    fn backward_fast(&self, _base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads {
+    fn backward_fast(&self, _base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
         combine_backward(dy, wanted, -1.0)
     }
     fn propagate(&self, base: &Base, ins: &[&Change]) -> Change {
@@ -184,7 +184,7 @@ impl Layer for ShortcutA {
         }
         (out, None)
     }
-    fn backward_fast(&self, base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads {
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
         // The subsampled positions of channel c receive dy's channel c + pad; the rest is 0.
         let x = base.input(0);
         let dx = wanted[0].then(|| {

@@ -145,15 +145,15 @@ impl Layer for Conv2d {
         let out = forward_by_samples(ins, |piece| self.forward_fast(piece, params).0);
         (out, None)
     }
-    fn backward_fast(&self, base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads {
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
         let x = base.input(0);
         let (co, ci, k) = self.dims(base.params.layout);
         let g = self.geom(k, x.h, x.w);
-        let mut params = vec![(self.weight, conv_backward_weight(x, dy, co, &g))];
+        let mut params = vec![(self.weight, conv_backward_weight(x, &dy, co, &g))];
         if let Some(b) = self.bias {
-            params.push((b, channel_sums(dy)));
+            params.push((b, channel_sums(&dy)));
         }
-        let dx = wanted[0].then(|| conv_backward_data(dy, base.params.get(self.weight), ci, &g));
+        let dx = wanted[0].then(|| conv_backward_data(&dy, base.params.get(self.weight), ci, &g));
         NodeGrads {
             inputs: vec![dx],
             params,

@@ -66,7 +66,7 @@ impl Layer for Linear {
             None,
         )
     }
-    fn backward_fast(&self, base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads {
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
         let (o, f) = self.dims(base.params.layout);
         let (x, n) = (base.input(0), dy.n);
         let w = base.params.get(self.weight);
@@ -82,7 +82,7 @@ impl Layer for Linear {
             });
         let mut params = vec![(self.weight, transpose(&dwt, f, o))];
         if let Some(b) = self.bias {
-            params.push((b, channel_sums(dy)));
+            params.push((b, channel_sums(&dy)));
         }
         // dx[F, N] = Wᵀ[F, O] · dy[O, N], by pieces of rows of F.
         let dx = wanted[0].then(|| {

@@ -227,8 +227,9 @@ pub(crate) trait Layer: Sync {
     }
     /// Backward: the gradients of the loss with respect to the inputs (those `wanted`) and the
     /// parameters, given `dy`, the gradient with respect to the output of the forward `base`
-    /// (its registers and caches as [`Layer::forward_train`] left them).
-    fn backward_fast(&self, base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads;
+    /// (its registers and caches as [`Layer::forward_train`] left them). `dy` is handed over:
+    /// element-wise layers turn it into the input gradient in place.
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads;
     /// Change of the output when coordinate `j` of parameter tensor `entry` moves by `delta`.
     /// Default: the parameter is added to one channel `j` (a bias, a batch-norm shift).
     fn perturbed(&self, base: &Base, _entry: &ParamEntry, j: usize, delta: f32) -> Change {
@@ -354,21 +355,18 @@ pub(crate) fn channel_sums(a: &Act) -> Vec<f32> {
         .collect()
 }
 
-/// `f` applied element-wise to `a` and `b` (same shape) into a new activation shaped like
-/// `a`, in fixed chunks over threads.
-pub(crate) fn zip_map(a: &Act, b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Act {
+/// `d ← f(d, v)` element-wise for `d` in `a` and `v` in `b` (same length), in fixed chunks over
+/// threads: an element-wise layer's backward in place of the output gradient.
+pub(crate) fn zip_apply(a: &mut Act, b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
     const CHUNK: usize = 1 << 14;
-    let mut out = Act::zeros(a.c, a.n, a.h, a.w);
-    out.data
+    a.data
         .par_chunks_mut(CHUNK)
-        .zip(a.data.par_chunks(CHUNK))
         .zip(b.par_chunks(CHUNK))
-        .for_each(|((o, x), y)| {
-            for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
-                *o = f(x, y);
+        .for_each(|(a, b)| {
+            for (d, &v) in a.iter_mut().zip(b) {
+                *d = f(*d, v);
             }
         });
-    out
 }
 
 fn shape_error(name: &str, msg: String) -> crate::error::Error {

@@ -79,32 +79,28 @@ impl Layer for BatchNorm {
             .unzip();
         (out, Some(BnCache { mean, inv_std }))
     }
-    fn backward_fast(&self, base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads {
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
         // With x̂ = (x − m)·s: dγ = Σ dy·x̂, dβ = Σ dy, and through the batch's mean and
         // variance dx = γ·s·(dy − mean(dy) − x̂·mean(dy·x̂)).
         let (x, bn) = (base.input(0), base.bn());
         let gamma = base.params.get(self.scale);
         let plane = x.plane_len().max(1);
         let count = x.plane_len() as f64;
-        let mut dx = Act::zeros(x.c, x.n, x.h, x.w);
+        let mut dx = dy;
         let sums: Vec<(f32, f32)> = dx
             .data
             .par_chunks_mut(plane)
             .enumerate()
-            .map(|(c, dst)| {
+            .map(|(c, d)| {
                 let (m, s) = (bn.mean[c], bn.inv_std[c]);
-                let (xs, dys) = (x.plane(c), dy.plane(c));
-                let (mut sum_dy, mut sum_dy_xhat) = (0.0f64, 0.0f64);
-                for (&xv, &d) in xs.iter().zip(dys) {
-                    sum_dy += d as f64;
-                    sum_dy_xhat += d as f64 * ((xv - m) * s) as f64;
-                }
+                let xs = x.plane(c);
+                let (sum_dy, sum_dy_xhat) = gradient_sums(xs, d, m, s);
                 if wanted[0] {
                     let a = gamma[c] * s;
                     let (mean_dy, mean_dy_xhat) =
                         ((sum_dy / count) as f32, (sum_dy_xhat / count) as f32);
-                    for ((o, &xv), &d) in dst.iter_mut().zip(xs).zip(dys) {
-                        *o = a * (d - mean_dy - (xv - m) * s * mean_dy_xhat);
+                    for (d, &xv) in d.iter_mut().zip(xs) {
+                        *d = a * (*d - mean_dy - (xv - m) * s * mean_dy_xhat);
                     }
                 }
                 (sum_dy_xhat as f32, sum_dy as f32)
@@ -140,6 +136,25 @@ impl Layer for BatchNorm {
             bn_delta(base.input(0).plane(c), d, bn.mean[c], bn.inv_std[c], gamma),
         ))
     }
+}
+
+/// `(Σ dy, Σ dy·(x − m)·s)` over one channel, in f64 with eight independent lanes (one f64
+/// add chain is latency-bound), added in a fixed order.
+fn gradient_sums(x: &[f32], dy: &[f32], m: f32, s: f32) -> (f64, f64) {
+    let (mut sd, mut sdx) = ([0.0f64; 8], [0.0f64; 8]);
+    let (xc, dc) = (x.chunks_exact(8), dy.chunks_exact(8));
+    let (xr, dr) = (xc.remainder(), dc.remainder());
+    for (xs, ds) in xc.zip(dc) {
+        for l in 0..8 {
+            sd[l] += ds[l] as f64;
+            sdx[l] += ds[l] as f64 * ((xs[l] - m) * s) as f64;
+        }
+    }
+    for (&xv, &d) in xr.iter().zip(dr) {
+        sd[0] += d as f64;
+        sdx[0] += d as f64 * ((xv - m) * s) as f64;
+    }
+    (sd.iter().sum(), sdx.iter().sum())
 }
 
 /// Batch-norm output change of one channel: `γ[(Δ − Δm)·s' + (x − m)(s' − s)]` with the new

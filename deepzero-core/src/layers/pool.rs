@@ -82,7 +82,7 @@ impl Layer for MaxPool {
     fn forward_fast(&self, ins: &[&Act], _params: HostParams) -> (Act, NodeCache) {
         (pool_fast(ins[0], self.0, true), None)
     }
-    fn backward_fast(&self, base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads {
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
         // Each window's gradient goes to its first element (row-major) equal to the window's
         // maximum, as candle's argmax picks it.
         let (x, y, k) = (base.input(0), base.out, self.0);
@@ -91,17 +91,15 @@ impl Layer for MaxPool {
             let (xs, ys, dys) = (x.plane(c), y.plane(c), dy.plane(c));
             for ni in 0..x.n {
                 for oy in 0..oh {
+                    let o0 = (ni * oh + oy) * ow;
+                    let rows = (ni * x.h + oy * k) * x.w;
                     for ox in 0..ow {
-                        let o = (ni * oh + oy) * ow + ox;
-                        let window = (0..k)
-                            .flat_map(|i| (0..k).map(move |j| (i, j)))
-                            .map(|(i, j)| (ni * x.h + oy * k + i) * x.w + ox * k + j);
-                        for at in window {
-                            if xs[at] == ys[o] {
-                                dst[at] += dys[o];
-                                break;
-                            }
-                        }
+                        let (top, target) = (rows + ox * k, ys[o0 + ox]);
+                        let at = (0..k * k)
+                            .map(|t| top + (t / k) * x.w + t % k)
+                            .find(|&at| xs[at] == target)
+                            .unwrap_or(top);
+                        dst[at] += dys[o0 + ox];
                     }
                 }
             }
@@ -129,7 +127,7 @@ impl Layer for AvgPool {
     fn forward_fast(&self, ins: &[&Act], _params: HostParams) -> (Act, NodeCache) {
         (pool_fast(ins[0], self.0, false), None)
     }
-    fn backward_fast(&self, base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads {
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
         let (x, k) = (base.input(0), self.0);
         let (oh, ow, inv) = (dy.h, dy.w, 1.0 / (k * k) as f32);
         per_channel_backward(x, wanted[0], |c, dst| {
@@ -174,7 +172,7 @@ impl Layer for GlobalAvgPool {
         }
         (out, None)
     }
-    fn backward_fast(&self, base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads {
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
         let x = base.input(0);
         let hw = x.h * x.w;
         let inv = 1.0 / hw as f32;
@@ -216,7 +214,7 @@ impl Layer for Flatten {
         }
         (out, None)
     }
-    fn backward_fast(&self, base: &Base, dy: &Act, wanted: &[bool]) -> NodeGrads {
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
         // The inverse of the forward's permutation.
         let x = base.input(0);
         let hw = x.h * x.w;
