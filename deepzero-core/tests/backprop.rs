@@ -336,7 +336,8 @@ fn conv_grads_direct(x: &Act, w: &[f32], dy: &Act, g: &ConvGeom) -> (Vec<f64>, V
 fn conv_gradients_match_the_definition() {
     let mut rng = StdRng::seed_from_u64(70);
     // (ci, co, h, w, k, stride, pad, circular, n): zero and circular padding, stride 1 and 2,
-    // k 1/3/5, odd sizes, a wrap further than one row, and enough samples for several pieces.
+    // k 1/3/5, "same" and other paddings, odd sizes, a wrap further than one row, and enough
+    // samples for several pieces.
     for &(ci, co, h, w, k, s, p, circ, n) in &[
         (3, 5, 7, 6, 3, 1, 1, false, 3),
         (3, 5, 7, 6, 3, 1, 1, true, 3),
@@ -351,6 +352,10 @@ fn conv_gradients_match_the_definition() {
         (2, 2, 7, 7, 5, 2, 0, false, 2),
         (2, 3, 20, 20, 3, 1, 1, true, 11),
         (2, 3, 20, 20, 3, 1, 1, false, 11),
+        (3, 6, 20, 20, 3, 1, 1, true, 11),
+        (3, 6, 20, 20, 5, 1, 2, false, 7),
+        (3, 4, 7, 7, 3, 1, 0, false, 2),
+        (4, 5, 8, 8, 5, 1, 1, true, 2),
     ] {
         let g = ConvGeom::new(k, s, p, circ, h, w);
         let mut act = |c: usize, hh: usize, ww: usize| Act {

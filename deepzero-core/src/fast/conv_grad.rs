@@ -10,20 +10,12 @@
 //!   padding a read that wrapped around adds to the wrapped position, a read of zero padding
 //!   adds nothing).
 //!
-//! Both run over pieces of the batch at once: whole samples, about [`PIECE_COLUMNS`] output
-//! positions per piece, fixed by the shapes alone. The weight gradient adds the pieces' partial
-//! products in piece order, so results do not depend on the thread count.
+//! Both run over pieces of the batch at once ([`super::pieces`]). The weight gradient adds the
+//! pieces' partial products in piece order, so results do not depend on the thread count.
 
-use super::kernels::{im2col, sgemm, Act, ConvGeom};
+use super::kernels::{self, im2col, sgemm, Act, ConvGeom};
+use super::pieces::{map_samples, samples_per_piece};
 use rayon::prelude::*;
-
-/// Output positions (samples × positions per sample) per piece of work.
-const PIECE_COLUMNS: usize = 2048;
-
-/// Samples per piece of work for `plane` positions per sample (at least one).
-pub fn samples_per_piece(plane: usize) -> usize {
-    (PIECE_COLUMNS / plane.max(1)).max(1)
-}
 
 /// Adjoint of [`im2col`]: add every entry `cols[(c·k + i)·k + j][n, oy, ox]` to the
 /// position of `planes[c]` (each `[n, H, W]`) it was read from — wrapped around with circular
@@ -65,6 +57,9 @@ pub fn col2im(cols: &[f32], n: usize, g: &ConvGeom, planes: &mut [&mut [f32]]) {
 /// Gradient of a convolution's input: `dy` (`[Co, N, Ho, Wo]`), weight `w` (`[Co, ci, k, k]`)
 /// to `dx` shaped like the input, `[ci, N, H, W]`.
 pub fn conv_backward_data(dy: &Act, w: &[f32], ci: usize, g: &ConvGeom) -> Act {
+    if g.stride == 1 && 2 * g.pad + 1 == g.k {
+        return same_conv_backward_data(dy, w, ci, g);
+    }
     let (co, n) = (dy.c, dy.n);
     let rows = ci * g.k * g.k;
     // Wᵀ, [Ci·k², Co].
@@ -109,6 +104,27 @@ pub fn conv_backward_data(dy: &Act, w: &[f32], ci: usize, g: &ConvGeom) -> Act {
             col2im(&dcols, samples, g, &mut segments);
         });
     dx
+}
+
+/// [`conv_backward_data`] of a stride-1 "same" convolution (`2p + 1 = k`): itself a same
+/// convolution of `dy` with the kernel transposed (`[ci, Co]`) and flipped in both spatial
+/// dimensions — `dx[c, y] = Σ_o Σ_i W[o, c, i] dy[o, y + p − i]` reads `dy` at offsets
+/// `i' − p` for the flipped tap `i' = k − 1 − i`, wrapped around the same way with circular
+/// padding — run by [`kernels::conv`] over pieces of the batch.
+fn same_conv_backward_data(dy: &Act, w: &[f32], ci: usize, g: &ConvGeom) -> Act {
+    let (co, k) = (dy.c, g.k);
+    let kk = k * k;
+    let mut flipped = vec![0.0f32; ci * co * kk];
+    for o in 0..co {
+        for c in 0..ci {
+            for t in 0..kk {
+                flipped[(c * co + o) * kk + (kk - 1 - t)] = w[(o * ci + c) * kk + t];
+            }
+        }
+    }
+    map_samples(&[dy], |piece| {
+        kernels::conv(piece[0], &flipped, ci, None, k, 1, g.pad, g.circular)
+    })
 }
 
 /// Gradient of a convolution's weight: input `x` (`[Ci, N, H, W]`) and `dy` (`[co, N, Ho, Wo]`)

@@ -25,6 +25,7 @@
 pub mod backprop;
 pub mod conv_grad;
 pub mod kernels;
+pub mod pieces;
 
 use crate::error::{Error, Result};
 use crate::head::Head;

@@ -1,12 +1,13 @@
 //! 2-D convolution with zero or circular (periodic) padding.
 
 use super::{
-    change_to_full, channel_sums, forward_by_samples, image_shape, shape_error, Base, CandleCtx,
-    HostParams, Layer, NodeCache, NodeGrads, Shapes, Spread,
+    change_to_full, channel_sums, image_shape, shape_error, Base, CandleCtx, HostParams, Layer,
+    NodeCache, NodeGrads, Shapes, Spread,
 };
 use crate::error::{Error, Result};
 use crate::fast::conv_grad::{conv_backward_data, conv_backward_weight};
 use crate::fast::kernels::{self, Act, ConvGeom};
+use crate::fast::pieces::map_samples;
 use crate::fast::Change;
 use crate::layout::{ParamEntry, ParamKind, ParamLayout};
 use candle_core::Tensor;
@@ -142,7 +143,7 @@ impl Layer for Conv2d {
         )
     }
     fn forward_train(&self, ins: &[&Act], params: HostParams) -> (Act, NodeCache) {
-        let out = forward_by_samples(ins, |piece| self.forward_fast(piece, params).0);
+        let out = map_samples(ins, |piece| self.forward_fast(piece, params).0);
         (out, None)
     }
     fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {

@@ -298,55 +298,6 @@ pub(crate) fn change_to_full<'b>(change: &'b Change, like: &Act) -> std::borrow:
     }
 }
 
-/// A layer whose samples do not interact, run over pieces of the batch at once (whole samples,
-/// pieces fixed by the shapes alone, [`crate::fast::conv_grad::samples_per_piece`]) and joined
-/// back: `forward` maps the pieces of the inputs to the piece of the output.
-pub(crate) fn forward_by_samples(ins: &[&Act], forward: impl Fn(&[&Act]) -> Act + Sync) -> Act {
-    let x = ins[0];
-    let per = crate::fast::conv_grad::samples_per_piece(x.h * x.w);
-    if per >= x.n {
-        return forward(ins);
-    }
-    let starts: Vec<usize> = (0..x.n).step_by(per).collect();
-    let outs: Vec<Act> = starts
-        .par_iter()
-        .map(|&s0| {
-            let samples = per.min(x.n - s0);
-            let pieces: Vec<Act> = ins.iter().map(|a| sample_range(a, s0, samples)).collect();
-            let refs: Vec<&Act> = pieces.iter().collect();
-            forward(&refs)
-        })
-        .collect();
-    let first = &outs[0];
-    let mut out = Act::zeros(first.c, x.n, first.h, first.w);
-    let plane = out.plane_len();
-    if plane > 0 {
-        out.data
-            .par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(c, dst)| {
-                let mut at = 0;
-                for piece in &outs {
-                    let src = piece.plane(c);
-                    dst[at..at + src.len()].copy_from_slice(src);
-                    at += src.len();
-                }
-            });
-    }
-    out
-}
-
-/// Samples `start..start + count` of `a`.
-fn sample_range(a: &Act, start: usize, count: usize) -> Act {
-    let hw = a.h * a.w;
-    let mut out = Act::zeros(a.c, count, a.h, a.w);
-    for c in 0..a.c {
-        out.plane_mut(c)
-            .copy_from_slice(&a.plane(c)[start * hw..(start + count) * hw]);
-    }
-    out
-}
-
 /// Per-channel sums of `a` (a bias gradient), each in f64 in a fixed order.
 pub(crate) fn channel_sums(a: &Act) -> Vec<f32> {
     (0..a.c)
