@@ -132,7 +132,11 @@ fn same_conv_backward_data(dy: &Act, w: &[f32], ci: usize, g: &ConvGeom) -> Act 
 pub fn conv_backward_weight(x: &Act, dy: &Act, co: usize, g: &ConvGeom) -> Vec<f32> {
     let (ci, n, kk) = (x.c, x.n, g.k * g.k);
     let per = samples_per_piece(g.oh * g.ow);
-    let same = g.stride == 1 && 2 * g.pad + 1 == g.k;
+    // Shifted products for stride-1 "same" convolutions, except where they lose: one input
+    // channel (a product of one row per tap) or a padded border that adds over half the image
+    // (small images).
+    let padded = (g.h + 2 * g.pad) * (g.w + 2 * g.pad);
+    let same = g.stride == 1 && 2 * g.pad + 1 == g.k && ci > 1 && 2 * padded <= 3 * g.h * g.w;
     let starts: Vec<usize> = (0..n).step_by(per).collect();
     // Per piece dWᵀ, [Ci·k², Co] (im2col) or [k², Ci, Co] (taps); added in piece order.
     let partials: Vec<Vec<f32>> = starts

@@ -89,6 +89,9 @@ impl Layer for MaxPool {
         let (oh, ow) = (y.h, y.w);
         per_channel_backward(x, wanted[0], |c, dst| {
             let (xs, ys, dys) = (x.plane(c), y.plane(c), dy.plane(c));
+            if k == 2 {
+                return maxpool2_backward(xs, ys, dys, x.n, x.h, x.w, dst);
+            }
             for ni in 0..x.n {
                 for oy in 0..oh {
                     let o0 = (ni * oh + oy) * ow;
@@ -236,6 +239,41 @@ impl Layer for Flatten {
                 self.forward_fast(&[&change_to_full(change, x)], base.params)
                     .0,
             ),
+        }
+    }
+}
+
+/// Max-pool backward with 2×2 windows (the common case, without index arithmetic per tap):
+/// each window's gradient to its first element, row-major, equal to the window's maximum.
+fn maxpool2_backward(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    dx: &mut [f32],
+) {
+    let (oh, ow) = (h / 2, w / 2);
+    for ni in 0..n {
+        for oy in 0..oh {
+            let r0 = (ni * h + 2 * oy) * w;
+            let (x0, x1) = (&x[r0..r0 + w], &x[r0 + w..r0 + 2 * w]);
+            let o0 = (ni * oh + oy) * ow;
+            let (ys, ds) = (&y[o0..o0 + ow], &dy[o0..o0 + ow]);
+            let (d0, d1) = dx[r0..r0 + 2 * w].split_at_mut(w);
+            for ox in 0..ow {
+                let (j, m, d) = (2 * ox, ys[ox], ds[ox]);
+                if x0[j] == m {
+                    d0[j] = d;
+                } else if x0[j + 1] == m {
+                    d0[j + 1] = d;
+                } else if x1[j] == m {
+                    d1[j] = d;
+                } else {
+                    d1[j + 1] = d;
+                }
+            }
         }
     }
 }
