@@ -4,7 +4,7 @@
 //! every register and each node's cache; the head gives the mean loss and its gradient with
 //! respect to the model's output; [`Trace::backward`] then walks the nodes in reverse. Each
 //! node turns the gradient of its output into gradients of its inputs and parameters
-//! ([`crate::layers::Layer::backward_fast`]); a register read by several nodes sums their
+//! (`Layer::backward_fast`, [`crate::layers`]); a register read by several nodes sums their
 //! contributions, and it is complete once the walk passes the node that writes it (every reader
 //! comes later in the graph).
 //!

@@ -7,7 +7,7 @@ use super::kernels::Act;
 use rayon::prelude::*;
 
 /// Output positions (samples × positions per sample) per piece of work.
-const PIECE_COLUMNS: usize = 2048;
+pub const PIECE_COLUMNS: usize = 2048;
 
 /// Samples per piece of work for `plane` positions per sample (at least one).
 pub fn samples_per_piece(plane: usize) -> usize {
