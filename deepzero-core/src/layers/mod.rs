@@ -3,9 +3,8 @@
 //! A layer kind is a struct implementing [`Layer`]: its output shape and cost, its candle forward
 //! (differentiable, any dtype), its forward on our f32 kernels ([`crate::fast::kernels`]), its
 //! change propagation for the fast engine ([`crate::fast`]) and its backward on our kernels
-//! ([`crate::fast::backprop`]). [`Op`] lists the kinds and
-//! dispatches to them; the model ([`crate::model`]), the fast engine and the cost model only call
-//! the trait.
+//! ([`crate::fast::backprop`]). [`Op`] lists the kinds and dispatches to them; the model
+//! ([`crate::model`]), the fast engine, backprop and the cost model only call the trait.
 //!
 //! To add a layer kind: write its struct and `impl Layer` in a file of this module, add a
 //! variant to [`Op`] and a line to [`Op::layer`], and, if models should build it, a method on
@@ -298,11 +297,22 @@ pub(crate) fn change_to_full<'b>(change: &'b Change, like: &Act) -> std::borrow:
     }
 }
 
-/// Per-channel sums of `a` (a bias gradient), each in f64 in a fixed order.
+/// Per-channel sums of `a` (a bias gradient), each in f64 with eight independent lanes (one
+/// f64 add chain is latency-bound), added in a fixed order.
 pub(crate) fn channel_sums(a: &Act) -> Vec<f32> {
     (0..a.c)
         .into_par_iter()
-        .map(|c| a.plane(c).iter().map(|&v| v as f64).sum::<f64>() as f32)
+        .map(|c| {
+            let mut lanes = [0.0f64; 8];
+            let chunks = a.plane(c).chunks_exact(8);
+            let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+            for chunk in chunks {
+                for (l, &v) in lanes.iter_mut().zip(chunk) {
+                    *l += v as f64;
+                }
+            }
+            (lanes.iter().sum::<f64>() + tail) as f32
+        })
         .collect()
 }
 
