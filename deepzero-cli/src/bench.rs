@@ -4,12 +4,13 @@ use crate::common::{build_model, load_data, set_threads, DataArg, DataOpts, Mode
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use deepzero_core::estimator::{Cge, Difference, GradientEstimator};
+use deepzero_core::fast::backprop;
 use deepzero_core::fast::kernels::{self, Act};
 use deepzero_core::fast::simd::{self, Isa};
 use deepzero_core::fast::{step_cost, Engine};
 use deepzero_core::head::Head;
 use deepzero_core::model::{circular_pad, params_tensor, tensor_to_vec, Model, Padding, Precision};
-use deepzero_core::objective::ClassifierObjective;
+use deepzero_core::objective::{ClassifierObjective, Objective};
 use deepzero_core::query::QueryEngine;
 use deepzero_core::trainer::batch_tensors;
 use rand::seq::index::sample;
@@ -24,6 +25,9 @@ pub enum BenchCommand {
     Cge(CgeBenchArgs),
     /// Throughput of the convolution and linear kernels per layer shape vs the matmul rate.
     Kernels(KernelBenchArgs),
+    /// Seconds per first-order step (loss and gradient by backprop) on our kernels vs candle
+    /// autograd, same parameters and batch.
+    Fo(FoBenchArgs),
     /// Threaded speedup of CGE on a black-box objective (no layer graph) of a given query cost.
     Objective(crate::bench_objective::ObjectiveBenchArgs),
     /// Seconds to certify one image (n0 + n samples) vs the same number of forward passes.
@@ -139,6 +143,41 @@ pub(crate) fn median_seconds(min_reps: usize, mut f: impl FnMut()) -> f64 {
     samples[3]
 }
 
+#[derive(Args, Debug)]
+pub struct FoBenchArgs {
+    #[command(flatten)]
+    pub net: BenchModelArgs,
+    /// Timed steps of each path (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Output of `bench fo`.
+#[derive(Serialize, Debug)]
+pub struct FoBench {
+    pub model: String,
+    pub params: usize,
+    pub batch: usize,
+    pub threads: usize,
+    pub steps: usize,
+    pub ours_seconds_per_step: f64,
+    pub candle_seconds_per_step: f64,
+    pub speedup_vs_candle: f64,
+    pub ours_gflops: f64,
+    pub grad_rel_diff: f64,
+    pub loss_ours: f64,
+    pub loss_candle: f64,
+}
+
 /// Output of `bench cge` (keys as the issue specifies).
 #[derive(Serialize, Debug)]
 pub struct CgeBench {
@@ -176,6 +215,14 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             }
         }
         BenchCommand::Kernels(a) => bench_kernels(&a)?,
+        BenchCommand::Fo(a) => {
+            let r = bench_fo(&a)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("{r:#?}");
+            }
+        }
         BenchCommand::Objective(a) => crate::bench_objective::run(&a)?,
         BenchCommand::Certify(a) => crate::bench_certify::run(&a)?,
         BenchCommand::Distributed(a) => crate::bench_distributed::run(&a)?,
@@ -302,6 +349,55 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
     })
 }
 
+pub fn bench_fo(a: &FoBenchArgs) -> Result<FoBench> {
+    if a.net.batch == 0 || a.steps == 0 {
+        bail!("--batch and --steps must be at least 1");
+    }
+    set_threads(a.threads);
+    let threads = rayon::current_num_threads();
+    let (model, train) = a.net.build(a.seed)?;
+    let init = deepzero_core::seed::initial_params(&model, a.seed);
+    let mut rng = deepzero_core::seed::stream_rng(a.seed, &[3]);
+    let idx = sample(&mut rng, train.len(), a.net.batch.min(train.len())).into_vec();
+    let device = candle_core::Device::Cpu;
+    let (x, y) = batch_tensors(&train, &idx, None, candle_core::DType::F32, &device)?;
+    let obj = ClassifierObjective::classifier(&model, x, y)?;
+    let params = params_tensor(&init, Precision::F32, &device)?;
+    // One warm-up step, then `steps` timed ones; the last step's loss and gradient are kept.
+    let time =
+        |step: &dyn Fn() -> Result<(f64, candle_core::Tensor)>| -> Result<(f64, f64, Vec<f64>)> {
+            step()?;
+            let t = Instant::now();
+            let mut last = None;
+            for _ in 0..a.steps {
+                last = Some(step()?);
+            }
+            let seconds = t.elapsed().as_secs_f64() / a.steps as f64;
+            let (loss, g) = last.expect("at least one step");
+            Ok((seconds, loss, tensor_to_vec(&g)?))
+        };
+    let (ours_s, loss_ours, g_ours) = time(&|| {
+        obj.loss_and_grad(&params)?
+            .ok_or_else(|| anyhow::anyhow!("the classifier objective has a gradient"))
+    })?;
+    let (candle_s, loss_candle, g_candle) = time(&|| Ok(obj.candle_loss_and_grad(&params)?))?;
+    let flops = backprop::step_flops(&model, idx.len());
+    Ok(FoBench {
+        model: model.name.clone(),
+        params: model.num_params(),
+        batch: idx.len(),
+        threads,
+        steps: a.steps,
+        ours_seconds_per_step: ours_s,
+        candle_seconds_per_step: candle_s,
+        speedup_vs_candle: candle_s / ours_s,
+        ours_gflops: flops / ours_s / 1e9,
+        grad_rel_diff: rel_l2(&g_ours, &g_candle),
+        loss_ours,
+        loss_candle,
+    })
+}
+
 /// Matrix-multiply rate of the machine as the engines use it: one single-threaded 512³ f32
 /// product per thread, all threads at once; the faster of the `gemm` crate (candle's kernels)
 /// and our own micro-kernels, so that ratios against it are not flattered by a slow reference.
@@ -425,7 +521,9 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
             "threads {threads}, kernels {}, sgemm {sgemm:.1} GFLOP/s (512³ per thread)",
             isa.name()
         );
-        println!("GFLOP/s per layer; fwd = forward, dW = weight gradient; /sgemm = fraction of sgemm");
+        println!(
+            "GFLOP/s per layer; fwd = forward, dW = weight gradient; /sgemm = fraction of sgemm"
+        );
         println!(
             "{:<20} {:<26} {:>8} {:>11} {:>10} {:>8} {:>9}",
             "layer", "shape", "fwd", "candle(1×)", "fwd/sgemm", "dW", "dW/sgemm"

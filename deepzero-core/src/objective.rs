@@ -5,6 +5,7 @@
 //! certify and PDE crates build their objectives from it or implement the trait themselves.
 
 use crate::error::{Error, Result};
+use crate::fast::backprop;
 use crate::head::Head;
 use crate::layout::ParamLayout;
 use crate::model::{per_sample_cross_entropy, BnBatchStats, Mode, Model};
@@ -127,6 +128,38 @@ impl<'a> ModelObjective<'a> {
         Self::new(model, x, Head::CrossEntropy(labels))
     }
 
+    /// Loss and gradient by candle autograd, in the parameters' dtype on their device (what
+    /// [`Objective::loss_and_grad`] runs for f64 or off the CPU; the reference for backprop on
+    /// our kernels). Records the batch-norm statistics. Needs a cross-entropy or squared-error
+    /// head.
+    pub fn candle_loss_and_grad(&self, params: &Tensor) -> Result<(f64, Tensor)> {
+        let var = Var::from_tensor(params)?;
+        let (loss, ReuseCache { regs, .. }) = self.base_forward(var.as_tensor())?;
+        let out = regs.last().expect("output register");
+        let loss_t = match &self.head {
+            Head::CrossEntropy(labels) => {
+                let y = Tensor::from_slice(labels, labels.len(), out.device())?;
+                per_sample_cross_entropy(out, &y)?.mean_all()?
+            }
+            Head::SquaredError(targets) => {
+                let t = Tensor::from_slice(targets.as_slice(), out.shape(), out.device())?
+                    .to_dtype(out.dtype())?;
+                (out - t)?.sqr()?.mean_all()?
+            }
+            Head::Output(_) => {
+                return Err(Error::Config(
+                    "backprop needs a differentiable head (cross-entropy or squared error), not an output closure".into(),
+                ))
+            }
+        };
+        let grads = loss_t.backward()?;
+        let g = grads
+            .get(var.as_tensor())
+            .cloned()
+            .unwrap_or(var.as_tensor().zeros_like()?);
+        Ok((loss, g))
+    }
+
     /// The model.
     pub fn model(&self) -> &Model {
         self.model
@@ -211,27 +244,17 @@ impl Objective for ModelObjective<'_> {
         if matches!(self.head, Head::Output(_)) {
             return Ok(None);
         }
-        let var = Var::from_tensor(params)?;
-        let (loss, ReuseCache { regs, .. }) = self.base_forward(var.as_tensor())?;
-        let out = regs.last().expect("output register");
-        let loss_t = match &self.head {
-            Head::CrossEntropy(labels) => {
-                let y = Tensor::from_slice(labels, labels.len(), out.device())?;
-                per_sample_cross_entropy(out, &y)?.mean_all()?
-            }
-            Head::SquaredError(targets) => {
-                let t = Tensor::from_slice(targets.as_slice(), out.shape(), out.device())?
-                    .to_dtype(out.dtype())?;
-                (out - t)?.sqr()?.mean_all()?
-            }
-            Head::Output(_) => unreachable!("returned above"),
-        };
-        let grads = loss_t.backward()?;
-        let g = grads
-            .get(var.as_tensor())
-            .cloned()
-            .unwrap_or(var.as_tensor().zeros_like()?);
-        Ok(Some((loss, g)))
+        if params.dtype() != DType::F32 || !params.device().is_cpu() {
+            return self.candle_loss_and_grad(params).map(Some);
+        }
+        // f32 on the CPU: backprop on our kernels.
+        let (x, n) = self.batch_host()?;
+        let p = params.to_vec1::<f32>()?;
+        let (loss, grad, stats) = backprop::loss_and_grad(self.model, &p, &x, n, &self.head)?;
+        *self.stats.lock().expect("stats lock") = Some(stats);
+        let grad: Vec<f32> = grad.iter().map(|&v| v as f32).collect();
+        let len = grad.len();
+        Ok(Some((loss, Tensor::from_vec(grad, len, params.device())?)))
     }
     fn resumable(&self) -> Option<&dyn Resumable> {
         Some(self)

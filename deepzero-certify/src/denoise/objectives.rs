@@ -2,12 +2,15 @@
 //! FO-DS (the classifier's true gradient), ZO-DS (RGE at the classifier's input) and ZO-AE-DS
 //! (CGE at an autoencoder's code). Each offers `loss` (the black-box loss, for any estimator)
 //! and `loss_and_grad` (what the `Backprop` estimator uses), and records the denoiser's
-//! batch-norm statistics of the step.
+//! batch-norm statistics of the step. ZO-DS backpropagates through the denoiser on our kernels
+//! when the parameters are f32 on the CPU; FO-DS (through the classifier) and ZO-AE-DS (through
+//! the encoder) chain by candle autograd.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor, Var};
+use deepzero_core::fast::backprop::Trace;
 use deepzero_core::layout::ParamLayout;
 use deepzero_core::model::{per_sample_cross_entropy, BnBatchStats, Mode, Model};
 use deepzero_core::objective::Objective;
@@ -73,6 +76,15 @@ impl<'a> DenoiserBatch<'a> {
 
     fn params_tensor(&self, params: &[f64]) -> Result<Tensor> {
         Ok(Tensor::from_slice(params, params.len(), self.x.device())?.to_dtype(self.x.dtype())?)
+    }
+
+    /// The parameters as host f32 when they are f32 on the CPU (backprop then runs on our
+    /// kernels, [`Trace`]); `None` otherwise (candle autograd).
+    fn host_f32_params(&self, params: &Tensor) -> Result<Option<Vec<f32>>> {
+        if params.dtype() != DType::F32 || !params.device().is_cpu() {
+            return Ok(None);
+        }
+        Ok(Some(params.to_vec1::<f32>()?))
     }
 
     fn take_stats(&self) -> Option<BnBatchStats> {
@@ -257,6 +269,25 @@ impl Objective for ZoDsObjective<'_> {
     }
     fn loss_and_grad(&self, params: &Tensor) -> deepzero_core::Result<Option<(f64, Tensor)>> {
         let run = || -> Result<(f64, Tensor)> {
+            if let Some(p) = self.batch.host_f32_params(params)? {
+                // f32 on the CPU: the denoiser's forward and backward on our kernels.
+                let x = host_f32(&self.batch.x)?;
+                let trace = Trace::forward(self.batch.model, &p, &x, self.batch.n)?;
+                *self.batch.stats.lock().expect("stats lock") = Some(trace.bn_batch_stats());
+                let out: Vec<f32> = trace
+                    .output_batch_major()
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect();
+                let (loss, g) = self.input_gradient(&out)?;
+                let grad: Vec<f32> = trace
+                    .backward_batch_major(&g)?
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect();
+                let len = grad.len();
+                return Ok((loss, Tensor::from_vec(grad, len, params.device())?));
+            }
             let var = Var::from_tensor(params)?;
             let out = self.batch.forward(var.as_tensor(), true)?;
             let (loss, g) = self.input_gradient(&host_f32(&out)?)?;

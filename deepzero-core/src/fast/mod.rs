@@ -22,7 +22,10 @@
 //! Loss changes are taken per sample in f64 (`L_i(θ + δe_j) − L_i(θ)`), which removes most of
 //! the rounding a difference of two f32 batch means carries.
 
+pub mod backprop;
+pub mod conv_grad;
 pub mod kernels;
+pub mod pieces;
 pub mod simd;
 
 use crate::error::{Error, Result};
@@ -96,32 +99,11 @@ impl<'a> Engine<'a> {
         n: usize,
         head: &Head,
     ) -> Result<Engine<'a>> {
+        check_batch(model, params, x, n)?;
         let [c, h, w] = model.input_shape;
-        if params.len() != model.num_params() {
-            return Err(shape_error(format!(
-                "{} parameters given, model {} has {}",
-                params.len(),
-                model.name,
-                model.num_params()
-            )));
-        }
-        if n == 0 || x.len() != n * c * h * w {
-            return Err(shape_error(format!(
-                "batch of {} values for {n} samples of shape {c}x{h}x{w}",
-                x.len()
-            )));
-        }
+        check_head(model, head, n)?;
         let labels = match head {
-            Head::CrossEntropy(labels) => {
-                let k = model.num_classes().ok_or_else(|| {
-                    shape_error(format!(
-                        "a cross-entropy head needs class scores, model {} outputs {:?}; use an output head",
-                        model.name, model.output_shape
-                    ))
-                })?;
-                head.check(n, k)?;
-                labels.clone()
-            }
+            Head::CrossEntropy(labels) => labels.clone(),
             Head::Output(_) | Head::SquaredError(_) => Vec::new(),
         };
         let mut e = Engine {
@@ -184,23 +166,7 @@ impl<'a> Engine<'a> {
 
     /// Batch statistics of the base forward (for running statistics).
     pub fn bn_batch_stats(&self) -> BnBatchStats {
-        let mut s = BnBatchStats::default();
-        for (k, node) in self.model.nodes.iter().enumerate() {
-            if let (Op::BatchNorm(_), Some(bn)) = (&node.op, &self.caches[k]) {
-                let x = &self.regs[node.inputs[0]];
-                let var = bn
-                    .inv_std
-                    .iter()
-                    .map(|&i| 1.0 / (i as f64 * i as f64) - BN_EPS)
-                    .collect();
-                s.stats.push((
-                    bn.mean.iter().map(|&v| v as f64).collect(),
-                    var,
-                    x.plane_len(),
-                ));
-            }
-        }
-        s
+        batch_stats(self.model, &self.regs, &self.caches)
     }
 
     /// The base forward's output, batch-major `[N, output_len]` (logits `[N, K]` for a
@@ -619,6 +585,62 @@ impl<'a> Engine<'a> {
             }
         })
     }
+}
+
+/// Check `params` and a batch `x` of `n` samples (`[N, C, H, W]`, batch-major) against `model`.
+fn check_batch(model: &Model, params: &[f32], x: &[f32], n: usize) -> Result<()> {
+    let [c, h, w] = model.input_shape;
+    if params.len() != model.num_params() {
+        return Err(shape_error(format!(
+            "{} parameters given, model {} has {}",
+            params.len(),
+            model.name,
+            model.num_params()
+        )));
+    }
+    if n == 0 || x.len() != n * c * h * w {
+        return Err(shape_error(format!(
+            "batch of {} values for {n} samples of shape {c}x{h}x{w}",
+            x.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Check `head` against `model`'s output and a batch of `n` samples.
+fn check_head(model: &Model, head: &Head, n: usize) -> Result<()> {
+    let len = match head {
+        Head::CrossEntropy(_) => model.num_classes().ok_or_else(|| {
+            shape_error(format!(
+                "a cross-entropy head needs class scores, model {} outputs {:?}; use an output head",
+                model.name, model.output_shape
+            ))
+        })?,
+        Head::Output(_) | Head::SquaredError(_) => model.output_len(),
+    };
+    head.check(n, len)
+}
+
+/// Batch statistics of a train-mode forward (registers and per-node caches), as the candle
+/// forward records them: per batch-norm node, channel means, biased variances and the count.
+fn batch_stats(model: &Model, regs: &[Act], caches: &[NodeCache]) -> BnBatchStats {
+    let mut s = BnBatchStats::default();
+    for (k, node) in model.nodes.iter().enumerate() {
+        if let (Op::BatchNorm(_), Some(bn)) = (&node.op, &caches[k]) {
+            let x = &regs[node.inputs[0]];
+            let var = bn
+                .inv_std
+                .iter()
+                .map(|&i| 1.0 / (i as f64 * i as f64) - BN_EPS)
+                .collect();
+            s.stats.push((
+                bn.mean.iter().map(|&v| v as f64).collect(),
+                var,
+                x.plane_len(),
+            ));
+        }
+    }
+    s
 }
 
 /// Softmax of every column of logits `[K, N]`, in f64.

@@ -1,6 +1,6 @@
 //! Element-wise activations.
 
-use super::{Base, CandleCtx, HostParams, Layer, NodeCache};
+use super::{zip_apply, Base, CandleCtx, HostParams, Layer, NodeCache, NodeGrads};
 use crate::error::Result;
 use crate::fast::kernels::{self, Act};
 use crate::layout::ParamLayout;
@@ -27,6 +27,19 @@ impl Layer for Relu {
         kernels::relu_inplace(&mut out.data);
         (out, None)
     }
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
+        // The derivative is taken as 1 at 0, as candle does.
+        let mut dx = dy;
+        zip_apply(
+            &mut dx,
+            &base.input(0).data,
+            |d, x| if x >= 0.0 { d } else { 0.0 },
+        );
+        NodeGrads {
+            inputs: vec![wanted[0].then_some(dx)],
+            params: Vec::new(),
+        }
+    }
     fn per_channel(&self, base: &Base, c: usize, d: &[f32]) -> Option<(usize, Vec<f32>)> {
         Some((c, relu_delta(base.input(0).plane(c), d)))
     }
@@ -43,6 +56,14 @@ impl Layer for Tanh {
         let mut out = ins[0].clone();
         out.data.iter_mut().for_each(|v| *v = v.tanh());
         (out, None)
+    }
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
+        let mut dx = dy;
+        zip_apply(&mut dx, &base.out.data, |d, y| d * (1.0 - y * y));
+        NodeGrads {
+            inputs: vec![wanted[0].then_some(dx)],
+            params: Vec::new(),
+        }
     }
     fn per_channel(&self, base: &Base, c: usize, d: &[f32]) -> Option<(usize, Vec<f32>)> {
         Some((c, tanh_delta(base.input(0).plane(c), d)))

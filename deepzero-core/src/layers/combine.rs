@@ -2,13 +2,14 @@
 
 use super::{
     change_to_full, image_shape, shape_error, Base, CandleCtx, HostParams, Layer, NodeCache,
-    Shapes, Spread,
+    NodeGrads, Shapes, Spread,
 };
 use crate::error::Result;
 use crate::fast::kernels::{self, Act};
 use crate::fast::Change;
 use crate::layout::ParamLayout;
 use candle_core::Tensor;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Sum of the two inputs.
@@ -58,6 +59,21 @@ fn combine_cost(ins: &[Spread], cost: f64, shapes: &Shapes) -> (Spread, f64) {
     }
 }
 
+/// Backward of `a + sign·b`: `dy` and `sign·dy`.
+fn combine_backward(dy: Act, wanted: &[bool], sign: f32) -> NodeGrads {
+    let second = wanted[1].then(|| {
+        let mut d = dy.clone();
+        if sign != 1.0 {
+            d.data.iter_mut().for_each(|v| *v *= sign);
+        }
+        d
+    });
+    NodeGrads {
+        inputs: vec![wanted[0].then_some(dy), second],
+        params: Vec::new(),
+    }
+}
+
 fn combine_fast(ins: &[&Act], sign: f32) -> Act {
     let mut out = ins[0].clone();
     for (o, &v) in out.data.iter_mut().zip(&ins[1].data) {
@@ -78,6 +94,9 @@ impl Layer for Add {
     }
     fn forward_fast(&self, ins: &[&Act], _params: HostParams) -> (Act, NodeCache) {
         (combine_fast(ins, 1.0), None)
+    }
+    fn backward_fast(&self, _base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
+        combine_backward(dy, wanted, 1.0)
     }
     fn propagate(&self, base: &Base, ins: &[&Change]) -> Change {
         combine(base, ins, 1.0)
@@ -105,6 +124,9 @@ impl Layer for Sub {
     }
     fn forward_fast(&self, ins: &[&Act], _params: HostParams) -> (Act, NodeCache) {
         (combine_fast(ins, -1.0), None)
+    }
+    fn backward_fast(&self, _base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
+        combine_backward(dy, wanted, -1.0)
     }
     fn propagate(&self, base: &Base, ins: &[&Change]) -> Change {
         combine(base, ins, -1.0)
@@ -161,6 +183,33 @@ impl Layer for ShortcutA {
             kernels::subsample2_plane(x.plane(c), x.n, x.h, x.w, out.plane_mut(c + self.pad));
         }
         (out, None)
+    }
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
+        // The subsampled positions of channel c receive dy's channel c + pad; the rest is 0.
+        let x = base.input(0);
+        let dx = wanted[0].then(|| {
+            let mut dx = Act::zeros(x.c, x.n, x.h, x.w);
+            let (oh, ow) = (x.h / 2, x.w / 2);
+            dx.data
+                .par_chunks_mut(x.plane_len().max(1))
+                .enumerate()
+                .for_each(|(c, dst)| {
+                    let src = dy.plane(c + self.pad);
+                    for ni in 0..x.n {
+                        for oy in 0..oh {
+                            for ox in 0..ow {
+                                dst[(ni * x.h + 2 * oy) * x.w + 2 * ox] =
+                                    src[(ni * oh + oy) * ow + ox];
+                            }
+                        }
+                    }
+                });
+            dx
+        });
+        NodeGrads {
+            inputs: vec![dx],
+            params: Vec::new(),
+        }
     }
     fn per_channel(&self, base: &Base, c: usize, d: &[f32]) -> Option<(usize, Vec<f32>)> {
         let x = base.input(0);

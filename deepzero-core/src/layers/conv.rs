@@ -1,11 +1,13 @@
 //! 2-D convolution with zero or circular (periodic) padding.
 
 use super::{
-    change_to_full, image_shape, shape_error, Base, CandleCtx, HostParams, Layer, NodeCache,
-    Shapes, Spread,
+    change_to_full, channel_sums, image_shape, shape_error, Base, CandleCtx, HostParams, Layer,
+    NodeCache, NodeGrads, Shapes, Spread,
 };
 use crate::error::{Error, Result};
+use crate::fast::conv_grad::{conv_backward_data, conv_backward_weight};
 use crate::fast::kernels::{self, Act, ConvGeom};
+use crate::fast::pieces::map_samples;
 use crate::fast::Change;
 use crate::layout::{ParamEntry, ParamKind, ParamLayout};
 use candle_core::Tensor;
@@ -139,6 +141,24 @@ impl Layer for Conv2d {
             self.conv(ins[0], params.get(self.weight), co, k, bias),
             None,
         )
+    }
+    fn forward_train(&self, ins: &[&Act], params: HostParams) -> (Act, NodeCache) {
+        let out = map_samples(ins, |piece| self.forward_fast(piece, params).0);
+        (out, None)
+    }
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
+        let x = base.input(0);
+        let (co, ci, k) = self.dims(base.params.layout);
+        let g = self.geom(k, x.h, x.w);
+        let mut params = vec![(self.weight, conv_backward_weight(x, &dy, co, &g))];
+        if let Some(b) = self.bias {
+            params.push((b, channel_sums(&dy)));
+        }
+        let dx = wanted[0].then(|| conv_backward_data(&dy, base.params.get(self.weight), ci, &g));
+        NodeGrads {
+            inputs: vec![dx],
+            params,
+        }
     }
     fn perturbed(&self, base: &Base, entry: &ParamEntry, j: usize, delta: f32) -> Change {
         if entry.kind != ParamKind::Weight {

@@ -1,14 +1,20 @@
 //! Fully connected layer.
 
 use super::{
-    change_to_full, shape_error, Base, CandleCtx, HostParams, Layer, NodeCache, Shapes, Spread,
+    change_to_full, channel_sums, shape_error, Base, CandleCtx, HostParams, Layer, NodeCache,
+    NodeGrads, Shapes, Spread,
 };
 use crate::error::Result;
 use crate::fast::kernels::{self, Act};
 use crate::fast::Change;
 use crate::layout::{ParamEntry, ParamKind, ParamLayout};
 use candle_core::Tensor;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+/// Rows of a gradient per piece of work in the backward (fixed, so results do not depend on the
+/// thread count).
+const ROWS_PER_PIECE: usize = 64;
 
 /// `y = x Wᵀ + b` on `[N, F]` input.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -59,6 +65,43 @@ impl Layer for Linear {
             kernels::linear(ins[0], params.get(self.weight), o, bias),
             None,
         )
+    }
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
+        let (o, f) = self.dims(base.params.layout);
+        let (x, n) = (base.input(0), dy.n);
+        let w = base.params.get(self.weight);
+        // dWᵀ[F, O] = x[F, N] · dyᵀ[N, O], by pieces of rows of F.
+        let dyt = transpose(&dy.data, o, n);
+        let mut dwt = vec![0.0f32; f * o];
+        dwt.par_chunks_mut(ROWS_PER_PIECE * o)
+            .enumerate()
+            .for_each(|(p, rows)| {
+                let r0 = p * ROWS_PER_PIECE;
+                let m = rows.len() / o.max(1);
+                kernels::sgemm(m, o, n, &x.data[r0 * n..], n, &dyt, o, rows, o, false);
+            });
+        let mut params = vec![(self.weight, transpose(&dwt, f, o))];
+        if let Some(b) = self.bias {
+            params.push((b, channel_sums(&dy)));
+        }
+        // dx[F, N] = Wᵀ[F, O] · dy[O, N], by pieces of rows of F.
+        let dx = wanted[0].then(|| {
+            let wt = transpose(w, o, f);
+            let mut dx = Act::zeros(x.c, x.n, x.h, x.w);
+            dx.data
+                .par_chunks_mut(ROWS_PER_PIECE * n)
+                .enumerate()
+                .for_each(|(p, rows)| {
+                    let r0 = p * ROWS_PER_PIECE;
+                    let m = rows.len() / n.max(1);
+                    kernels::sgemm(m, n, o, &wt[r0 * o..], o, &dy.data, n, rows, n, false);
+                });
+            dx
+        });
+        NodeGrads {
+            inputs: vec![dx],
+            params,
+        }
     }
     fn perturbed(&self, base: &Base, entry: &ParamEntry, j: usize, delta: f32) -> Change {
         if entry.kind != ParamKind::Weight {
@@ -112,4 +155,15 @@ impl Layer for Linear {
             (Spread::Full, cost / self.dims(layout).1.max(1) as f64)
         }
     }
+}
+
+/// Transpose of a row-major `rows × cols` matrix.
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = a[r * cols + c];
+        }
+    }
+    t
 }

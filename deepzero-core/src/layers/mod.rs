@@ -1,10 +1,10 @@
 //! Layer kinds: each one in one place.
 //!
 //! A layer kind is a struct implementing [`Layer`]: its output shape and cost, its candle forward
-//! (differentiable, any dtype), its forward on our f32 kernels ([`crate::fast::kernels`]) and its
-//! change propagation for the fast engine ([`crate::fast`]). [`Op`] lists the kinds and
-//! dispatches to them; the model ([`crate::model`]), the fast engine and the cost model only call
-//! the trait.
+//! (differentiable, any dtype), its forward on our f32 kernels ([`crate::fast::kernels`]), its
+//! change propagation for the fast engine ([`crate::fast`]) and its backward on our kernels
+//! ([`crate::fast::backprop`]). [`Op`] lists the kinds and dispatches to them; the model
+//! ([`crate::model`]), the fast engine, backprop and the cost model only call the trait.
 //!
 //! To add a layer kind: write its struct and `impl Layer` in a file of this module, add a
 //! variant to [`Op`] and a line to [`Op::layer`], and, if models should build it, a method on
@@ -30,6 +30,7 @@ use crate::fast::Change;
 use crate::layout::{ParamEntry, ParamLayout};
 use crate::model::{BnBatchStats, Mode};
 use candle_core::Tensor;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// One operation of the graph. Parameter fields of the layer structs are indices into
@@ -190,8 +191,16 @@ pub(crate) struct Shapes<'a> {
     pub out: &'a [usize],
 }
 
+/// What one node's backward returns.
+pub(crate) struct NodeGrads {
+    /// Per input: the gradient of the loss with respect to it (`None` where not wanted).
+    pub inputs: Vec<Option<Act>>,
+    /// Per parameter tensor the node reads (layout index): its gradient, laid out as the tensor.
+    pub params: Vec<(usize, Vec<f32>)>,
+}
+
 /// One layer kind. See the module documentation for how the parts are used.
-pub(crate) trait Layer {
+pub(crate) trait Layer: Sync {
     /// Registers read.
     fn arity(&self) -> usize {
         1
@@ -210,6 +219,16 @@ pub(crate) trait Layer {
     fn forward(&self, ins: &[&Tensor], ctx: &mut CandleCtx) -> Result<Tensor>;
     /// Forward on our f32 kernels (channel-major activations).
     fn forward_fast(&self, ins: &[&Act], params: HostParams) -> (Act, NodeCache);
+    /// Forward in train mode for backprop: what [`Layer::forward_fast`] computes, possibly spread
+    /// over threads (results must not depend on their count). Default: `forward_fast`.
+    fn forward_train(&self, ins: &[&Act], params: HostParams) -> (Act, NodeCache) {
+        self.forward_fast(ins, params)
+    }
+    /// Backward: the gradients of the loss with respect to the inputs (those `wanted`) and the
+    /// parameters, given `dy`, the gradient with respect to the output of the forward `base`
+    /// (its registers and caches as [`Layer::forward_train`] left them). `dy` is handed over:
+    /// element-wise layers turn it into the input gradient in place.
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads;
     /// Change of the output when coordinate `j` of parameter tensor `entry` moves by `delta`.
     /// Default: the parameter is added to one channel `j` (a bias, a batch-norm shift).
     fn perturbed(&self, base: &Base, _entry: &ParamEntry, j: usize, delta: f32) -> Change {
@@ -276,6 +295,39 @@ pub(crate) fn change_to_full<'b>(change: &'b Change, like: &Act) -> std::borrow:
             Cow::Owned(a)
         }
     }
+}
+
+/// Per-channel sums of `a` (a bias gradient), each in f64 with eight independent lanes (one
+/// f64 add chain is latency-bound), added in a fixed order.
+pub(crate) fn channel_sums(a: &Act) -> Vec<f32> {
+    (0..a.c)
+        .into_par_iter()
+        .map(|c| {
+            let mut lanes = [0.0f64; 8];
+            let chunks = a.plane(c).chunks_exact(8);
+            let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+            for chunk in chunks {
+                for (l, &v) in lanes.iter_mut().zip(chunk) {
+                    *l += v as f64;
+                }
+            }
+            (lanes.iter().sum::<f64>() + tail) as f32
+        })
+        .collect()
+}
+
+/// `d ← f(d, v)` element-wise for `d` in `a` and `v` in `b` (same length), in fixed chunks over
+/// threads: an element-wise layer's backward in place of the output gradient.
+pub(crate) fn zip_apply(a: &mut Act, b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
+    const CHUNK: usize = 1 << 14;
+    a.data
+        .par_chunks_mut(CHUNK)
+        .zip(b.par_chunks(CHUNK))
+        .for_each(|(a, b)| {
+            for (d, &v) in a.iter_mut().zip(b) {
+                *d = f(*d, v);
+            }
+        });
 }
 
 fn shape_error(name: &str, msg: String) -> crate::error::Error {

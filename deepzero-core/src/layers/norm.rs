@@ -1,12 +1,13 @@
 //! Batch norm.
 
-use super::{Base, BnCache, CandleCtx, HostParams, Layer, NodeCache};
+use super::{Base, BnCache, CandleCtx, HostParams, Layer, NodeCache, NodeGrads};
 use crate::error::Result;
 use crate::fast::kernels::{self, Act};
 use crate::fast::Change;
 use crate::layout::{ParamEntry, ParamKind, ParamLayout};
 use crate::model::{Mode, BN_EPS};
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Batch norm over channels (dim 1).
@@ -68,13 +69,48 @@ impl Layer for BatchNorm {
         let x = ins[0];
         let (g, b) = (params.get(self.scale), params.get(self.shift));
         let mut out = Act::zeros(x.c, x.n, x.h, x.w);
-        let (mut mean, mut inv_std) = (Vec::with_capacity(x.c), Vec::with_capacity(x.c));
-        for c in 0..x.c {
-            let (m, inv) = kernels::bn_plane(x.plane(c), g[c], b[c], BN_EPS, out.plane_mut(c));
-            mean.push(m);
-            inv_std.push(inv);
-        }
+        let plane = x.plane_len().max(1);
+        // Channels over threads; each channel's statistics are its own (no cross-thread sums).
+        let (mean, inv_std): (Vec<f32>, Vec<f32>) = out
+            .data
+            .par_chunks_mut(plane)
+            .enumerate()
+            .map(|(c, dst)| kernels::bn_plane(x.plane(c), g[c], b[c], BN_EPS, dst))
+            .unzip();
         (out, Some(BnCache { mean, inv_std }))
+    }
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
+        // With x̂ = (x − m)·s: dγ = Σ dy·x̂, dβ = Σ dy, and through the batch's mean and
+        // variance dx = γ·s·(dy − mean(dy) − x̂·mean(dy·x̂)).
+        let (x, bn) = (base.input(0), base.bn());
+        let gamma = base.params.get(self.scale);
+        let plane = x.plane_len().max(1);
+        let count = x.plane_len() as f64;
+        let mut dx = dy;
+        let sums: Vec<(f32, f32)> = dx
+            .data
+            .par_chunks_mut(plane)
+            .enumerate()
+            .map(|(c, d)| {
+                let (m, s) = (bn.mean[c], bn.inv_std[c]);
+                let xs = x.plane(c);
+                let (sum_dy, sum_dy_xhat) = gradient_sums(xs, d, m, s);
+                if wanted[0] {
+                    let a = gamma[c] * s;
+                    let (mean_dy, mean_dy_xhat) =
+                        ((sum_dy / count) as f32, (sum_dy_xhat / count) as f32);
+                    for (d, &xv) in d.iter_mut().zip(xs) {
+                        *d = a * (*d - mean_dy - (xv - m) * s * mean_dy_xhat);
+                    }
+                }
+                (sum_dy_xhat as f32, sum_dy as f32)
+            })
+            .collect();
+        let (dgamma, dbeta) = sums.into_iter().unzip();
+        NodeGrads {
+            inputs: vec![wanted[0].then_some(dx)],
+            params: vec![(self.scale, dgamma), (self.shift, dbeta)],
+        }
     }
     fn perturbed(&self, base: &Base, entry: &ParamEntry, j: usize, delta: f32) -> Change {
         if entry.kind != ParamKind::BnScale {
@@ -100,6 +136,25 @@ impl Layer for BatchNorm {
             bn_delta(base.input(0).plane(c), d, bn.mean[c], bn.inv_std[c], gamma),
         ))
     }
+}
+
+/// `(Σ dy, Σ dy·(x − m)·s)` over one channel, in f64 with eight independent lanes (one f64
+/// add chain is latency-bound), added in a fixed order.
+fn gradient_sums(x: &[f32], dy: &[f32], m: f32, s: f32) -> (f64, f64) {
+    let (mut sd, mut sdx) = ([0.0f64; 8], [0.0f64; 8]);
+    let (xc, dc) = (x.chunks_exact(8), dy.chunks_exact(8));
+    let (xr, dr) = (xc.remainder(), dc.remainder());
+    for (xs, ds) in xc.zip(dc) {
+        for l in 0..8 {
+            sd[l] += ds[l] as f64;
+            sdx[l] += ds[l] as f64 * ((xs[l] - m) * s) as f64;
+        }
+    }
+    for (&xv, &d) in xr.iter().zip(dr) {
+        sd[0] += d as f64;
+        sdx[0] += d as f64 * ((xv - m) * s) as f64;
+    }
+    (sd.iter().sum(), sdx.iter().sum())
 }
 
 /// Batch-norm output change of one channel: `γ[(Δ − Δm)·s' + (x − m)(s' − s)]` with the new

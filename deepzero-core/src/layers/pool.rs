@@ -1,13 +1,15 @@
 //! Pooling and flattening.
 
 use super::{
-    change_to_full, image_shape, shape_error, Base, CandleCtx, HostParams, Layer, NodeCache, Shapes,
+    change_to_full, image_shape, shape_error, Base, CandleCtx, HostParams, Layer, NodeCache,
+    NodeGrads, Shapes,
 };
 use crate::error::{Error, Result};
 use crate::fast::kernels::{self, Act};
 use crate::fast::Change;
 use crate::layout::ParamLayout;
 use candle_core::{Tensor, D};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Max pooling, kernel = stride = the value.
@@ -41,6 +43,24 @@ fn input_elements(shapes: &Shapes) -> u64 {
     shapes.ins[0].iter().product::<usize>() as u64
 }
 
+/// Input gradient of a layer that works channel by channel: `dx` shaped like `x`, channel `c`
+/// written by `f(c, dx plane)` (channels over threads).
+fn per_channel_backward(x: &Act, wanted: bool, f: impl Fn(usize, &mut [f32]) + Sync) -> NodeGrads {
+    let dx = wanted.then(|| {
+        let mut dx = Act::zeros(x.c, x.n, x.h, x.w);
+        let plane = x.plane_len().max(1);
+        dx.data
+            .par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(c, dst)| f(c, dst));
+        dx
+    });
+    NodeGrads {
+        inputs: vec![dx],
+        params: Vec::new(),
+    }
+}
+
 fn pool_fast(x: &Act, k: usize, max: bool) -> Act {
     let mut out = Act::zeros(x.c, x.n, x.h / k, x.w / k);
     for c in 0..x.c {
@@ -61,6 +81,32 @@ impl Layer for MaxPool {
     }
     fn forward_fast(&self, ins: &[&Act], _params: HostParams) -> (Act, NodeCache) {
         (pool_fast(ins[0], self.0, true), None)
+    }
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
+        // Each window's gradient goes to its first element (row-major) equal to the window's
+        // maximum, as candle's argmax picks it.
+        let (x, y, k) = (base.input(0), base.out, self.0);
+        let (oh, ow) = (y.h, y.w);
+        per_channel_backward(x, wanted[0], |c, dst| {
+            let (xs, ys, dys) = (x.plane(c), y.plane(c), dy.plane(c));
+            if k == 2 {
+                return maxpool2_backward(xs, ys, dys, x.n, x.h, x.w, dst);
+            }
+            for ni in 0..x.n {
+                for oy in 0..oh {
+                    let o0 = (ni * oh + oy) * ow;
+                    let rows = (ni * x.h + oy * k) * x.w;
+                    for ox in 0..ow {
+                        let (top, target) = (rows + ox * k, ys[o0 + ox]);
+                        let at = (0..k * k)
+                            .map(|t| top + (t / k) * x.w + t % k)
+                            .find(|&at| xs[at] == target)
+                            .unwrap_or(top);
+                        dst[at] += dys[o0 + ox];
+                    }
+                }
+            }
+        })
     }
     fn per_channel(&self, base: &Base, c: usize, d: &[f32]) -> Option<(usize, Vec<f32>)> {
         let x = base.input(0);
@@ -83,6 +129,24 @@ impl Layer for AvgPool {
     }
     fn forward_fast(&self, ins: &[&Act], _params: HostParams) -> (Act, NodeCache) {
         (pool_fast(ins[0], self.0, false), None)
+    }
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
+        let (x, k) = (base.input(0), self.0);
+        let (oh, ow, inv) = (dy.h, dy.w, 1.0 / (k * k) as f32);
+        per_channel_backward(x, wanted[0], |c, dst| {
+            let dys = dy.plane(c);
+            for ni in 0..x.n {
+                for oy in 0..oh {
+                    for i in 0..k {
+                        let row = &mut dst[(ni * x.h + oy * k + i) * x.w..][..ow * k];
+                        let src = &dys[(ni * oh + oy) * ow..][..ow];
+                        for (window, &d) in row.chunks_exact_mut(k).zip(src) {
+                            window.fill(d * inv);
+                        }
+                    }
+                }
+            }
+        })
     }
     fn per_channel(&self, base: &Base, c: usize, d: &[f32]) -> Option<(usize, Vec<f32>)> {
         let (x, k) = (base.input(0), self.0);
@@ -110,6 +174,16 @@ impl Layer for GlobalAvgPool {
             kernels::gap_plane(x.plane(c), x.n, x.h * x.w, out.plane_mut(c));
         }
         (out, None)
+    }
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
+        let x = base.input(0);
+        let hw = x.h * x.w;
+        let inv = 1.0 / hw as f32;
+        per_channel_backward(x, wanted[0], |c, dst| {
+            for (image, &d) in dst.chunks_exact_mut(hw).zip(dy.plane(c)) {
+                image.fill(d * inv);
+            }
+        })
     }
     fn per_channel(&self, base: &Base, _c: usize, d: &[f32]) -> Option<(usize, Vec<f32>)> {
         let x = base.input(0);
@@ -143,6 +217,18 @@ impl Layer for Flatten {
         }
         (out, None)
     }
+    fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
+        // The inverse of the forward's permutation.
+        let x = base.input(0);
+        let hw = x.h * x.w;
+        per_channel_backward(x, wanted[0], |c, dst| {
+            for ni in 0..x.n {
+                for s in 0..hw {
+                    dst[ni * hw + s] = dy.data[(c * hw + s) * x.n + ni];
+                }
+            }
+        })
+    }
     fn propagate(&self, base: &Base, ins: &[&Change]) -> Change {
         let x = base.input(0);
         match ins[0] {
@@ -153,6 +239,41 @@ impl Layer for Flatten {
                 self.forward_fast(&[&change_to_full(change, x)], base.params)
                     .0,
             ),
+        }
+    }
+}
+
+/// Max-pool backward with 2×2 windows (the common case, without index arithmetic per tap):
+/// each window's gradient to its first element, row-major, equal to the window's maximum.
+fn maxpool2_backward(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    dx: &mut [f32],
+) {
+    let (oh, ow) = (h / 2, w / 2);
+    for ni in 0..n {
+        for oy in 0..oh {
+            let r0 = (ni * h + 2 * oy) * w;
+            let (x0, x1) = (&x[r0..r0 + w], &x[r0 + w..r0 + 2 * w]);
+            let o0 = (ni * oh + oy) * ow;
+            let (ys, ds) = (&y[o0..o0 + ow], &dy[o0..o0 + ow]);
+            let (d0, d1) = dx[r0..r0 + 2 * w].split_at_mut(w);
+            for ox in 0..ow {
+                let (j, m, d) = (2 * ox, ys[ox], ds[ox]);
+                if x0[j] == m {
+                    d0[j] = d;
+                } else if x0[j + 1] == m {
+                    d0[j + 1] = d;
+                } else if x1[j] == m {
+                    d1[j] = d;
+                } else {
+                    d1[j + 1] = d;
+                }
+            }
         }
     }
 }
