@@ -173,7 +173,11 @@ pub struct FoBench {
     pub candle_seconds_per_step: f64,
     pub speedup_vs_candle: f64,
     pub ours_gflops: f64,
+    /// Relative L2 distance of the two f32 gradients.
     pub grad_rel_diff: f64,
+    /// Of ours, and of candle's, from candle's float64 gradient.
+    pub ours_rel_diff_f64: f64,
+    pub candle_rel_diff_f64: f64,
     pub loss_ours: f64,
     pub loss_candle: f64,
 }
@@ -361,6 +365,7 @@ pub fn bench_fo(a: &FoBenchArgs) -> Result<FoBench> {
     let idx = sample(&mut rng, train.len(), a.net.batch.min(train.len())).into_vec();
     let device = candle_core::Device::Cpu;
     let (x, y) = batch_tensors(&train, &idx, None, candle_core::DType::F32, &device)?;
+    let (obj_x64, y64) = (x.to_dtype(candle_core::DType::F64)?, y.clone());
     let obj = ClassifierObjective::classifier(&model, x, y)?;
     let params = params_tensor(&init, Precision::F32, &device)?;
     // One warm-up step, then `steps` timed ones; the last step's loss and gradient are kept.
@@ -381,6 +386,10 @@ pub fn bench_fo(a: &FoBenchArgs) -> Result<FoBench> {
             .ok_or_else(|| anyhow::anyhow!("the classifier objective has a gradient"))
     })?;
     let (candle_s, loss_candle, g_candle) = time(&|| Ok(obj.candle_loss_and_grad(&params)?))?;
+    // float64 reference: which of the two f32 gradients is nearer the exact one.
+    let obj64 = ClassifierObjective::classifier(&model, obj_x64, y64)?;
+    let (_, g64) = obj64.candle_loss_and_grad(&params_tensor(&init, Precision::F64, &device)?)?;
+    let g64 = tensor_to_vec(&g64)?;
     let flops = backprop::step_flops(&model, idx.len());
     Ok(FoBench {
         model: model.name.clone(),
@@ -393,6 +402,8 @@ pub fn bench_fo(a: &FoBenchArgs) -> Result<FoBench> {
         speedup_vs_candle: candle_s / ours_s,
         ours_gflops: flops / ours_s / 1e9,
         grad_rel_diff: rel_l2(&g_ours, &g_candle),
+        ours_rel_diff_f64: rel_l2(&g_ours, &g64),
+        candle_rel_diff_f64: rel_l2(&g_candle, &g64),
         loss_ours,
         loss_candle,
     })
