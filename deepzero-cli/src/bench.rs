@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use deepzero_core::estimator::{Cge, Difference, GradientEstimator};
 use deepzero_core::fast::backprop;
+use deepzero_core::fast::conv_grad;
 use deepzero_core::fast::kernels::{self, Act};
 use deepzero_core::fast::simd::{self, Isa};
 use deepzero_core::fast::{step_cost, Engine};
@@ -444,6 +445,8 @@ struct KernelRow {
     candle_gflops: f64,
     /// Backward: the weight gradient.
     ours_weight_grad_gflops: f64,
+    /// Backward: the input gradient.
+    ours_input_grad_gflops: f64,
 }
 
 fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
@@ -499,6 +502,19 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
             })
         });
         let wgrad = flops * threads as f64 / wgrad_s / 1e9;
+        let dya = Act {
+            c: co,
+            n: a.batch,
+            h: g.oh,
+            w: g.ow,
+            data: dy.clone(),
+        };
+        let xgrad_s = median_seconds(2, || {
+            (0..threads).into_par_iter().for_each(|_| {
+                std::hint::black_box(conv_grad::conv_backward_data(&dya, &wt, ci, &g));
+            })
+        });
+        let xgrad = flops * threads as f64 / xgrad_s / 1e9;
         let dev = candle_core::Device::Cpu;
         let mut xt = candle_core::Tensor::from_vec(x.clone(), (a.batch, ci, h, w), &dev)?;
         let mut pad = padding;
@@ -517,6 +533,7 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
             ours_gflops: ours,
             candle_gflops: candle,
             ours_weight_grad_gflops: wgrad,
+            ours_input_grad_gflops: xgrad,
         });
     }
     let sgemm = sgemm_gflops(threads);
@@ -533,22 +550,24 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
             isa.name()
         );
         println!(
-            "GFLOP/s per layer; fwd = forward, dW = weight gradient; /sgemm = fraction of sgemm"
+            "GFLOP/s per layer (fwd: forward, dW: weight gradient, dX: input gradient), and as a fraction of sgemm"
         );
         println!(
-            "{:<20} {:<26} {:>8} {:>11} {:>10} {:>8} {:>9}",
-            "layer", "shape", "fwd", "candle(1×)", "fwd/sgemm", "dW", "dW/sgemm"
+            "{:<16} {:<22} {:>7} {:>7} {:>7} {:>7} {:>9} {:>8} {:>8}",
+            "layer", "shape", "fwd", "dW", "dX", "candle", "fwd/sgemm", "dW/sgemm", "dX/sgemm"
         );
         for r in &rows {
             println!(
-                "{:<20} {:<26} {:>8.1} {:>11.1} {:>10.2} {:>8.1} {:>9.2}",
+                "{:<16} {:<22} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>9.2} {:>8.2} {:>8.2}",
                 r.layer,
                 r.shape,
                 r.ours_gflops,
+                r.ours_weight_grad_gflops,
+                r.ours_input_grad_gflops,
                 r.candle_gflops,
                 r.ours_gflops / sgemm,
-                r.ours_weight_grad_gflops,
-                r.ours_weight_grad_gflops / sgemm
+                r.ours_weight_grad_gflops / sgemm,
+                r.ours_input_grad_gflops / sgemm
             );
         }
     }
