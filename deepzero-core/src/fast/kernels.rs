@@ -3,7 +3,12 @@
 //! Channel-major layout makes the per-channel work of delta propagation (batch norm, ReLU,
 //! pooling of one changed channel) touch one contiguous slice, and turns a convolution over the
 //! whole batch into one matrix product `W[Co, Ci·k²] × cols[Ci·k², N·Ho·Wo]` whose result is
-//! already channel-major.
+//! already channel-major. That product runs on our micro-kernels ([`super::simd`]) without
+//! writing `cols`: each of its rows is the input shifted by one tap, read from a padded copy
+//! ([`conv_indirect`]); the weight gradient reads the same copy ([`conv_weight_grad`]).
+//!
+//! Activation buffers and the kernels' scratch are kept per thread and reused, so the engines'
+//! queries do not fault in fresh pages.
 
 /// Activations `[C, N, H, W]` (a feature matrix `[F, N]` has `h = w = 1`).
 #[derive(Clone, Debug, PartialEq)]
