@@ -4,6 +4,7 @@
 //! base forwards, CGE gradients of the naive and fast engines, and first-order gradients.
 
 use anyhow::Result;
+use deepzero_core::fast::backprop;
 use deepzero_core::fast::simd::{self, Isa};
 use deepzero_core::fast::Engine;
 use deepzero_core::head::Head;
@@ -35,12 +36,18 @@ fn run(model: &Model, seed: u64, batch: usize) -> Result<Vec<u32>> {
     let d = model.num_params();
     let coords: Vec<usize> = (0..60).map(|_| rng.random_range(0..d)).collect();
     let engine = Engine::new(model, &p, &x, batch, &head)?;
-    let mut bits = vec![engine.base_mean_loss().to_bits() as u32];
+    let base = engine.base_mean_loss();
+    let mut bits: Vec<u32> = Vec::new();
+    let mut push = |v: f64| bits.extend([(v.to_bits() >> 32) as u32, v.to_bits() as u32]);
+    push(base);
     for mode in [QueryEngine::Naive, QueryEngine::Fast] {
         let (g, _) = engine.cge(&coords, 5e-3, Difference::Forward, mode)?;
-        bits.extend(g.iter().map(|v| (v.to_bits() >> 16) as u32));
-        bits.extend(g.iter().map(|v| v.to_bits() as u32));
+        g.into_iter().for_each(&mut push);
     }
+    // Backprop: forward, weight and input gradients of every convolution.
+    let (loss, grad, _) = backprop::loss_and_grad(model, &p, &x, batch, &head)?;
+    push(loss);
+    grad.into_iter().for_each(&mut push);
     Ok(bits)
 }
 

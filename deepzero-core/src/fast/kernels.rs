@@ -1248,9 +1248,17 @@ pub fn subsample2_plane(x: &[f32], n: usize, h: usize, w: usize, out: &mut [f32]
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::simd::Isa;
     use super::*;
+
+    /// `len` deterministic test values in [-1, 1]: two different patterns (`which` 0 or 1).
+    pub(crate) fn pattern(len: usize, which: usize) -> Vec<f32> {
+        let (mul, modulus, div) = [(37, 101, 50.0), (53, 97, 48.0)][which];
+        (0..len)
+            .map(|i| ((i * mul % modulus) as f32 / div) - 1.0)
+            .collect()
+    }
 
     /// `conv` on one instruction set (the ISA is passed down instead of forced globally, so
     /// tests running at the same time keep theirs).
@@ -1329,14 +1337,10 @@ mod tests {
             (2, 3, 6, 6, 3, 1, 0, false),
         ] {
             let n = 3;
-            let x: Vec<f32> = (0..n * c * h * w)
-                .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
-                .collect();
+            let x = pattern(n * c * h * w, 0);
             let a = Act::from_nchw(&x, n, c, h, w);
             let g = ConvGeom::new(k, s, p, circ, h, w);
-            let dy: Vec<f32> = (0..co * n * g.oh * g.ow)
-                .map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0)
-                .collect();
+            let dy = pattern(co * n * g.oh * g.ow, 1);
             // The definition: dW[o, c, i, j] = Σ dy[o, n, oy, ox] x[c, n, src(oy, i), src(ox, j)].
             let planes: Vec<&[f32]> = (0..c).map(|ch| a.plane(ch)).collect();
             let mut first: Option<Vec<f32>> = None;
@@ -1427,12 +1431,8 @@ mod tests {
             (64, 8, 48, 48, 3, 2, 1, false),
         ] {
             let n = 3;
-            let x: Vec<f32> = (0..n * c * h * w)
-                .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
-                .collect();
-            let wt: Vec<f32> = (0..co * c * k * k)
-                .map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0)
-                .collect();
+            let x = pattern(n * c * h * w, 0);
+            let wt = pattern(co * c * k * k, 1);
             let bias: Vec<f32> = (0..co).map(|i| i as f32 * 0.1).collect();
             let a = Act::from_nchw(&x, n, c, h, w);
             let want = conv_direct(&a, &wt, co, k, s, p, circ);

@@ -743,17 +743,14 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::kernels::tests::pattern;
     use super::*;
 
     #[test]
     fn every_path_gives_the_same_bits_as_the_definition() {
         let (m, k) = (13, 37);
-        let a: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
-            .collect();
-        let b: Vec<f32> = (0..4000)
-            .map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0)
-            .collect();
+        let a = pattern(m * k, 0);
+        let b = pattern(4000, 1);
         // Rows of B at scattered offsets, some overlapping.
         let off: Vec<usize> = (0..k).map(|r| (r * 71) % 900).collect();
         let mut reference: Option<Vec<f32>> = None;
