@@ -33,8 +33,19 @@ struct Pool {
     bytes: usize,
 }
 
-/// Most bytes of activation buffers a thread keeps.
-const POOL_BYTES: usize = 128 << 20;
+/// Most bytes of activation buffers all threads keep together (each thread its share, between
+/// 16 and 128 MiB), so a machine with many cores does not hold gigabytes of idle buffers.
+const POOL_TOTAL_BYTES: usize = 1 << 30;
+
+/// This thread's share of [`POOL_TOTAL_BYTES`] (by the core count: asking rayon here would
+/// start its global pool from a destructor).
+fn pool_bytes() -> usize {
+    static SHARE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SHARE.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        (POOL_TOTAL_BYTES / cores).clamp(16 << 20, 128 << 20)
+    })
+}
 /// Smallest buffer worth keeping (smaller ones come cheaply from the allocator).
 const POOL_MIN_LEN: usize = 4096;
 
@@ -87,14 +98,15 @@ impl Drop for Act {
             let mut p = p.borrow_mut();
             let size = b.capacity() * 4;
             // Make room by dropping the smallest kept buffers; keep nothing over the budget.
-            while p.bytes + size > POOL_BYTES && !p.buffers.is_empty() {
+            let budget = pool_bytes();
+            while p.bytes + size > budget && !p.buffers.is_empty() {
                 let i = (0..p.buffers.len())
                     .min_by_key(|&i| p.buffers[i].capacity())
                     .expect("non-empty");
                 let old = p.buffers.swap_remove(i);
                 p.bytes -= old.capacity() * 4;
             }
-            if p.bytes + size <= POOL_BYTES {
+            if p.bytes + size <= budget {
                 p.bytes += size;
                 p.buffers.push(b);
             }
@@ -469,6 +481,8 @@ struct LayoutKey {
 /// Padded copies kept per thread (a ResNet-20 has six convolution layouts, and the fast engine's
 /// one-channel changes six more).
 const KEPT_LAYOUTS: usize = 16;
+/// Most bytes of kept padded copies per thread.
+const KEPT_LAYOUT_BYTES: usize = 64 << 20;
 
 impl Scratch {
     /// The padded buffer for `key` (`len` values): a kept one, or a new zeroed one (evicting the
@@ -487,6 +501,10 @@ impl Scratch {
     }
     fn keep(&mut self, key: LayoutKey, buf: Vec<f32>) {
         self.layouts.push((key, buf));
+        // At most KEPT_LAYOUT_BYTES in all: the oldest go first.
+        while self.layouts.iter().map(|(_, b)| b.len() * 4).sum::<usize>() > KEPT_LAYOUT_BYTES {
+            self.layouts.remove(0);
+        }
     }
 }
 

@@ -41,7 +41,13 @@ impl Layer for Relu {
         }
     }
     fn per_channel(&self, base: &Base, c: usize, d: &[f32]) -> Option<(usize, Vec<f32>)> {
-        Some((c, relu_delta(base.input(0).plane(c), d)))
+        let mut q = vec![0.0; d.len()];
+        relu_delta(base.input(0).plane(c), d, &mut q);
+        Some((c, q))
+    }
+    fn per_channel_into(&self, base: &Base, c: usize, d: &[f32], out: &mut Act) -> Option<usize> {
+        relu_delta(base.input(0).plane(c), d, out.plane_mut(c));
+        Some(c)
     }
 }
 
@@ -71,18 +77,15 @@ impl Layer for Tanh {
 }
 
 /// ReLU output change, exact where the sign does not flip.
-fn relu_delta(x: &[f32], d: &[f32]) -> Vec<f32> {
-    x.iter()
-        .zip(d)
-        .map(|(&xv, &dv)| {
-            let new = xv + dv;
-            if xv > 0.0 && new > 0.0 {
-                dv
-            } else {
-                new.max(0.0) - xv.max(0.0)
-            }
-        })
-        .collect()
+fn relu_delta(x: &[f32], d: &[f32], out: &mut [f32]) {
+    for ((o, &xv), &dv) in out.iter_mut().zip(x).zip(d) {
+        let new = xv + dv;
+        *o = if xv > 0.0 && new > 0.0 {
+            dv
+        } else {
+            new.max(0.0) - xv.max(0.0)
+        };
+    }
 }
 
 /// tanh output change `tanh(x + Δ) − tanh(x) = (1 − t²)·tanh Δ / (1 + t·tanh Δ)` with

@@ -245,16 +245,29 @@ pub(crate) trait Layer: Sync {
             }
             Change::Full(dx) => {
                 let y = base.out;
-                let mut out = Act::zeros(y.c, y.n, y.h, y.w);
+                // Every output plane is written below or zeroed after (no memset up front).
+                let mut out = Act::for_overwrite(y.c, y.n, y.h, y.w);
+                let mut written = vec![false; y.c];
                 for c in 0..dx.c {
-                    let (o, q) = self
-                        .per_channel(base, c, dx.plane(c))
+                    let o = self
+                        .per_channel_into(base, c, dx.plane(c), &mut out)
                         .expect("a per-channel layer");
-                    out.plane_mut(o).copy_from_slice(&q);
+                    written[o] = true;
+                }
+                for (o, _) in written.iter().enumerate().filter(|(_, w)| !**w) {
+                    out.plane_mut(o).fill(0.0);
                 }
                 Change::Full(out)
             }
         }
+    }
+    /// [`Layer::per_channel`] written straight into its plane of `out` (shaped like the
+    /// output); returns the output channel. Default: through `per_channel`; the hot layers
+    /// write in place and save a copy per channel.
+    fn per_channel_into(&self, base: &Base, c: usize, d: &[f32], out: &mut Act) -> Option<usize> {
+        let (o, q) = self.per_channel(base, c, d)?;
+        out.plane_mut(o).copy_from_slice(&q);
+        Some(o)
     }
     /// For per-channel layers: the output channel and its change when input channel `c`
     /// changes by `d`.

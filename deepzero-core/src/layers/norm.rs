@@ -131,10 +131,23 @@ impl Layer for BatchNorm {
     fn per_channel(&self, base: &Base, c: usize, d: &[f32]) -> Option<(usize, Vec<f32>)> {
         let bn = base.bn();
         let gamma = base.params.get(self.scale)[c];
-        Some((
-            c,
-            bn_delta(base.input(0).plane(c), d, bn.mean[c], bn.inv_std[c], gamma),
-        ))
+        let mut q = vec![0.0; d.len()];
+        bn_delta(
+            base.input(0).plane(c),
+            d,
+            bn.mean[c],
+            bn.inv_std[c],
+            gamma,
+            &mut q,
+        );
+        Some((c, q))
+    }
+    fn per_channel_into(&self, base: &Base, c: usize, d: &[f32], out: &mut Act) -> Option<usize> {
+        let bn = base.bn();
+        let gamma = base.params.get(self.scale)[c];
+        let x = base.input(0).plane(c);
+        bn_delta(x, d, bn.mean[c], bn.inv_std[c], gamma, out.plane_mut(c));
+        Some(c)
     }
 }
 
@@ -159,19 +172,29 @@ fn gradient_sums(x: &[f32], dy: &[f32], m: f32, s: f32) -> (f64, f64) {
 
 /// Batch-norm output change of one channel: `γ[(Δ − Δm)·s' + (x − m)(s' − s)]` with the new
 /// inverse std `s'` from f64 sums of the change.
-fn bn_delta(x: &[f32], d: &[f32], m: f32, inv: f32, gamma: f32) -> Vec<f32> {
+fn bn_delta(x: &[f32], d: &[f32], m: f32, inv: f32, gamma: f32, out: &mut [f32]) {
     let n = x.len() as f64;
-    // Sums of Δ, (x − m)Δ and Δ² over the plane: eight independent f64 lanes (vectorised, no
-    // long dependency chain).
+    // Sums of Δ, (x − m)Δ and Δ² over the plane: eight lanes summed in f32 over blocks of 32
+    // values (vectorised, no conversion per value), each block's lanes then added to f64
+    // lanes; all in a fixed order.
     let (mut sd, mut sxd, mut sdd) = ([0.0f64; 8], [0.0f64; 8], [0.0f64; 8]);
-    let (xc, dc) = (x.chunks_exact(8), d.chunks_exact(8));
+    const BLOCK: usize = 32;
+    let (xc, dc) = (x.chunks_exact(BLOCK), d.chunks_exact(BLOCK));
     let (xr, dr) = (xc.remainder(), dc.remainder());
-    for (xs, ds) in xc.zip(dc) {
+    for (xb, db) in xc.zip(dc) {
+        let (mut bd, mut bxd, mut bdd) = ([0.0f32; 8], [0.0f32; 8], [0.0f32; 8]);
+        for (xs, ds) in xb.chunks_exact(8).zip(db.chunks_exact(8)) {
+            for l in 0..8 {
+                let dv = ds[l];
+                bd[l] += dv;
+                bxd[l] = (xs[l] - m).mul_add(dv, bxd[l]);
+                bdd[l] = dv.mul_add(dv, bdd[l]);
+            }
+        }
         for l in 0..8 {
-            let dv = ds[l] as f64;
-            sd[l] += dv;
-            sxd[l] += (xs[l] - m) as f64 * dv;
-            sdd[l] += dv * dv;
+            sd[l] += bd[l] as f64;
+            sxd[l] += bxd[l] as f64;
+            sdd[l] += bdd[l] as f64;
         }
     }
     for (&xv, &dv) in xr.iter().zip(dr) {
@@ -190,10 +213,9 @@ fn bn_delta(x: &[f32], d: &[f32], m: f32, inv: f32, gamma: f32) -> Vec<f32> {
     let dinv = (inv_new - inv as f64) as f32;
     let (a, dm) = (gamma * inv_new as f32, dm as f32);
     let b = gamma * dinv;
-    x.iter()
-        .zip(d)
-        .map(|(&xv, &dv)| (dv - dm) * a + (xv - m) * b)
-        .collect()
+    for ((o, &xv), &dv) in out.iter_mut().zip(x).zip(d) {
+        *o = (dv - dm) * a + (xv - m) * b;
+    }
 }
 
 /// Per-channel mean of `[N, C, ...]` as `[C]`. Sums the contiguous trailing dims first:
