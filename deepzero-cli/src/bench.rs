@@ -63,6 +63,41 @@ impl BenchModelArgs {
     pub fn build(&self, seed: u64) -> Result<(Model, deepzero_core::data::Dataset)> {
         model_for(self.model, self.depth, self.width, self.dataset, seed)
     }
+
+    /// The model, its seeded initial parameters and a seeded batch of `--batch` images (f32, on
+    /// the CPU); `rng` is the batch's stream, left for what the bench draws next.
+    pub(crate) fn seeded_batch(&self, seed: u64) -> Result<BenchBatch> {
+        let (model, train) = self.build(seed)?;
+        let init = deepzero_core::seed::initial_params(&model, seed);
+        let mut rng = deepzero_core::seed::stream_rng(seed, &[3]);
+        let idx = sample(&mut rng, train.len(), self.batch.min(train.len())).into_vec();
+        let (x, y) = batch_tensors(
+            &train,
+            &idx,
+            None,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )?;
+        Ok(BenchBatch {
+            model,
+            init,
+            n: idx.len(),
+            x,
+            y,
+            rng,
+        })
+    }
+}
+
+/// What [`BenchModelArgs::seeded_batch`] gives.
+pub(crate) struct BenchBatch {
+    pub model: Model,
+    pub init: Vec<f64>,
+    /// Images in the batch.
+    pub n: usize,
+    pub x: candle_core::Tensor,
+    pub y: candle_core::Tensor,
+    pub rng: rand::rngs::StdRng,
 }
 
 #[derive(Args, Debug)]
@@ -278,14 +313,17 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
     set_threads(a.threads);
     let isa = use_isa(a.isa)?;
     let threads = rayon::current_num_threads();
-    let (model, train) = a.net.build(a.seed)?;
-    let d = model.num_params();
-    let init = deepzero_core::seed::initial_params(&model, a.seed);
     // The batch and the coordinates: a stream of their own.
-    let mut rng = deepzero_core::seed::stream_rng(a.seed, &[3]);
-    let idx = sample(&mut rng, train.len(), a.net.batch.min(train.len())).into_vec();
+    let BenchBatch {
+        model,
+        init,
+        n,
+        x,
+        y,
+        mut rng,
+    } = a.net.seeded_batch(a.seed)?;
+    let d = model.num_params();
     let device = candle_core::Device::Cpu;
-    let (x, y) = batch_tensors(&train, &idx, None, candle_core::DType::F32, &device)?;
     let xh = x.flatten_all()?.to_vec1::<f32>()?;
     let yh = y.to_vec1::<u32>()?;
     let p32: Vec<f32> = init.iter().map(|&v| v as f32).collect();
@@ -301,7 +339,7 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
     };
     check.sort_unstable();
 
-    let engine = Engine::new(&model, &p32, &xh, yh.len(), &Head::CrossEntropy(yh))?;
+    let engine = Engine::new(&model, &p32, &xh, n, &Head::CrossEntropy(yh))?;
     let time = |cs: &[usize], mode: QueryEngine| -> Result<(Vec<f64>, f64)> {
         let t = Instant::now();
         let (g, q) = engine.cge(cs, a.mu, Difference::Forward, mode)?;
@@ -327,12 +365,12 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
 
     // Cost model over the same coordinates.
     let (cn, cr, cf) = step_cost(&model, &coords)?;
-    let flops_fast = 2.0 * cf * a.net.batch as f64;
+    let flops_fast = 2.0 * cf * n as f64;
     let _ = fast_all;
     Ok(CgeBench {
         model: model.name.clone(),
         params: d,
-        batch: a.net.batch,
+        batch: n,
         coords: coords.len(),
         check_coords: check.len(),
         threads,
@@ -346,7 +384,7 @@ pub fn bench_cge(a: &CgeBenchArgs) -> Result<CgeBench> {
         model_speedup_vs_naive: cn / cf,
         model_speedup_reuse_vs_naive: cn / cr,
         effective_gflops: flops_fast / (fast_s * coords.len() as f64) / 1e9,
-        naive_gflops: 2.0 * model.node_costs().iter().sum::<u64>() as f64 * a.net.batch as f64
+        naive_gflops: 2.0 * model.node_costs().iter().sum::<u64>() as f64 * n as f64
             / naive_s
             / 1e9,
         sgemm_gflops: sgemm_gflops(threads),
@@ -360,12 +398,15 @@ pub fn bench_fo(a: &FoBenchArgs) -> Result<FoBench> {
     }
     set_threads(a.threads);
     let threads = rayon::current_num_threads();
-    let (model, train) = a.net.build(a.seed)?;
-    let init = deepzero_core::seed::initial_params(&model, a.seed);
-    let mut rng = deepzero_core::seed::stream_rng(a.seed, &[3]);
-    let idx = sample(&mut rng, train.len(), a.net.batch.min(train.len())).into_vec();
+    let BenchBatch {
+        model,
+        init,
+        n,
+        x,
+        y,
+        ..
+    } = a.net.seeded_batch(a.seed)?;
     let device = candle_core::Device::Cpu;
-    let (x, y) = batch_tensors(&train, &idx, None, candle_core::DType::F32, &device)?;
     let (obj_x64, y64) = (x.to_dtype(candle_core::DType::F64)?, y.clone());
     let obj = ClassifierObjective::classifier(&model, x, y)?;
     let params = params_tensor(&init, Precision::F32, &device)?;
@@ -391,11 +432,11 @@ pub fn bench_fo(a: &FoBenchArgs) -> Result<FoBench> {
     let obj64 = ClassifierObjective::classifier(&model, obj_x64, y64)?;
     let (_, g64) = obj64.candle_loss_and_grad(&params_tensor(&init, Precision::F64, &device)?)?;
     let g64 = tensor_to_vec(&g64)?;
-    let flops = backprop::step_flops(&model, idx.len());
+    let flops = backprop::step_flops(&model, n);
     Ok(FoBench {
         model: model.name.clone(),
         params: model.num_params(),
-        batch: idx.len(),
+        batch: n,
         threads,
         steps: a.steps,
         ours_seconds_per_step: ours_s,

@@ -16,7 +16,6 @@ use deepzero_core::head::Head;
 use deepzero_core::model::{params_tensor, Model, Precision};
 use deepzero_core::objective::ClassifierObjective;
 use deepzero_core::sparsity::{CoordinateSampler, LayerRatios};
-use deepzero_core::trainer::batch_tensors;
 use rand::seq::index::sample;
 use serde::Serialize;
 use std::time::Instant;
@@ -194,12 +193,15 @@ fn bench(
     deepzero_core::sparsity::check_sparsity(a.sparsity).map_err(crate::common::flag_error)?;
     deepzero_core::sparsity::check_sparsity(a.project_sparsity)
         .map_err(crate::common::flag_error)?;
-    let (model, train) = a.net.build(a.seed)?;
-    let init = deepzero_core::seed::initial_params(&model, a.seed);
-    let mut rng = deepzero_core::seed::stream_rng(a.seed, &[3]);
-    let idx = sample(&mut rng, train.len(), a.net.batch.min(train.len())).into_vec();
+    let crate::bench::BenchBatch {
+        model,
+        init,
+        n,
+        x,
+        y,
+        mut rng,
+    } = a.net.seeded_batch(a.seed)?;
     let device = candle_core::Device::Cpu;
-    let (x, y) = batch_tensors(&train, &idx, None, candle_core::DType::F32, &device)?;
     let params = params_tensor(&init, Precision::F32, &device)?;
     let obj = ClassifierObjective::classifier(&model, x.clone(), y.clone())?;
     let (step_size, coords) = step_coords(&model, a.sparsity, a.coords, a.seed)?;
@@ -216,7 +218,7 @@ fn bench(
             &model,
             &init.iter().map(|&v| v as f32).collect::<Vec<_>>(),
             &xh,
-            idx.len(),
+            n,
             &Head::CrossEntropy(y.to_vec1::<u32>()?),
         )?;
         base_seconds = started.elapsed().as_secs_f64();
@@ -278,14 +280,14 @@ fn bench(
                 seconds_per_query: 0.0,
             }
         });
-        Some(project(a, &model, timing, idx.len(), base_seconds)?)
+        Some(project(a, &model, timing, n, base_seconds)?)
     } else {
         None
     };
     Ok(Some(DistributedBench {
         model: model.name.clone(),
         params: model.num_params(),
-        batch: idx.len(),
+        batch: n,
         sparsity: a.sparsity,
         step_coords: step_size,
         coords: coords.len(),

@@ -228,9 +228,9 @@ pub fn sgemm(
     }
 }
 
-/// `C[m×n] = A[m×k] · B[k×n]` (row-major, packed) on our micro-kernels: the reference rate of
-/// `bench kernels` beside [`sgemm`], and the plain product behind the direct convolutions'
-/// kernels. `B` is copied into rows padded to whole tiles.
+/// `C[m×n] = A[m×k] · B[k×n]` (row-major, packed) on our micro-kernels, the convolutions'
+/// kernels run as a plain product: the benchmarks' reference rate beside [`sgemm`]. `B` is
+/// copied into rows padded to whole tiles.
 pub fn sgemm_tiled(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
     assert!(
         a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
@@ -486,18 +486,18 @@ const KEPT_LAYOUT_BYTES: usize = 64 << 20;
 
 impl Scratch {
     /// The padded buffer for `key` (`len` values): a kept one, or a new zeroed one (evicting the
-    /// least recently used). `true` when it is new.
-    fn padded_for(&mut self, key: LayoutKey, len: usize) -> (Vec<f32>, bool) {
+    /// least recently used).
+    fn padded_for(&mut self, key: LayoutKey, len: usize) -> Vec<f32> {
         if let Some(i) = self.layouts.iter().position(|(k, _)| *k == key) {
             let (_, buf) = self.layouts.remove(i);
             if buf.len() == len {
-                return (buf, false);
+                return buf;
             }
         }
         if self.layouts.len() >= KEPT_LAYOUTS {
             self.layouts.remove(0);
         }
-        (vec![0.0; len], true)
+        vec![0.0; len]
     }
     fn keep(&mut self, key: LayoutKey, buf: Vec<f32>) {
         self.layouts.push((key, buf));
@@ -639,7 +639,7 @@ impl PaddedLayout {
             circular: g.circular,
         };
         let hi_read = (rows.data + 1) * line + slack;
-        let (mut padded, _) = scratch.padded_for(key, ci * phases * plane_len + hi_read);
+        let mut padded = scratch.padded_for(key, ci * phases * plane_len + hi_read);
         for (c, src) in planes.iter().enumerate() {
             for pa in 0..s {
                 let bases: Vec<usize> = (0..s)
@@ -815,6 +815,13 @@ fn conv_pass(
         } else {
             8
         };
+        // One product call, the same in every mode but for where it writes.
+        let (packed, offsets) = (&scratch.packed, &scratch.offsets);
+        let run = |tiles: &super::simd::Tiles, c: &mut [f32], ldc: usize, add: bool| {
+            super::simd::gemm(
+                isa, panels, kk, packed, &padded, offsets, tiles, c, ldc, bias, add,
+            )
+        };
         let (pieces, dst) = (&mut scratch.pieces, &mut scratch.dst);
         if g.ow.is_multiple_of(piece) && co.is_multiple_of(mr) {
             // Dense tiles: pieces skip the padding, so only real outputs are computed, and
@@ -834,19 +841,7 @@ fn conv_pass(
                     pieces.extend((0..per).map(|v| position(t * nr + v * piece)));
                 }
                 let tiles = super::simd::Tiles { piece, pieces, dst };
-                super::simd::gemm(
-                    isa,
-                    panels,
-                    kk,
-                    &scratch.packed,
-                    &padded,
-                    &scratch.offsets,
-                    &tiles,
-                    out,
-                    ldc,
-                    bias,
-                    add,
-                );
+                run(&tiles, out, ldc, add);
                 t0 = t1;
             }
             let tail = out_plane - full * nr;
@@ -871,19 +866,7 @@ fn conv_pass(
                     pieces,
                     dst: &[0],
                 };
-                super::simd::gemm(
-                    isa,
-                    panels,
-                    kk,
-                    &scratch.packed,
-                    &padded,
-                    &scratch.offsets,
-                    &tiles,
-                    product,
-                    nr,
-                    bias,
-                    false,
-                );
+                run(&tiles, product, nr, false);
                 for o in 0..co {
                     let src = &product[o * nr..o * nr + tail];
                     let d = &mut out[o * ldc + full * nr..o * ldc + out_plane];
@@ -911,19 +894,7 @@ fn conv_pass(
                 let count = (q_len - q0).min(chunk).div_ceil(nr);
                 super::simd::consecutive(isa, piece, q0, count, pieces, dst);
                 let tiles = super::simd::Tiles { piece, pieces, dst };
-                super::simd::gemm(
-                    isa,
-                    panels,
-                    kk,
-                    &scratch.packed,
-                    &padded,
-                    &scratch.offsets,
-                    &tiles,
-                    product,
-                    chunk,
-                    bias,
-                    false,
-                );
+                run(&tiles, product, chunk, false);
                 let q1 = (q0 + count * nr).min(q_len);
                 // Output rows (n, oy) that meet [q0, q1): (start in the product, start in the
                 // output plane, length).
