@@ -3,7 +3,7 @@
 
 use crate::config;
 use crate::report::{self, Field, LineChart, Series};
-use crate::train::epoch_line;
+use crate::train::{epoch_line, four_digits};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use deepzero_core::checkpoint;
@@ -11,7 +11,7 @@ use deepzero_core::trainer::{EpochMetrics, Observer, StepInfo, TrainState};
 use deepzero_pde::correction::{self, prepare, rollouts};
 use deepzero_pde::{
     CorrectionConfig, Dataset, DatasetConfig, InitialStateConfig, Method, NavierStokesParams,
-    NetworkConfig, Problem,
+    NetworkConfig, Problem, Schedule, SolStart,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -29,6 +29,25 @@ pub enum SolverArg {
     Burgers1d,
     /// 2-D incompressible Navier–Stokes (vorticity).
     NavierStokes,
+}
+
+/// Where ZO-SOL starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SolStartArg {
+    /// A fresh network (last layer zero: the uncorrected solver).
+    Scratch,
+    /// NON's trained network, fine-tuned through the solver (needs non in --methods).
+    Non,
+}
+
+impl SolStartArg {
+    fn start(self) -> SolStart {
+        match self {
+            SolStartArg::Scratch => SolStart::Scratch,
+            SolStartArg::Non => SolStart::Non,
+        }
+    }
 }
 
 /// `deepzero pde [generate]`.
@@ -109,39 +128,67 @@ pub struct RunArgs {
     /// Methods, comma separated: src, non, zo-sol (fo-sol is not available).
     #[arg(long, value_delimiter = ',', default_value = "src,non,zo-sol")]
     pub methods: Vec<Method>,
-    /// Training epochs of each trained method.
-    #[arg(long, default_value_t = 20)]
-    pub epochs: usize,
-    /// Peak learning rate (Adam, cosine decay) [Solver-in-the-Loop's 1e-4].
-    #[arg(long, default_value_t = 1e-4)]
-    pub lr: f64,
-    /// Windows per step [default: 5].
+    /// Epochs of every trained method (see --non-epochs, --zo-sol-epochs).
     #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Optimizer steps per epoch [default: 20].
+    pub epochs: Option<usize>,
+    /// Peak learning rate of every trained method, Adam with cosine decay (see --non-lr,
+    /// --zo-sol-lr).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Optimizer steps per epoch of every trained method (see --non-steps-per-epoch,
+    /// --zo-sol-steps-per-epoch).
     #[arg(long)]
     pub steps_per_epoch: Option<usize>,
+    /// Epochs of NON [default: 20].
+    #[arg(long)]
+    pub non_epochs: Option<usize>,
+    /// Peak learning rate of NON [default: 1e-3].
+    #[arg(long)]
+    pub non_lr: Option<f64>,
+    /// Optimizer steps per epoch of NON [default: 100].
+    #[arg(long)]
+    pub non_steps_per_epoch: Option<usize>,
+    /// Epochs of ZO-SOL [default: 10].
+    #[arg(long)]
+    pub zo_sol_epochs: Option<usize>,
+    /// Peak learning rate of ZO-SOL [default: 1e-3].
+    #[arg(long)]
+    pub zo_sol_lr: Option<f64>,
+    /// Optimizer steps per epoch of ZO-SOL [default: 10].
+    #[arg(long)]
+    pub zo_sol_steps_per_epoch: Option<usize>,
+    /// Windows per step [default: 10].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// Unrolled steps of ZO-SOL [default: 4].
     #[arg(long)]
     pub unroll: Option<usize>,
+    /// Where ZO-SOL starts: non (fine-tunes NON's trained network) or scratch (a fresh
+    /// network, the uncorrected solver) [default: non].
+    #[arg(long, value_enum)]
+    pub zo_sol_start: Option<SolStartArg>,
     /// Fraction of each weight tensor left out of a sparse CGE step [default: 0.9].
     #[arg(long)]
     pub sparsity: Option<f64>,
     /// Finite-difference step of CGE [default: 1e-3].
     #[arg(long)]
     pub mu: Option<f64>,
-    /// Hidden channels of the correction network [default: 4].
+    /// Hidden channels of the correction network [default: 8].
     #[arg(long)]
     pub width: Option<usize>,
     /// Residual blocks [default: 1].
     #[arg(long)]
     pub blocks: Option<usize>,
-    /// Kernel size, odd [default: 3].
+    /// Kernel size, odd [default: 5].
     #[arg(long)]
     pub kernel: Option<usize>,
     /// Seed of initialisation, batches and coordinate sets.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Precision of the correction network (f32 runs on our CPU kernels, f64 on candle); the
+    /// solvers always run in f64.
+    #[arg(long, value_enum, default_value_t = crate::common::DtypeArg::F32)]
+    pub dtype: crate::common::DtypeArg,
     /// Threads (0 = all cores); results do not depend on it.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -178,7 +225,8 @@ fn flag_error(e: deepzero_pde::Error) -> anyhow::Error {
             "viscosity" => "--viscosity",
             "steps" => "--steps",
             "batch_size" => "--batch-size",
-            "steps_per_epoch" => "--steps-per-epoch",
+            "non.steps_per_epoch" => "--non-steps-per-epoch (or --steps-per-epoch)",
+            "zo_sol.steps_per_epoch" => "--zo-sol-steps-per-epoch (or --steps-per-epoch)",
             "unroll" => "--unroll",
             "method" => "--methods",
             "train_simulations" => "--train-sims",
@@ -342,12 +390,12 @@ struct ResolvedConfig<'a> {
     dataset: &'a DatasetConfig,
     network: &'a NetworkConfig,
     correction: &'a CorrectionConfig,
-    train: deepzero_core::trainer::TrainConfig,
 }
 
 /// Settings of a pde run's `config.json` that its checkpoints' hash leaves out besides the
-/// common ones: which methods run (each has its own checkpoints) and where the data set is.
-const NOT_HASHED: &[&str] = &["methods", "data_dir"];
+/// common ones: which methods run (each has its own checkpoints), where the data set is, and
+/// each method's epochs (a resume may raise them, as `--epochs`).
+const NOT_HASHED: &[&str] = &["methods", "data_dir", "non_epochs", "zo_sol_epochs"];
 
 /// A run into an `--out` that holds checkpoints continues them: refuse it when the flags
 /// disagree with the saved `config.json` (all but --epochs, --threads, --methods, --data-dir).
@@ -407,6 +455,10 @@ fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
     if args.methods.is_empty() {
         bail!("--methods: name at least one of src, non, zo-sol");
     }
+    // Each method once, in the order src, non, zo-sol: ZO-SOL may start from NON's network.
+    let mut methods = args.methods.clone();
+    methods.sort_by_key(|m| *m as u8);
+    methods.dedup();
     if args.methods.contains(&Method::FoSol) {
         bail!(
             "--methods fo-sol: not available: FO-SOL needs gradients through the solver, and \
@@ -421,21 +473,69 @@ fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
         activation: defaults.activation,
     };
     let defaults = CorrectionConfig::default();
-    let correction = CorrectionConfig {
+    // A method's own flag, else the flag of every method, else the method's default.
+    let schedule =
+        |d: Schedule, epochs: Option<usize>, lr: Option<f64>, steps: Option<usize>| Schedule {
+            epochs: epochs.or(args.epochs).unwrap_or(d.epochs),
+            lr: lr.or(args.lr).unwrap_or(d.lr),
+            steps_per_epoch: steps.or(args.steps_per_epoch).unwrap_or(d.steps_per_epoch),
+        };
+    let mut correction = CorrectionConfig {
         batch_size: args.batch_size.unwrap_or(defaults.batch_size),
-        steps_per_epoch: args.steps_per_epoch.unwrap_or(defaults.steps_per_epoch),
+        non: schedule(
+            defaults.non,
+            args.non_epochs,
+            args.non_lr,
+            args.non_steps_per_epoch,
+        ),
+        zo_sol: schedule(
+            defaults.zo_sol,
+            args.zo_sol_epochs,
+            args.zo_sol_lr,
+            args.zo_sol_steps_per_epoch,
+        ),
         unroll: args.unroll.unwrap_or(defaults.unroll),
         sparsity: args.sparsity.unwrap_or(defaults.sparsity),
         mu: args.mu.unwrap_or(defaults.mu),
+        precision: args.dtype.precision(),
+        sol_start: args
+            .zo_sol_start
+            .map_or(defaults.sol_start, SolStartArg::start),
         ..defaults
     };
     correction.validate(&data).map_err(flag_error)?;
-    let train_config = correction::train_config(args.epochs, args.lr, args.seed);
-    train_config.validate().map_err(crate::common::flag_error)?;
+    for (method, prefix) in [(Method::Non, "--non"), (Method::ZoSol, "--zo-sol")] {
+        let schedule = correction.schedule(method);
+        correction::train_config(schedule, args.seed)
+            .validate()
+            .map_err(|e| {
+                let flag = if schedule.epochs == 0 { "epochs" } else { "lr" };
+                anyhow::anyhow!("{prefix}-{flag} (or --{flag}): {e}")
+            })?;
+    }
     let model = network
         .build(&data)
         .map_err(|e| anyhow::anyhow!("--width/--blocks/--kernel: {e}"))?;
-    for &method in args.methods.iter().filter(|m| m.trains()) {
+    if correction.sol_start == SolStart::Non
+        && methods.contains(&Method::ZoSol)
+        && !methods.contains(&Method::Non)
+    {
+        if args.zo_sol_start.is_none() {
+            // The default start needs NON's network; without NON in the run, ZO-SOL starts from
+            // a fresh network, and says so (summary.json records the start too).
+            crate::note!(
+                "note: non is not among --methods, so ZO-SOL starts from a fresh network \
+                 (--zo-sol-start scratch); add non to fine-tune NON's network instead"
+            );
+            correction.sol_start = SolStart::Scratch;
+        } else {
+            bail!(
+                "--zo-sol-start non: ZO-SOL starts from NON's trained network, so --methods must \
+             include non (a finished NON run in --out is reused, not trained again)"
+            );
+        }
+    }
+    for &method in methods.iter().filter(|m| m.trains()) {
         // Builds the estimator once so that a bad --sparsity or --mu fails before any work.
         correction::estimator(method, &model, &correction, args.seed).map_err(flag_error)?;
     }
@@ -446,7 +546,6 @@ fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
         dataset: &data,
         network: &network,
         correction: &correction,
-        train: train_config.clone(),
     };
     if root {
         check_resume(&dir, &args)?;
@@ -470,7 +569,8 @@ fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
         model.num_params()
     );
     let mut outcomes = Vec::new();
-    for &method in &args.methods {
+    let mut non_params: Option<candle_core::Tensor> = None;
+    for &method in &methods {
         let started = Instant::now();
         let outcome = if method.trains() {
             let method_dir = dir.join(method.name());
@@ -481,7 +581,13 @@ fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
             let mut state = if checkpoint::exists(&method_dir) {
                 config::load_checkpoint(&method_dir, &candle_core::Device::Cpu, &fingerprint)?
             } else {
-                let mut s = correction::initial_state(&model, args.seed).map_err(flag_error)?;
+                let mut s = correction::initial_state(&model, args.seed, correction.precision)
+                    .map_err(flag_error)?;
+                if method == Method::ZoSol && correction.sol_start == SolStart::Non {
+                    s.params = non_params
+                        .clone()
+                        .context("ZO-SOL starts from NON's network, and NON has not run")?;
+                }
                 s.fingerprint = Some(fingerprint);
                 s
             };
@@ -495,13 +601,16 @@ fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
                 &train,
                 &test,
                 &correction,
-                &train_config,
+                args.seed,
                 &mut state,
                 if root { &mut observer } else { &mut silent },
                 shared,
             )
             .map_err(flag_error)?;
             observer.bar.finish_and_clear();
+            if method == Method::Non {
+                non_params = Some(state.params.clone());
+            }
             let (errors, trajectories) = rollouts(&test, Some((&model, &scaling, &state.params)))
                 .map_err(crate::common::flag_error)?;
             Outcome {
@@ -525,17 +634,17 @@ fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
             }
         };
         crate::note!(
-            "{:>6}: test MAE {:.4} ± {:.4}  ({} queries, {:.1}s)",
+            "{:>6}: test MAE {} ± {}  ({} queries, {:.1}s)",
             method.name(),
-            outcome.errors.mae(),
-            outcome.errors.mae_std(),
+            four_digits(outcome.errors.mae()),
+            four_digits(outcome.errors.mae_std()),
             outcome.queries,
             outcome.seconds
         );
         outcomes.push(outcome);
     }
     if root {
-        write_reports(&dir, &outcomes, &test, &model.name, &scaling)?;
+        write_reports(&dir, &outcomes, &test, &model.name, &scaling, &correction)?;
         eprintln!("summary → {}", dir.join("summary.json").display());
     }
     Ok(())
@@ -551,6 +660,7 @@ fn write_reports(
     test: &[deepzero_pde::PreparedSimulation],
     model: &str,
     scaling: &deepzero_pde::Scaling,
+    correction: &CorrectionConfig,
 ) -> Result<()> {
     let mut mae = Map::new();
     let mut mae_std = Map::new();
@@ -568,6 +678,7 @@ fn write_reports(
     let summary = json!({
         "mae": mae, "mae_std": mae_std, "params": params, "queries": queries,
         "seconds": seconds, "model": model, "scaling": scaling, "fo-sol": "not available (the solver is not differentiable)",
+        "zo_sol_start": correction.sol_start.name(),
         "mae_per_step": outcomes.iter().map(|o| (o.method.name().to_string(), json!(o.errors.mae_per_step))).collect::<Map<String, Value>>(),
     });
     report::write_json_atomic(&dir.join("summary.json"), &summary)?;

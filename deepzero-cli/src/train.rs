@@ -482,16 +482,26 @@ pub fn epoch_line(m: &EpochMetrics) -> String {
     let metrics: Vec<String> = m
         .metrics
         .iter()
-        .map(|(k, v)| format!("{} {v:.4}", k.replace('_', " ")))
+        .map(|(k, v)| format!("{} {}", k.replace('_', " "), four_digits(*v)))
         .collect();
     format!(
-        "epoch {:>3}: train loss {:.4}  {}  queries {}  {:.1}s",
+        "epoch {:>3}: train loss {}  {}  queries {}  {:.1}s",
         m.epoch,
-        m.train_loss,
+        four_digits(m.train_loss),
         metrics.join("  "),
         m.queries,
         m.seconds
     )
+}
+
+/// `v` with four decimals, or four significant digits in exponent form below 0.01 (a PDE error
+/// of 1.3e-4 would read 0.0001).
+pub fn four_digits(v: f64) -> String {
+    if v != 0.0 && v.abs() < 0.01 && v.is_finite() {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.4}")
+    }
 }
 
 /// Plots of a run's history, named by the task's metrics: every metric whose name ends in

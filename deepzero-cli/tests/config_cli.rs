@@ -357,8 +357,7 @@ fn pde_into_a_run_with_checkpoints_checks_flags_and_checkpoints() -> Result<()> 
         &[PDE, &["--out", "a", "--lr", "0.001", "--mu", "0.01"]].concat(),
     )?;
     ensure!(
-        e.contains("--lr 0.001 (the run has 0.0001)")
-            && e.contains("--mu 0.01 (the run has unset)"),
+        e.contains("--lr 0.001 (the run has unset)") && e.contains("--mu 0.01 (the run has unset)"),
         "{e}"
     );
     // b's checkpoint in a, a's flags: the checkpoint belongs to another run.

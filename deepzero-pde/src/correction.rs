@@ -14,14 +14,17 @@
 //! `m` steps ([`SolObjective`]): the solver is a black box, so the gradient is estimated with
 //! sparse CGE. Both trained methods are one [`CorrectionTask`] for the core trainer.
 //!
-//! Defaults (width-4 network with one residual block and 3×3 kernels, 518 parameters; 20 epochs
-//! of 20 steps of 5 windows; ZO-SOL with SOL-4 unrolling, sparsity 0.9 = 64 queries a step;
-//! Adam 1e-4, Solver-in-the-Loop's rate) fit `deepzero pde --solver burgers` into about 5 minutes on two CPU cores.
-//! Solver-in-the-Loop's full protocol (5×5 kernels, 32 channels, Adam 1e-4, 100 epochs of
-//! batch 5 over 10 training simulations) is
-//! `deepzero pde --solver burgers --width 32 --blocks 2 --kernel 5 --lr 1e-4 --epochs 100
-//! --steps-per-epoch 394 --batch-size 5`; with about 107 000 parameters its ZO-SOL needs about
-//! 10 700 queries a step, far beyond a CPU.
+//! Defaults: a width-8 network with one residual block and 5×5 kernels (4,426 parameters), in
+//! f32 on core's CPU kernels. NON: Adam 1e-3, 20 epochs of 100 steps of 10 windows, by backprop
+//! (the solver is not involved). ZO-SOL: SOL-4 unrolling, sparse CGE over 10% of each weight
+//! tensor and every bias (467 queries a step), Adam 1e-3 for 10 epochs of 10 steps, starting
+//! from NON's trained network ([`SolStart::Non`]): backprop learns what needs no solver, and the
+//! queries go to what only the unrolled solver shows. `deepzero pde --solver burgers` runs in
+//! minutes on two CPU cores. Solver-in-the-Loop's full protocol (5×5 kernels, 32 channels,
+//! Adam 1e-4, 100 epochs of batch 5 over 10 training simulations) is
+//! `deepzero pde --solver burgers --width 32 --blocks 2 --lr 1e-4 --epochs 100
+//! --steps-per-epoch 394 --batch-size 5 --zo-sol-start scratch`; with about 107,000 parameters
+//! its ZO-SOL needs about 10,700 queries a step, far beyond a CPU.
 //!
 //! Batches are `batch_size` windows `(simulation, start step)` drawn without replacement from
 //! the stream `[PDE_STREAM, epoch, step]` of the run's seed, so a resumed run repeats them.
@@ -33,7 +36,7 @@ use candle_core::{DType, Device, Tensor};
 use deepzero_core::estimator::{Backprop, EstimatorConfig, EstimatorKind, GradientEstimator};
 use deepzero_core::head::Head;
 use deepzero_core::layout::ParamLayout;
-use deepzero_core::model::{Activation, Mode, Model, ModelSpec};
+use deepzero_core::model::{Activation, Mode, Model, ModelSpec, Precision};
 use deepzero_core::objective::{ModelObjective, Objective};
 use deepzero_core::query::{Difference, QueryEngine};
 use deepzero_core::seed::stream_rng;
@@ -104,15 +107,38 @@ impl FromStr for Method {
     }
 }
 
+/// Where ZO-SOL's network starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SolStart {
+    /// A fresh network with its last convolution at zero: the uncorrected solver, as NON starts.
+    Scratch,
+    /// NON's trained network: ZO-SOL fine-tunes it through the solver. The part of the problem
+    /// that needs no solver is learnt by backprop, and the queries go where only ZO can go.
+    #[default]
+    Non,
+}
+
+impl SolStart {
+    /// The name used on the command line (`scratch`, `non`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SolStart::Scratch => "scratch",
+            SolStart::Non => "non",
+        }
+    }
+}
+
 /// The correction network's size (a [`ModelSpec::CorrectionCnn`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NetworkConfig {
-    /// Channels of the hidden convolutions (default 4: ZO-SOL on two CPU cores within minutes).
+    /// Channels of the hidden convolutions (default 8: 4,426 parameters with the other
+    /// defaults, so that a ZO-SOL step of 10% of the weights is under 500 queries).
     pub width: usize,
     /// Residual blocks (default 1).
     pub blocks: usize,
-    /// Odd kernel size (default 3).
+    /// Odd kernel size (default 5, Solver-in-the-Loop's).
     pub kernel: usize,
     /// Nonlinearity (default tanh: the corrections are smooth and signed).
     pub activation: Activation,
@@ -121,9 +147,9 @@ pub struct NetworkConfig {
 impl Default for NetworkConfig {
     fn default() -> Self {
         Self {
-            width: 4,
+            width: 8,
             blocks: 1,
-            kernel: 3,
+            kernel: 5,
             activation: Activation::Tanh,
         }
     }
@@ -153,14 +179,32 @@ impl NetworkConfig {
     }
 }
 
-/// Settings of correction training besides the trainer's (epochs, learning rate, seed).
+/// How long and how fast one trained method runs: Adam with cosine decay of `lr` over
+/// `epochs` of `steps_per_epoch` steps ([`train_config`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// Epochs.
+    pub epochs: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Optimizer steps per epoch.
+    pub steps_per_epoch: usize,
+}
+
+/// Settings of correction training besides the seed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CorrectionConfig {
-    /// Windows per optimizer step (default 5, Solver-in-the-Loop's batch).
+    /// Windows per optimizer step (default 10; Solver-in-the-Loop's batch is 5: ZO-SOL's
+    /// fine-tuning signal is small beside the batch noise at 5, and NON fits better at 10).
     pub batch_size: usize,
-    /// Optimizer steps per epoch (default 20).
-    pub steps_per_epoch: usize,
+    /// NON's schedule (default 20 epochs of 100 steps, Adam 1e-3: backprop is cheap, and the
+    /// one-step fit needs about 2,000 steps before its rollouts beat the plain solver).
+    pub non: Schedule,
+    /// ZO-SOL's schedule (default 10 epochs of 10 steps, Adam 1e-3: every step costs a query
+    /// per sampled coordinate, each `unroll` solver steps long).
+    pub zo_sol: Schedule,
     /// Unrolled steps `m` of ZO-SOL (default 4, SOL-4).
     pub unroll: usize,
     /// Fraction of each weight tensor left out of every sparse CGE step (default 0.9; biases
@@ -170,22 +214,46 @@ pub struct CorrectionConfig {
     pub mask_interval: usize,
     /// Finite-difference step μ of CGE (default 1e-3, forward differences).
     pub mu: f64,
+    /// Precision of the network (default f32, on core's CPU kernels; f64 runs on candle). The
+    /// solvers always run in f64.
+    pub precision: Precision,
+    /// Where ZO-SOL starts (default [`SolStart::Non`]: it fine-tunes NON's network).
+    pub sol_start: SolStart,
 }
 
 impl Default for CorrectionConfig {
     fn default() -> Self {
         Self {
-            batch_size: 5,
-            steps_per_epoch: 20,
+            batch_size: 10,
+            non: Schedule {
+                epochs: 20,
+                lr: 1e-3,
+                steps_per_epoch: 100,
+            },
+            zo_sol: Schedule {
+                epochs: 10,
+                lr: 1e-3,
+                steps_per_epoch: 10,
+            },
             unroll: 4,
             sparsity: 0.9,
             mask_interval: 1,
             mu: 1e-3,
+            precision: Precision::F32,
+            sol_start: SolStart::Non,
         }
     }
 }
 
 impl CorrectionConfig {
+    /// The schedule of a trained method (NON's for anything but ZO-SOL).
+    pub fn schedule(&self, method: Method) -> &Schedule {
+        match method {
+            Method::ZoSol => &self.zo_sol,
+            _ => &self.non,
+        }
+    }
+
     /// Checks the counts; the sparsity and μ are checked by core when the estimator is built.
     pub fn validate(&self, data: &DatasetConfig) -> Result<()> {
         if self.batch_size == 0 {
@@ -195,12 +263,13 @@ impl CorrectionConfig {
                 "at least 1 window per step",
             ));
         }
-        if self.steps_per_epoch == 0 {
-            return Err(Error::parameter(
-                "steps_per_epoch",
-                0,
-                "at least 1 step per epoch",
-            ));
+        for (name, schedule) in [
+            ("non.steps_per_epoch", &self.non),
+            ("zo_sol.steps_per_epoch", &self.zo_sol),
+        ] {
+            if schedule.steps_per_epoch == 0 {
+                return Err(Error::parameter(name, 0, "at least 1 step per epoch"));
+            }
         }
         if self.unroll == 0 || self.unroll > data.steps {
             return Err(Error::parameter(
@@ -326,13 +395,65 @@ impl Scaling {
     }
 }
 
+/// The correction network's parameters in the form its forward takes: f32 on the CPU runs on
+/// core's kernels ([`deepzero_core::fast::forward`]), anything else on candle.
+pub enum Weights {
+    /// Flat f32 parameters for core's CPU kernels.
+    Host(Vec<f32>),
+    /// Candle parameter views (f64, or another device).
+    Candle(Vec<Tensor>),
+}
+
+impl Weights {
+    /// The weights of `model` from a flat parameter tensor.
+    pub fn new(model: &Model, params: &Tensor) -> deepzero_core::Result<Self> {
+        if params.dtype() == DType::F32 && params.device().is_cpu() {
+            Ok(Weights::Host(params.to_vec1::<f32>()?))
+        } else {
+            Ok(Weights::Candle(model.param_views(params)?))
+        }
+    }
+
+    /// The weights of `model` from flat f64 values (an objective's query point), in `precision`.
+    pub fn from_values(
+        model: &Model,
+        params: &[f64],
+        precision: Precision,
+    ) -> deepzero_core::Result<Self> {
+        match precision {
+            Precision::F32 => Ok(Weights::Host(params.iter().map(|&v| v as f32).collect())),
+            Precision::F64 => {
+                let flat = Tensor::from_slice(params, params.len(), &Device::Cpu)?;
+                Ok(Weights::Candle(model.param_views(&flat)?))
+            }
+        }
+    }
+
+    /// The network's output on `input` (`n` samples, batch-major), batch-major in f64.
+    fn forward(&self, model: &Model, input: Vec<f64>, n: usize) -> deepzero_core::Result<Vec<f64>> {
+        let [c, h, w] = model.input_shape;
+        match self {
+            Weights::Host(params) => {
+                let x: Vec<f32> = input.iter().map(|&v| v as f32).collect();
+                deepzero_core::fast::forward(model, params, &x, n)
+            }
+            Weights::Candle(views) => {
+                let x = Tensor::from_vec(input, (n, c, h, w), &Device::Cpu)?;
+                let x = x.to_dtype(views.first().map_or(DType::F64, |v| v.dtype()))?;
+                let out = model.forward(views, &x, Mode::Train)?;
+                Ok(out.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+            }
+        }
+    }
+}
+
 /// `predicted + C(predicted, forcing)` for a batch, one forward of the network on the scaled
 /// inputs ([`Scaling`]); the network's output has its spatial mean per channel removed (the
 /// correction moves no momentum) and is multiplied by the output scale.
 pub fn apply_correction(
     model: &Model,
     scaling: &Scaling,
-    views: &[Tensor],
+    weights: &Weights,
     predicted: &[Array3<f64>],
     forcing: &[&Array3<f64>],
 ) -> deepzero_core::Result<Vec<Array3<f64>>> {
@@ -351,10 +472,7 @@ pub fn apply_correction(
             input.push(v / scaling.input[channels + i / plane]);
         }
     }
-    let x = Tensor::from_vec(input, (batch, 2 * channels, n, m), &Device::Cpu)?;
-    let x = x.to_dtype(views.first().map_or(DType::F64, |v| v.dtype()))?;
-    let out = model.forward(views, &x, Mode::Train)?;
-    let out = out.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let out = weights.forward(model, input, batch)?;
     let len = channels * n * m;
     predicted
         .iter()
@@ -395,36 +513,55 @@ pub fn to_core(error: Error) -> deepzero_core::Error {
     }
 }
 
-/// Mean squared difference of two states.
-fn mean_squared(a: &Array3<f64>, b: &Array3<f64>) -> f64 {
+/// Mean squared difference of two states, each channel divided by `scale[c]²`.
+fn mean_squared(a: &Array3<f64>, b: &Array3<f64>, scale: &[f64]) -> f64 {
     let n = a.len().max(1) as f64;
-    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>() / n
+    let plane = (a.len() / a.shape()[0].max(1)).max(1);
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .map(|(i, (x, y))| {
+            let d = (x - y) / scale[i / plane];
+            d * d
+        })
+        .sum::<f64>()
+        / n
 }
 
 /// A training window: simulation index and start step.
 pub type Window = (usize, usize);
 
 /// ZO-SOL's loss: `m` unrolled steps of solver + correction from reference states, the mean
-/// squared error against the reference averaged over the steps, the windows and the grid.
+/// squared error against the reference averaged over the steps, the windows and the grid, each
+/// channel in units of its one-step residual ([`Scaling::output`], NON's units: a fresh
+/// network scores about 1 on one step). Without them a Navier–Stokes loss is about 1e-11, and
+/// its gradients fall below Adam's ε.
 ///
-/// The solver runs as a black box on the host; the network runs on candle in f64. Nothing in
-/// it is random, so the loss is a deterministic function of the parameters.
+/// The solver runs as a black box on the host; the network runs on core's kernels in f32 (or
+/// candle in f64, [`Precision`]). Nothing in it is random, so the loss is a deterministic
+/// function of the parameters.
 pub struct SolObjective<'a> {
     model: &'a Model,
     scaling: &'a Scaling,
     simulations: &'a [PreparedSimulation],
     windows: Vec<Window>,
     unroll: usize,
+    precision: Precision,
+    /// The solver's first step from each window's reference state: it does not depend on the
+    /// network, so every query shares it.
+    first: Vec<Array3<f64>>,
 }
 
 impl<'a> SolObjective<'a> {
-    /// The loss over `windows` (each `start + unroll ≤ steps` of its simulation).
+    /// The loss over `windows` (each `start + unroll ≤ steps` of its simulation), the network
+    /// run in `precision`.
     pub fn new(
         model: &'a Model,
         scaling: &'a Scaling,
         simulations: &'a [PreparedSimulation],
         windows: Vec<Window>,
         unroll: usize,
+        precision: Precision,
     ) -> Result<Self> {
         if windows.is_empty() || unroll == 0 {
             return Err(Error::parameter(
@@ -449,40 +586,47 @@ impl<'a> SolObjective<'a> {
             model,
             scaling,
             simulations,
+            first: windows
+                .iter()
+                .map(|&(sim, start)| {
+                    let s = &simulations[sim];
+                    s.solver.step(&s.reference[start], start)
+                })
+                .collect::<Result<Vec<_>>>()?,
             windows,
             unroll,
+            precision,
         })
     }
 
-    /// The loss with the network given as parameter views.
-    fn loss_with_views(&self, views: &[Tensor]) -> deepzero_core::Result<f64> {
-        let mut states: Vec<Array3<f64>> = self
-            .windows
-            .iter()
-            .map(|&(sim, start)| self.simulations[sim].reference[start].clone())
-            .collect();
+    /// The loss with the network's weights.
+    fn loss_with(&self, weights: &Weights) -> deepzero_core::Result<f64> {
+        let mut states: Vec<Array3<f64>> = Vec::new();
         let mut total = 0.0;
         for offset in 0..self.unroll {
-            let predicted = self
-                .windows
-                .iter()
-                .zip(&states)
-                .map(|(&(sim, start), state)| {
-                    self.simulations[sim]
-                        .solver
-                        .step(state, start + offset)
-                        .map_err(to_core)
-                })
-                .collect::<deepzero_core::Result<Vec<_>>>()?;
+            let predicted = if offset == 0 {
+                self.first.clone()
+            } else {
+                self.windows
+                    .iter()
+                    .zip(&states)
+                    .map(|(&(sim, start), state)| {
+                        self.simulations[sim]
+                            .solver
+                            .step(state, start + offset)
+                            .map_err(to_core)
+                    })
+                    .collect::<deepzero_core::Result<Vec<_>>>()?
+            };
             let forcing: Vec<&Array3<f64>> = self
                 .windows
                 .iter()
                 .map(|&(sim, start)| &self.simulations[sim].forcing[start + offset])
                 .collect();
-            states = apply_correction(self.model, self.scaling, views, &predicted, &forcing)?;
+            states = apply_correction(self.model, self.scaling, weights, &predicted, &forcing)?;
             for (&(sim, start), state) in self.windows.iter().zip(&states) {
                 let target = &self.simulations[sim].reference[start + offset + 1];
-                total += mean_squared(state, target);
+                total += mean_squared(state, target, &self.scaling.output);
             }
         }
         let loss = total / (self.unroll * self.windows.len()) as f64;
@@ -501,19 +645,19 @@ impl Objective for SolObjective<'_> {
         &self.model.layout
     }
     fn loss(&self, params: &[f64]) -> deepzero_core::Result<f64> {
-        let flat = Tensor::from_slice(params, params.len(), &Device::Cpu)?;
-        let views = self.model.param_views(&flat)?;
-        self.loss_with_views(&views)
+        self.loss_with(&Weights::from_values(self.model, params, self.precision)?)
     }
 }
 
 /// NON's objective on `windows`: input `(P(ref_i), f_i)`, target `ref_{i+1} − P(ref_i)`, both
-/// scaled ([`Scaling`]), mean squared error (a [`ModelObjective`] with [`Head::SquaredError`], so backprop applies).
+/// scaled ([`Scaling`]), mean squared error (a [`ModelObjective`] with [`Head::SquaredError`],
+/// so backprop applies), the batch in `precision`.
 pub fn non_objective<'a>(
     model: &'a Model,
     scaling: &Scaling,
     simulations: &[PreparedSimulation],
     windows: &[Window],
+    precision: Precision,
 ) -> deepzero_core::Result<ModelObjective<'a>> {
     let mut targets: Vec<f64> = Vec::new();
     let mut input: Vec<f64> = Vec::new();
@@ -544,7 +688,8 @@ pub fn non_objective<'a>(
         );
     }
     let [c, h, w] = model.input_shape;
-    let x = Tensor::from_vec(input, (windows.len(), c, h, w), &Device::Cpu)?;
+    let x = Tensor::from_vec(input, (windows.len(), c, h, w), &Device::Cpu)?
+        .to_dtype(precision.dtype())?;
     ModelObjective::new(model, x, Head::squared_error(targets))
 }
 
@@ -587,8 +732,8 @@ pub fn rollouts(
     simulations: &[PreparedSimulation],
     network: Option<(&Model, &Scaling, &Tensor)>,
 ) -> deepzero_core::Result<(RolloutErrors, Vec<Vec<Array3<f64>>>)> {
-    let views = match network {
-        Some((model, scaling, params)) => Some((model, scaling, model.param_views(params)?)),
+    let weights = match network {
+        Some((model, scaling, params)) => Some((model, scaling, Weights::new(model, params)?)),
         None => None,
     };
     let steps = simulations.iter().map(|s| s.steps()).min().unwrap_or(0);
@@ -602,11 +747,11 @@ pub fn rollouts(
             .zip(&trajectories)
             .map(|(s, t)| s.solver.step(&t[step], step).map_err(to_core))
             .collect::<deepzero_core::Result<Vec<_>>>()?;
-        let next = match &views {
-            Some((model, scaling, views)) => {
+        let next = match &weights {
+            Some((model, scaling, weights)) => {
                 let forcing: Vec<&Array3<f64>> =
                     simulations.iter().map(|s| &s.forcing[step]).collect();
-                apply_correction(model, scaling, views, &predicted, &forcing)?
+                apply_correction(model, scaling, weights, &predicted, &forcing)?
             }
             None => predicted,
         };
@@ -678,7 +823,7 @@ impl<'a> CorrectionTask<'a> {
             }
             Method::FoSol => return Err(fo_sol_unavailable()),
         };
-        if config.batch_size == 0 || config.steps_per_epoch == 0 || unroll == 0 {
+        if config.batch_size == 0 || config.schedule(method).steps_per_epoch == 0 || unroll == 0 {
             return Err(Error::parameter(
                 "batch_size",
                 config.batch_size,
@@ -735,6 +880,7 @@ impl<'a> CorrectionTask<'a> {
             self.train,
             windows,
             self.config.unroll,
+            self.config.precision,
         )
     }
 }
@@ -744,7 +890,7 @@ impl Task for CorrectionTask<'_> {
         &self.model.layout
     }
     fn steps_per_epoch(&self) -> usize {
-        self.config.steps_per_epoch
+        self.config.schedule(self.method).steps_per_epoch
     }
     fn objective(
         &self,
@@ -759,6 +905,7 @@ impl Task for CorrectionTask<'_> {
                 self.scaling,
                 self.train,
                 &windows,
+                self.config.precision,
             )?),
             _ => Box::new(self.sol_objective(windows).map_err(to_core)?),
         })
@@ -839,12 +986,12 @@ pub fn queries_per_step(method: Method, model: &Model, config: &CorrectionConfig
     })
 }
 
-/// The trainer settings of correction training: Adam (β1 = 0.9), no weight decay, no warm-up,
-/// cosine decay of `lr` over `epochs` (core's schedule).
-pub fn train_config(epochs: usize, lr: f64, seed: u64) -> deepzero_core::trainer::TrainConfig {
+/// The trainer settings of a schedule: Adam (β1 = 0.9), no weight decay, no warm-up, cosine
+/// decay of `lr` over `epochs` (core's schedule).
+pub fn train_config(schedule: &Schedule, seed: u64) -> deepzero_core::trainer::TrainConfig {
     deepzero_core::trainer::TrainConfig {
-        epochs,
-        lr,
+        epochs: schedule.epochs,
+        lr: schedule.lr,
         warmup_epochs: 0,
         seed,
         optimizer: deepzero_core::optim::OptimizerConfig {
@@ -855,9 +1002,10 @@ pub fn train_config(epochs: usize, lr: f64, seed: u64) -> deepzero_core::trainer
     }
 }
 
-/// Trains `method` (NON or ZO-SOL) from `state` (fresh, or restored from a checkpoint) to
-/// `train_config.epochs` with the core trainer; `observer` sees every step and epoch. With
-/// `ranks`, each step's queries are shared over them ([`deepzero_core::distributed`]).
+/// Trains `method` (NON or ZO-SOL) from `state` (fresh, or restored from a checkpoint) to the
+/// end of its [`Schedule`] with the core trainer and `seed`; `observer` sees every step and
+/// epoch. With `ranks`, each step's queries are shared over them
+/// ([`deepzero_core::distributed`]).
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     method: Method,
@@ -866,13 +1014,14 @@ pub fn train(
     train: &[PreparedSimulation],
     test: &[PreparedSimulation],
     config: &CorrectionConfig,
-    train_config: &deepzero_core::trainer::TrainConfig,
+    seed: u64,
     state: &mut deepzero_core::trainer::TrainState,
     observer: &mut dyn deepzero_core::trainer::Observer,
     ranks: Option<std::sync::Arc<dyn deepzero_core::distributed::Collective>>,
 ) -> Result<()> {
+    let train_config = train_config(config.schedule(method), seed);
     let mut task = CorrectionTask::new(method, model, scaling, train, test, config.clone())?;
-    let mut est = estimator(method, model, config, train_config.seed)?;
+    let mut est = estimator(method, model, config, seed)?;
     if let Some(comm) = ranks {
         est.distribute(comm)?;
     }
@@ -882,16 +1031,21 @@ pub fn train(
         optimizer.load_state(&state.optimizer)?;
     }
     deepzero_core::trainer::Trainer {
-        config: train_config,
+        config: &train_config,
     }
     .run(&mut task, state, est.as_mut(), optimizer.as_mut(), observer)?;
     Ok(())
 }
 
 /// The initial parameters of a correction run with `seed` (core's stream `[0]`; the last
-/// convolution is zero, so training starts from SRC).
-pub fn initial_state(model: &Model, seed: u64) -> Result<deepzero_core::trainer::TrainState> {
+/// convolution is zero, so training starts from SRC), in `precision`.
+pub fn initial_state(
+    model: &Model,
+    seed: u64,
+    precision: Precision,
+) -> Result<deepzero_core::trainer::TrainState> {
     let params = deepzero_core::seed::initial_params(model, seed);
-    let params = Tensor::from_vec(params, model.num_params(), &Device::Cpu)?;
+    let params =
+        Tensor::from_vec(params, model.num_params(), &Device::Cpu)?.to_dtype(precision.dtype())?;
     Ok(deepzero_core::trainer::TrainState::new(params))
 }

@@ -54,7 +54,7 @@ pub use burgers::{Burgers2d, Burgers2dParams};
 pub use burgers1d::{Burgers1d, Burgers1dParams, Burgers1dScheme};
 pub use correction::{
     CorrectionConfig, CorrectionTask, Method, NetworkConfig, PreparedSimulation, RolloutErrors,
-    Scaling, SolObjective,
+    Scaling, Schedule, SolObjective, SolStart,
 };
 pub use dataset::{
     Dataset, DatasetConfig, ForcingConfig, GridSolver, InitialStateConfig, Problem, Simulation,

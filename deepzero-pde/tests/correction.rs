@@ -1,13 +1,16 @@
 //! Correction training: the tasks train through the core trainer, the ZO-SOL objective is the
 //! hand-unrolled rollout loss, and sparse CGE on it does not depend on the thread count.
 
-use candle_core::{Device, Tensor};
-use deepzero_core::optim::{OptimizerConfig, OptimizerKind};
+use candle_core::{DType, Device, Tensor};
+use deepzero_core::model::Precision;
 use deepzero_core::seed::initial_params;
-use deepzero_core::trainer::{Silent, TrainConfig, TrainState, Trainer};
-use deepzero_pde::correction::{apply_correction, estimator, prepare, rollouts};
+use deepzero_core::trainer::{Silent, TrainState, Trainer};
+use deepzero_pde::correction::{
+    apply_correction, estimator, prepare, rollouts, train_config, Weights,
+};
 use deepzero_pde::{
-    CorrectionConfig, CorrectionTask, Dataset, DatasetConfig, Method, NetworkConfig, Solver,
+    CorrectionConfig, CorrectionTask, Dataset, DatasetConfig, Method, NetworkConfig, Schedule,
+    Solver,
 };
 use ndarray::Array3;
 
@@ -21,20 +24,6 @@ fn small_dataset() -> anyhow::Result<Dataset> {
         ..DatasetConfig::default()
     };
     Ok(Dataset::generate(&config)?)
-}
-
-fn train_config(epochs: usize, lr: f64) -> TrainConfig {
-    TrainConfig {
-        epochs,
-        lr,
-        warmup_epochs: 0,
-        seed: 3,
-        optimizer: OptimizerConfig {
-            kind: OptimizerKind::Adam,
-            momentum: 0.9,
-            weight_decay: 0.0,
-        },
-    }
 }
 
 #[test]
@@ -51,17 +40,25 @@ fn non_and_zo_sol_train_through_the_core_trainer_and_the_loss_falls() -> anyhow:
     for (method, epochs, lr, sparsity) in
         [(Method::Non, 6, 1e-2, 0.8), (Method::ZoSol, 4, 1e-2, 0.8)]
     {
+        let schedule = Schedule {
+            epochs,
+            lr,
+            steps_per_epoch: 3,
+        };
         let config = CorrectionConfig {
             batch_size: 4,
-            steps_per_epoch: 3,
+            non: schedule,
+            zo_sol: schedule,
             unroll: 2,
             sparsity,
             ..CorrectionConfig::default()
         };
         let mut task =
             CorrectionTask::new(method, &model, &scaling, &train, &test, config.clone())?;
-        let cfg = train_config(epochs, lr);
-        let params = Tensor::new(initial_params(&model, cfg.seed), &Device::Cpu)?;
+        let cfg = train_config(config.schedule(method), 3);
+        // The default precision: f32 on core's kernels.
+        let params = Tensor::new(initial_params(&model, cfg.seed), &Device::Cpu)?
+            .to_dtype(config.precision.dtype())?;
         let mut state = TrainState::new(params);
         let mut est = estimator(method, &model, &config, cfg.seed)?;
         let mut optimizer = cfg.optimizer.build()?;
@@ -76,11 +73,18 @@ fn non_and_zo_sol_train_through_the_core_trainer_and_the_loss_falls() -> anyhow:
         let all: Vec<(usize, usize)> = (0..train.len())
             .flat_map(|sim| (0..=train[sim].steps() - config.unroll).map(move |start| (sim, start)))
             .collect();
-        let fixed = deepzero_pde::SolObjective::new(&model, &scaling, &train, all, config.unroll)?;
+        let fixed = deepzero_pde::SolObjective::new(
+            &model,
+            &scaling,
+            &train,
+            all,
+            config.unroll,
+            Precision::F64,
+        )?;
         let loss_at = |p: &Tensor| -> anyhow::Result<f64> {
             Ok(deepzero_core::objective::Objective::loss(
                 &fixed,
-                &p.to_vec1::<f64>()?,
+                &p.to_dtype(DType::F64)?.to_vec1::<f64>()?,
             )?)
         };
         let before = loss_at(&Tensor::new(
@@ -105,22 +109,30 @@ fn zo_sol_objective_is_the_hand_unrolled_rollout_loss() -> anyhow::Result<()> {
     let test = prepare(&dataset, &dataset.test)?;
     let scaling = deepzero_pde::Scaling::measure(&train)?;
     let model = NetworkConfig::default().build(&dataset.config)?;
-    let config = CorrectionConfig {
-        unroll: 3,
-        ..CorrectionConfig::default()
-    };
-    let task = CorrectionTask::new(Method::ZoSol, &model, &scaling, &train, &test, config)?;
     // Random (non-zero) parameters everywhere, so the correction matters.
     let mut params = initial_params(&model, 11);
     for (i, p) in params.iter_mut().enumerate() {
         *p += 0.01 * ((i as f64) * 0.37).sin();
     }
     let windows = vec![(0, 2), (1, 5)];
-    let objective = task.sol_objective(windows.clone())?;
-    let loss = deepzero_core::objective::Objective::loss(&objective, &params)?;
+    let loss_in = |precision: Precision| -> anyhow::Result<f64> {
+        let config = CorrectionConfig {
+            unroll: 3,
+            precision,
+            ..CorrectionConfig::default()
+        };
+        let task = CorrectionTask::new(Method::ZoSol, &model, &scaling, &train, &test, config)?;
+        let objective = task.sol_objective(windows.clone())?;
+        Ok(deepzero_core::objective::Objective::loss(
+            &objective, &params,
+        )?)
+    };
+    let loss = loss_in(Precision::F64)?;
+    // The f32 network on core's kernels gives the same loss up to f32 rounding.
+    let loss_f32 = loss_in(Precision::F32)?;
 
     let flat = Tensor::new(params.as_slice(), &Device::Cpu)?;
-    let views = model.param_views(&flat)?;
+    let weights = Weights::Candle(model.param_views(&flat)?);
     let mut total = 0.0;
     let mut count = 0.0;
     for &(sim, start) in &windows {
@@ -133,13 +145,18 @@ fn zo_sol_objective_is_the_hand_unrolled_rollout_loss() -> anyhow::Result<()> {
             state = apply_correction(
                 &model,
                 &scaling,
-                &views,
+                &weights,
                 std::slice::from_ref(&predicted),
                 &[&forcing],
             )?
             .remove(0);
             let target: &Array3<f64> = &simulation.reference[start + offset + 1];
-            total += (&state - target).mapv(|v| v * v).mean().unwrap_or(f64::NAN);
+            // In units of each channel's one-step residual.
+            let mut error = &state - target;
+            for (c, mut channel) in error.outer_iter_mut().enumerate() {
+                channel.mapv_inplace(|v| v / scaling.output[c]);
+            }
+            total += error.mapv(|v| v * v).mean().unwrap_or(f64::NAN);
             count += 1.0;
             assert!((&state - &predicted).iter().any(|v| v.abs() > 1e-9));
         }
@@ -148,6 +165,10 @@ fn zo_sol_objective_is_the_hand_unrolled_rollout_loss() -> anyhow::Result<()> {
     assert!(
         (loss - expected).abs() <= 1e-12 * expected.abs(),
         "{loss} vs {expected}"
+    );
+    assert!(
+        (loss_f32 - expected).abs() <= 1e-5 * expected.abs() && loss_f32 != expected,
+        "f32 {loss_f32} vs f64 {expected}"
     );
     Ok(())
 }
@@ -204,12 +225,14 @@ fn zero_network_reproduces_the_source_rollout() -> anyhow::Result<()> {
     let test = prepare(&dataset, &dataset.test)?;
     let scaling = deepzero_pde::Scaling::measure(&test)?;
     let model = NetworkConfig::default().build(&dataset.config)?;
-    let params = Tensor::new(initial_params(&model, 1), &Device::Cpu)?;
-    let (corrected, _) = rollouts(&test, Some((&model, &scaling, &params)))?;
     let (plain, trajectories) = rollouts(&test, None)?;
     assert_eq!(trajectories[0], dataset.test[0].source);
-    // The last convolution starts at zero: a fresh network is the zero correction.
-    assert_eq!(corrected, plain);
+    for dtype in [DType::F64, DType::F32] {
+        let params = Tensor::new(initial_params(&model, 1), &Device::Cpu)?.to_dtype(dtype)?;
+        let (corrected, _) = rollouts(&test, Some((&model, &scaling, &params)))?;
+        // The last convolution starts at zero: a fresh network is the zero correction.
+        assert_eq!(corrected, plain, "{dtype:?}");
+    }
     assert!(plain.mae() > 0.0);
     Ok(())
 }

@@ -587,6 +587,48 @@ impl<'a> Engine<'a> {
     }
 }
 
+/// The output of `model` at `params` on `x` (`[N, C, H, W]`, batch-major f32, `n` samples),
+/// batch-major `[N, output_len]` in f64: one forward on our kernels (batch norm with the batch's
+/// statistics, as [`crate::model::Mode::Train`]), each register dropped after its last reader.
+/// For callers that run the network inside a black box of their own (a solver loop).
+pub fn forward(model: &Model, params: &[f32], x: &[f32], n: usize) -> Result<Vec<f64>> {
+    check_batch(model, params, x, n)?;
+    let [c, h, w] = model.input_shape;
+    let last_use = last_uses(model);
+    let host = HostParams {
+        layout: &model.layout,
+        flat: params,
+        over: None,
+    };
+    let mut regs: Vec<Option<Act>> = Vec::with_capacity(model.nodes.len() + 1);
+    regs.push(Some(Act::from_nchw(x, n, c, h, w)));
+    for (k, node) in model.nodes.iter().enumerate() {
+        let ins: Vec<&Act> = node
+            .inputs
+            .iter()
+            .map(|&r| {
+                regs[r]
+                    .as_ref()
+                    .expect("a register is read before its last use")
+            })
+            .collect();
+        let (out, _) = node.op.layer().forward_fast(&ins, host);
+        regs.push(Some(out));
+        for &r in &node.inputs {
+            if last_use[r] == k {
+                regs[r] = None;
+            }
+        }
+    }
+    let z = regs
+        .pop()
+        .flatten()
+        .ok_or_else(|| shape_error(format!("model {} has no output", model.name)))?;
+    let mut out = Vec::with_capacity(z.data.len());
+    append_batch_major(&z, &mut out);
+    Ok(out)
+}
+
 /// Check `params` and a batch `x` of `n` samples (`[N, C, H, W]`, batch-major) against `model`.
 fn check_batch(model: &Model, params: &[f32], x: &[f32], n: usize) -> Result<()> {
     let [c, h, w] = model.input_shape;

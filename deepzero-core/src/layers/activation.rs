@@ -60,7 +60,7 @@ impl Layer for Tanh {
     }
     fn forward_fast(&self, ins: &[&Act], _params: HostParams) -> (Act, NodeCache) {
         let mut out = ins[0].clone();
-        out.data.iter_mut().for_each(|v| *v = v.tanh());
+        crate::fast::kernels::tanh_inplace(&mut out.data);
         (out, None)
     }
     fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
