@@ -62,6 +62,64 @@ fn pde_writes_a_complete_run_directory_and_resumes() -> Result<()> {
     Ok(())
 }
 
+/// `summary.json` of a tiny run with `extra` flags in a fresh `out`, and its stderr.
+fn summary_of(tmp: &Path, out: &str, extra: &[&str]) -> Result<(Value, String)> {
+    let mut args = TINY.to_vec();
+    args.extend(extra);
+    args.extend(["--out", out]);
+    let o = deepzero(tmp, &args)?;
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    ensure!(o.status.success(), "{stderr}");
+    let text = std::fs::read_to_string(tmp.join(out).join("summary.json"))?;
+    Ok((serde_json::from_str(&text)?, stderr))
+}
+
+#[test]
+fn zo_sol_starts_from_nons_network_or_from_scratch() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mae = |s: &Value, m: &str| s["mae"][m].as_f64().unwrap_or(f64::NAN);
+    // A learning rate too small to move anything: ZO-SOL ends where it starts.
+    let still = ["--zo-sol-lr", "1e-12", "--non-lr", "1e-2"];
+    let (from_non, _) = summary_of(tmp.path(), "non", &still)?;
+    ensure!(from_non["zo_sol_start"] == "non", "{from_non}");
+    ensure!(
+        (mae(&from_non, "non") - mae(&from_non, "src")).abs() > 1e-6,
+        "NON must differ from SRC for the test to mean anything: {from_non}"
+    );
+    ensure!(
+        (mae(&from_non, "zo-sol") - mae(&from_non, "non")).abs() <= 1e-9 * mae(&from_non, "non"),
+        "ZO-SOL did not start from NON's network: {from_non}"
+    );
+    let (scratch, _) = summary_of(
+        tmp.path(),
+        "scratch",
+        &[&still[..], &["--zo-sol-start", "scratch"]].concat(),
+    )?;
+    ensure!(scratch["zo_sol_start"] == "scratch", "{scratch}");
+    ensure!(
+        (mae(&scratch, "zo-sol") - mae(&scratch, "src")).abs() <= 1e-9 * mae(&scratch, "src"),
+        "a fresh ZO-SOL network is the uncorrected solver: {scratch}"
+    );
+    // Without NON in the run, the default start falls back to scratch and says so.
+    let (alone, stderr) = summary_of(tmp.path(), "alone", &["--methods", "src,zo-sol"])?;
+    ensure!(alone["zo_sol_start"] == "scratch", "{alone}");
+    ensure!(
+        stderr.contains("ZO-SOL starts from a fresh network"),
+        "{stderr}"
+    );
+    // The methods run in the order src, non, zo-sol whatever the order given.
+    let (reordered, _) = summary_of(
+        tmp.path(),
+        "reordered",
+        &[&still[..], &["--methods", "zo-sol,non"]].concat(),
+    )?;
+    ensure!(
+        mae(&reordered, "zo-sol") == mae(&from_non, "zo-sol"),
+        "{reordered}"
+    );
+    Ok(())
+}
+
 #[test]
 fn pde_bad_input_names_the_flag() -> Result<()> {
     let tmp = tempfile::tempdir()?;
