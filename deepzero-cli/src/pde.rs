@@ -398,7 +398,7 @@ struct ResolvedConfig<'a> {
 const NOT_HASHED: &[&str] = &["methods", "data_dir", "non_epochs", "zo_sol_epochs"];
 
 /// A run into an `--out` that holds checkpoints continues them: refuse it when the flags
-/// disagree with the saved `config.json` (all but --epochs, --threads, --methods, --data-dir).
+/// disagree with the saved `config.json` (all but the epochs, --threads, --methods, --data-dir).
 fn check_resume(dir: &Path, args: &RunArgs) -> Result<()> {
     let path = dir.join("config.json");
     let resumes = args
