@@ -604,10 +604,13 @@ impl<'a> SolObjective<'a> {
         let mut states: Vec<Array3<f64>> = Vec::new();
         let mut total = 0.0;
         for offset in 0..self.unroll {
-            let predicted = if offset == 0 {
-                self.first.clone()
+            // The first step is shared (borrowed, not copied per query).
+            let stepped: Vec<Array3<f64>>;
+            let predicted: &[Array3<f64>] = if offset == 0 {
+                &self.first
             } else {
-                self.windows
+                stepped = self
+                    .windows
                     .iter()
                     .zip(&states)
                     .map(|(&(sim, start), state)| {
@@ -616,14 +619,15 @@ impl<'a> SolObjective<'a> {
                             .step(state, start + offset)
                             .map_err(to_core)
                     })
-                    .collect::<deepzero_core::Result<Vec<_>>>()?
+                    .collect::<deepzero_core::Result<Vec<_>>>()?;
+                &stepped
             };
             let forcing: Vec<&Array3<f64>> = self
                 .windows
                 .iter()
                 .map(|&(sim, start)| &self.simulations[sim].forcing[start + offset])
                 .collect();
-            states = apply_correction(self.model, self.scaling, weights, &predicted, &forcing)?;
+            states = apply_correction(self.model, self.scaling, weights, predicted, &forcing)?;
             for (&(sim, start), state) in self.windows.iter().zip(&states) {
                 let target = &self.simulations[sim].reference[start + offset + 1];
                 total += mean_squared(state, target, &self.scaling.output);
