@@ -1,5 +1,5 @@
 //! `deepzero pde`: learned correction of a coarse PDE solver with the solver in the loop
-//! (SRC / NON / ZO-SOL), and `deepzero pde generate` for the data alone.
+//! (SRC / NON / sol-nograd / ZO-SOL / FO-SOL), and `deepzero pde generate` for the data alone.
 
 use crate::config;
 use crate::report::{self, Field, LineChart, Series};
@@ -125,7 +125,9 @@ pub struct DataFlags {
 pub struct RunArgs {
     #[command(flatten)]
     pub data: DataFlags,
-    /// Methods, comma separated: src, non, zo-sol (fo-sol is not available).
+    /// Methods, comma separated: src, non, sol-nograd (backprop through the unrolled
+    /// corrections, the solver a constant), zo-sol, fo-sol (exact gradient through the
+    /// solver's adjoint; Burgers only).
     #[arg(long, value_delimiter = ',', default_value = "src,non,zo-sol")]
     pub methods: Vec<Method>,
     /// Epochs of every trained method (see --non-epochs, --zo-sol-epochs).
@@ -157,10 +159,19 @@ pub struct RunArgs {
     /// Optimizer steps per epoch of ZO-SOL [default: 10].
     #[arg(long)]
     pub zo_sol_steps_per_epoch: Option<usize>,
+    /// Epochs of sol-nograd and fo-sol [default: 20].
+    #[arg(long)]
+    pub sol_epochs: Option<usize>,
+    /// Peak learning rate of sol-nograd and fo-sol [default: 1e-3].
+    #[arg(long)]
+    pub sol_lr: Option<f64>,
+    /// Optimizer steps per epoch of sol-nograd and fo-sol [default: 100].
+    #[arg(long)]
+    pub sol_steps_per_epoch: Option<usize>,
     /// Windows per step [default: 10].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Unrolled steps of ZO-SOL [default: 4].
+    /// Unrolled steps of ZO-SOL, sol-nograd and fo-sol [default: 4].
     #[arg(long)]
     pub unroll: Option<usize>,
     /// Where ZO-SOL starts: non (fine-tunes NON's trained network) or scratch (a fresh
@@ -227,6 +238,7 @@ fn flag_error(e: deepzero_pde::Error) -> anyhow::Error {
             "batch_size" => "--batch-size",
             "non.steps_per_epoch" => "--non-steps-per-epoch (or --steps-per-epoch)",
             "zo_sol.steps_per_epoch" => "--zo-sol-steps-per-epoch (or --steps-per-epoch)",
+            "sol.steps_per_epoch" => "--sol-steps-per-epoch (or --steps-per-epoch)",
             "unroll" => "--unroll",
             "method" => "--methods",
             "train_simulations" => "--train-sims",
@@ -395,7 +407,13 @@ struct ResolvedConfig<'a> {
 /// Settings of a pde run's `config.json` that its checkpoints' hash leaves out besides the
 /// common ones: which methods run (each has its own checkpoints), where the data set is, and
 /// each method's epochs (a resume may raise them, as `--epochs`).
-const NOT_HASHED: &[&str] = &["methods", "data_dir", "non_epochs", "zo_sol_epochs"];
+const NOT_HASHED: &[&str] = &[
+    "methods",
+    "data_dir",
+    "non_epochs",
+    "zo_sol_epochs",
+    "sol_epochs",
+];
 
 /// A run into an `--out` that holds checkpoints continues them: refuse it when the flags
 /// disagree with the saved `config.json` (all but the epochs, --threads, --methods, --data-dir).
@@ -453,16 +471,17 @@ fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
         .unwrap_or_else(|| report::default_run_dir("pde"));
     let data = dataset_config(&args.data)?;
     if args.methods.is_empty() {
-        bail!("--methods: name at least one of src, non, zo-sol");
+        bail!("--methods: name at least one of src, non, sol-nograd, zo-sol, fo-sol");
     }
-    // Each method once, in the order src, non, zo-sol: ZO-SOL may start from NON's network.
+    // Each method once, in the order src, non, sol-nograd, zo-sol, fo-sol: ZO-SOL may start
+    // from NON's network.
     let mut methods = args.methods.clone();
     methods.sort_by_key(|m| *m as u8);
     methods.dedup();
-    if args.methods.contains(&Method::FoSol) {
+    if methods.contains(&Method::FoSol) && args.data.solver != SolverArg::Burgers {
         bail!(
-            "--methods fo-sol: not available: FO-SOL needs gradients through the solver, and \
-             these solvers are not differentiable (ZO-SOL is the point); use src, non, zo-sol"
+            "--methods fo-sol: FO-SOL needs the solver's adjoint, which only the Burgers solver \
+             has (--solver burgers); sol-nograd and zo-sol need no solver gradient"
         );
     }
     let defaults = NetworkConfig::default();
@@ -494,6 +513,12 @@ fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
             args.zo_sol_lr,
             args.zo_sol_steps_per_epoch,
         ),
+        sol: schedule(
+            defaults.sol,
+            args.sol_epochs,
+            args.sol_lr,
+            args.sol_steps_per_epoch,
+        ),
         unroll: args.unroll.unwrap_or(defaults.unroll),
         sparsity: args.sparsity.unwrap_or(defaults.sparsity),
         mu: args.mu.unwrap_or(defaults.mu),
@@ -504,7 +529,11 @@ fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
         ..defaults
     };
     correction.validate(&data).map_err(flag_error)?;
-    for (method, prefix) in [(Method::Non, "--non"), (Method::ZoSol, "--zo-sol")] {
+    for (method, prefix) in [
+        (Method::Non, "--non"),
+        (Method::ZoSol, "--zo-sol"),
+        (Method::FoSol, "--sol"),
+    ] {
         let schedule = correction.schedule(method);
         correction::train_config(schedule, args.seed)
             .validate()
@@ -677,7 +706,7 @@ fn write_reports(
     }
     let summary = json!({
         "mae": mae, "mae_std": mae_std, "params": params, "queries": queries,
-        "seconds": seconds, "model": model, "scaling": scaling, "fo-sol": "not available (the solver is not differentiable)",
+        "seconds": seconds, "model": model, "scaling": scaling,
         "zo_sol_start": correction.sol_start.name(),
         "mae_per_step": outcomes.iter().map(|o| (o.method.name().to_string(), json!(o.errors.mae_per_step))).collect::<Map<String, Value>>(),
     });

@@ -60,19 +60,26 @@ pub enum Method {
     Src,
     /// Trained on single steps from reference states, no solver in the loop (backprop).
     Non,
+    /// Trained through `m` unrolled solver steps by backprop through the network's
+    /// corrections only: each step's solver output is taken as a constant (its Jacobian
+    /// dropped), so, like ZO-SOL, it needs no solver gradient.
+    SolNograd,
     /// Trained through `m` unrolled solver steps, the solver a black box (sparse CGE).
     ZoSol,
-    /// Trained through the solver with backprop: needs a differentiable solver, which this
-    /// crate does not have; always refused with [`Error::InvalidParameter`].
+    /// Trained through `m` unrolled solver steps with the exact gradient: the network's
+    /// backprop chained with the solver's hand-written adjoint ([`crate::adjoint`], Burgers
+    /// 2-D only). The white-box upper bound.
     FoSol,
 }
 
 impl Method {
-    /// The name used on the command line and in reports (`src`, `non`, `zo-sol`, `fo-sol`).
+    /// The name used on the command line and in reports (`src`, `non`, `sol-nograd`, `zo-sol`,
+    /// `fo-sol`).
     pub fn name(self) -> &'static str {
         match self {
             Method::Src => "src",
             Method::Non => "non",
+            Method::SolNograd => "sol-nograd",
             Method::ZoSol => "zo-sol",
             Method::FoSol => "fo-sol",
         }
@@ -81,6 +88,15 @@ impl Method {
     /// Whether the method trains a network.
     pub fn trains(self) -> bool {
         !matches!(self, Method::Src)
+    }
+
+    /// Steps of solver + correction one training window unrolls (0 for SRC).
+    pub fn unroll(self, config: &CorrectionConfig) -> usize {
+        match self {
+            Method::Src => 0,
+            Method::Non => 1,
+            Method::SolNograd | Method::ZoSol | Method::FoSol => config.unroll,
+        }
     }
 }
 
@@ -96,12 +112,13 @@ impl FromStr for Method {
         match s.trim().to_ascii_lowercase().as_str() {
             "src" => Ok(Method::Src),
             "non" => Ok(Method::Non),
+            "sol-nograd" | "solnograd" | "sol_nograd" | "nograd" => Ok(Method::SolNograd),
             "zo-sol" | "zosol" | "zo_sol" => Ok(Method::ZoSol),
             "fo-sol" | "fosol" | "fo_sol" => Ok(Method::FoSol),
             other => Err(Error::parameter(
                 "method",
                 other,
-                "one of src, non, zo-sol, fo-sol",
+                "one of src, non, sol-nograd, zo-sol, fo-sol",
             )),
         }
     }
@@ -192,6 +209,13 @@ pub struct Schedule {
     pub steps_per_epoch: usize,
 }
 
+/// NON's default schedule, also the default of the unrolled backprop baselines.
+const NON_SCHEDULE: Schedule = Schedule {
+    epochs: 20,
+    lr: 1e-3,
+    steps_per_epoch: 100,
+};
+
 /// Settings of correction training besides the seed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -205,6 +229,10 @@ pub struct CorrectionConfig {
     /// ZO-SOL's schedule (default 10 epochs of 10 steps, Adam 1e-3: every step costs a query
     /// per sampled coordinate, each `unroll` solver steps long).
     pub zo_sol: Schedule,
+    /// The schedule of the backprop baselines through the unrolled solver, sol-nograd and
+    /// fo-sol (default NON's: 20 epochs of 100 steps, Adam 1e-3). They start from a fresh
+    /// network, as NON does: a step costs one unrolled forward and backward.
+    pub sol: Schedule,
     /// Unrolled steps `m` of ZO-SOL (default 4, SOL-4).
     pub unroll: usize,
     /// Fraction of each weight tensor left out of every sparse CGE step (default 0.9; biases
@@ -225,16 +253,13 @@ impl Default for CorrectionConfig {
     fn default() -> Self {
         Self {
             batch_size: 10,
-            non: Schedule {
-                epochs: 20,
-                lr: 1e-3,
-                steps_per_epoch: 100,
-            },
+            non: NON_SCHEDULE,
             zo_sol: Schedule {
                 epochs: 10,
                 lr: 1e-3,
                 steps_per_epoch: 10,
             },
+            sol: NON_SCHEDULE,
             unroll: 4,
             sparsity: 0.9,
             mask_interval: 1,
@@ -246,11 +271,12 @@ impl Default for CorrectionConfig {
 }
 
 impl CorrectionConfig {
-    /// The schedule of a trained method (NON's for anything but ZO-SOL).
+    /// The schedule of a trained method (NON's for SRC, which trains nothing).
     pub fn schedule(&self, method: Method) -> &Schedule {
         match method {
             Method::ZoSol => &self.zo_sol,
-            _ => &self.non,
+            Method::SolNograd | Method::FoSol => &self.sol,
+            Method::Src | Method::Non => &self.non,
         }
     }
 
@@ -266,6 +292,7 @@ impl CorrectionConfig {
         for (name, schedule) in [
             ("non.steps_per_epoch", &self.non),
             ("zo_sol.steps_per_epoch", &self.zo_sol),
+            ("sol.steps_per_epoch", &self.sol),
         ] {
             if schedule.steps_per_epoch == 0 {
                 return Err(Error::parameter(name, 0, "at least 1 step per epoch"));
@@ -457,13 +484,27 @@ pub fn apply_correction(
     predicted: &[Array3<f64>],
     forcing: &[&Array3<f64>],
 ) -> deepzero_core::Result<Vec<Array3<f64>>> {
-    let Some(first) = predicted.first() else {
+    if predicted.is_empty() {
         return Ok(Vec::new());
+    }
+    let input = network_input(scaling, predicted, forcing);
+    let out = weights.forward(model, input, predicted.len())?;
+    add_change(scaling, predicted, &out)
+}
+
+/// The network's input for a batch: each prediction's channels, then its forcing's, each
+/// divided by its input scale ([`Scaling::input`]); batch-major.
+fn network_input(
+    scaling: &Scaling,
+    predicted: &[Array3<f64>],
+    forcing: &[&Array3<f64>],
+) -> Vec<f64> {
+    let Some(first) = predicted.first() else {
+        return Vec::new();
     };
     let (channels, n, m) = first.dim();
-    let batch = predicted.len();
-    let mut input: Vec<f64> = Vec::with_capacity(batch * 2 * channels * n * m);
     let plane = n * m;
+    let mut input: Vec<f64> = Vec::with_capacity(predicted.len() * 2 * channels * plane);
     for (state, f) in predicted.iter().zip(forcing) {
         for (i, v) in state.iter().enumerate() {
             input.push(v / scaling.input[i / plane]);
@@ -472,11 +513,23 @@ pub fn apply_correction(
             input.push(v / scaling.input[channels + i / plane]);
         }
     }
-    let out = weights.forward(model, input, batch)?;
-    let len = channels * n * m;
+    input
+}
+
+/// `predicted + change(out)` per sample, where the change is the network's output `out`
+/// (batch-major) with its spatial mean per channel removed, times the output scale.
+fn add_change(
+    scaling: &Scaling,
+    predicted: &[Array3<f64>],
+    out: &[f64],
+) -> deepzero_core::Result<Vec<Array3<f64>>> {
+    let Some(first) = predicted.first() else {
+        return Ok(Vec::new());
+    };
+    let (channels, n, m) = first.dim();
     predicted
         .iter()
-        .zip(out.chunks_exact(len))
+        .zip(out.chunks_exact(channels * n * m))
         .map(|(state, change)| {
             let mut change = Array3::from_shape_vec((channels, n, m), change.to_vec())
                 .map_err(|e| deepzero_core::Error::Shape(e.to_string()))?;
@@ -491,6 +544,21 @@ pub fn apply_correction(
             Ok(state + &change)
         })
         .collect()
+}
+
+/// The adjoint of [`add_change`]'s change with respect to the network's output: the
+/// cotangent `λ` of the corrected state, per channel mean-free and times the output scale
+/// (the map is a scaled orthogonal projection, so it is its own adjoint). Batch-major.
+fn change_adjoint(scaling: &Scaling, lambdas: &[Array3<f64>]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(lambdas.iter().map(|l| l.len()).sum());
+    for lambda in lambdas {
+        for (c, channel) in lambda.outer_iter().enumerate() {
+            let mean = channel.mean().unwrap_or(0.0);
+            let scale = scaling.output[c];
+            out.extend(channel.iter().map(|&v| (v - mean) * scale));
+        }
+    }
+    out
 }
 
 /// A PDE error as core sees it: blow-ups are divergence, the rest configuration.
@@ -550,6 +618,23 @@ pub struct SolObjective<'a> {
     /// The solver's first step from each window's reference state: it does not depend on the
     /// network, so every query shares it.
     first: Vec<Array3<f64>>,
+    /// Which gradient [`Objective::loss_and_grad`] gives (none: a black box for ZO-SOL).
+    gradient: SolGradient,
+}
+
+/// The gradient of the unrolled loss that a [`SolObjective`] offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SolGradient {
+    /// None: the solver is a black box (ZO-SOL estimates the gradient from losses).
+    #[default]
+    None,
+    /// Backprop through the network's corrections only, every solver step's output taken as
+    /// a constant (sol-nograd): each step's correction sees the gradient of that step's own
+    /// loss term.
+    NoSolver,
+    /// The exact gradient: the network's backprop chained with the solver's adjoint through
+    /// every unrolled step (fo-sol; [`GridSolver::step_vjp`]).
+    Exact,
 }
 
 impl<'a> SolObjective<'a> {
@@ -596,7 +681,138 @@ impl<'a> SolObjective<'a> {
             windows,
             unroll,
             precision,
+            gradient: SolGradient::None,
         })
+    }
+
+    /// The same objective with `gradient` offered by [`Objective::loss_and_grad`]. An exact
+    /// gradient needs every window's solver to have an adjoint ([`GridSolver::has_adjoint`]).
+    pub fn with_gradient(mut self, gradient: SolGradient) -> Self {
+        self.gradient = gradient;
+        self
+    }
+
+    /// The loss and its gradient (`exact`: through the solver's adjoint; otherwise with the
+    /// solver's Jacobian dropped), in the parameters' dtype.
+    ///
+    /// Forward: `s_{k+1} = p_k + A(N(θ, x_k))` with `p_k = P(s_k)`, `x_k` the scaled
+    /// `(p_k, f_k)`, `A` the mean removal and output scale. Backward, `λ_k = ∂L/∂s_k`:
+    /// `λ_{k+1}` goes through `A` (its own adjoint) to the network's output; the network's
+    /// backprop gives `∂L/∂θ` and, for the exact gradient, `∂L/∂x_k`, whose state part over
+    /// the input scale joins `λ_{k+1}` as `∂L/∂p_k`; the solver's adjoint takes that to
+    /// `s_k`, where `s_k`'s own loss term adds. Without the solver's Jacobian each step's
+    /// network sees only its own loss term.
+    fn unrolled_loss_and_grad(
+        &self,
+        params: &Tensor,
+        exact: bool,
+    ) -> deepzero_core::Result<(f64, Tensor)> {
+        let Some(first) = self.first.first() else {
+            return Err(deepzero_core::Error::Shape("no windows".into()));
+        };
+        let (channels, n, m) = first.dim();
+        let plane = n * m;
+        let batch = self.windows.len();
+        let norm = (self.unroll * batch * first.len()) as f64;
+        let network = NetworkGradient::new(self.model, params)?;
+        // States entering each unrolled step after the first, the tapes of the network's
+        // forwards, and each corrected state's own loss gradient.
+        let mut entering: Vec<Vec<Array3<f64>>> = Vec::with_capacity(self.unroll);
+        let mut tapes = Vec::with_capacity(self.unroll);
+        let mut direct: Vec<Vec<Array3<f64>>> = Vec::with_capacity(self.unroll);
+        let mut states: Vec<Array3<f64>> = Vec::new();
+        let mut total = 0.0;
+        for offset in 0..self.unroll {
+            let predicted = if offset == 0 {
+                self.first.clone()
+            } else {
+                let stepped = self.step_all(&states, offset)?;
+                entering.push(std::mem::take(&mut states));
+                stepped
+            };
+            let forcing = self.forcing(offset);
+            let input = network_input(self.scaling, &predicted, &forcing);
+            let (out, tape) = network.forward(self.model, input, batch)?;
+            states = add_change(self.scaling, &predicted, &out)?;
+            tapes.push(tape);
+            let mut grads = Vec::with_capacity(batch);
+            for (&(sim, start), state) in self.windows.iter().zip(&states) {
+                let target = &self.simulations[sim].reference[start + offset + 1];
+                total += mean_squared(state, target, &self.scaling.output);
+                let mut g = state - target;
+                for (c, mut channel) in g.outer_iter_mut().enumerate() {
+                    let s = self.scaling.output[c];
+                    channel.mapv_inplace(|v| 2.0 * v / (s * s * norm));
+                }
+                grads.push(g);
+            }
+            direct.push(grads);
+        }
+        let loss = total / (self.unroll * batch) as f64;
+        if !loss.is_finite() {
+            return Err(deepzero_core::Error::Diverged(format!(
+                "the unrolled loss is {loss}; lower the learning rate"
+            )));
+        }
+        let mut grad = vec![0.0f64; self.model.num_params()];
+        // λ of the states the last step produced.
+        let mut lambda = direct.pop().expect("unroll ≥ 1");
+        for offset in (0..self.unroll).rev() {
+            let d_out = change_adjoint(self.scaling, &lambda);
+            let tape = tapes.pop().expect("one tape per step");
+            let (d_params, d_input) = network.backward(tape, &d_out, exact)?;
+            grad.iter_mut().zip(&d_params).for_each(|(g, d)| *g += d);
+            if offset == 0 {
+                break;
+            }
+            let mut next = direct.pop().expect("one gradient per step");
+            if exact {
+                let sources = entering.pop().expect("one entering state per later step");
+                let sample = 2 * channels * plane;
+                for (w, (&(sim, _), source)) in self.windows.iter().zip(&sources).enumerate() {
+                    // ∂L/∂p: the corrected state's cotangent plus the network input's.
+                    let mut d_predicted = lambda[w].clone();
+                    for (i, v) in d_predicted.iter_mut().enumerate() {
+                        *v += d_input[w * sample + i] / self.scaling.input[i / plane];
+                    }
+                    let back = self.simulations[sim]
+                        .solver
+                        .step_vjp(source, &d_predicted)
+                        .map_err(to_core)?;
+                    next[w] += &back;
+                }
+            }
+            lambda = next;
+        }
+        let grad = Tensor::from_vec(grad, self.model.num_params(), params.device())?
+            .to_dtype(params.dtype())?;
+        Ok((loss, grad))
+    }
+
+    /// One solver step of every window's state at unrolled step `offset`.
+    fn step_all(
+        &self,
+        states: &[Array3<f64>],
+        offset: usize,
+    ) -> deepzero_core::Result<Vec<Array3<f64>>> {
+        self.windows
+            .iter()
+            .zip(states)
+            .map(|(&(sim, start), state)| {
+                self.simulations[sim]
+                    .solver
+                    .step(state, start + offset)
+                    .map_err(to_core)
+            })
+            .collect()
+    }
+
+    /// The forcing every window's network sees at unrolled step `offset`.
+    fn forcing(&self, offset: usize) -> Vec<&Array3<f64>> {
+        self.windows
+            .iter()
+            .map(|&(sim, start)| &self.simulations[sim].forcing[start + offset])
+            .collect()
     }
 
     /// The loss with the network's weights.
@@ -609,24 +825,10 @@ impl<'a> SolObjective<'a> {
             let predicted: &[Array3<f64>] = if offset == 0 {
                 &self.first
             } else {
-                stepped = self
-                    .windows
-                    .iter()
-                    .zip(&states)
-                    .map(|(&(sim, start), state)| {
-                        self.simulations[sim]
-                            .solver
-                            .step(state, start + offset)
-                            .map_err(to_core)
-                    })
-                    .collect::<deepzero_core::Result<Vec<_>>>()?;
+                stepped = self.step_all(&states, offset)?;
                 &stepped
             };
-            let forcing: Vec<&Array3<f64>> = self
-                .windows
-                .iter()
-                .map(|&(sim, start)| &self.simulations[sim].forcing[start + offset])
-                .collect();
+            let forcing = self.forcing(offset);
             states = apply_correction(self.model, self.scaling, weights, predicted, &forcing)?;
             for (&(sim, start), state) in self.windows.iter().zip(&states) {
                 let target = &self.simulations[sim].reference[start + offset + 1];
@@ -650,6 +852,104 @@ impl Objective for SolObjective<'_> {
     }
     fn loss(&self, params: &[f64]) -> deepzero_core::Result<f64> {
         self.loss_with(&Weights::from_values(self.model, params, self.precision)?)
+    }
+    fn loss_and_grad(&self, params: &Tensor) -> deepzero_core::Result<Option<(f64, Tensor)>> {
+        match self.gradient {
+            SolGradient::None => Ok(None),
+            SolGradient::NoSolver => self.unrolled_loss_and_grad(params, false).map(Some),
+            SolGradient::Exact => self.unrolled_loss_and_grad(params, true).map(Some),
+        }
+    }
+}
+
+/// The correction network's forward with what its backward needs: on core's kernels for f32
+/// parameters on the CPU ([`deepzero_core::fast::backprop::Trace`]), by candle autograd
+/// otherwise.
+enum NetworkGradient {
+    Host(Vec<f32>),
+    Candle(candle_core::Var, Vec<Tensor>),
+}
+
+/// One forward of [`NetworkGradient`], kept for its backward.
+enum Tape<'a> {
+    Host(deepzero_core::fast::backprop::Trace<'a>),
+    Candle(candle_core::Var, Tensor),
+}
+
+impl NetworkGradient {
+    fn new(model: &Model, params: &Tensor) -> deepzero_core::Result<Self> {
+        if params.dtype() == DType::F32 && params.device().is_cpu() {
+            Ok(NetworkGradient::Host(params.to_vec1::<f32>()?))
+        } else {
+            let var = candle_core::Var::from_tensor(params)?;
+            let views = model.param_views(var.as_tensor())?;
+            Ok(NetworkGradient::Candle(var, views))
+        }
+    }
+
+    /// The output (batch-major, f64) on `input` (`n` samples, batch-major) and its tape.
+    fn forward<'a>(
+        &'a self,
+        model: &'a Model,
+        input: Vec<f64>,
+        n: usize,
+    ) -> deepzero_core::Result<(Vec<f64>, Tape<'a>)> {
+        match self {
+            NetworkGradient::Host(params) => {
+                let x: Vec<f32> = input.iter().map(|&v| v as f32).collect();
+                let trace = deepzero_core::fast::backprop::Trace::forward(model, params, &x, n)?;
+                Ok((trace.output_batch_major(), Tape::Host(trace)))
+            }
+            NetworkGradient::Candle(var, views) => {
+                let [c, h, w] = model.input_shape;
+                let x =
+                    Tensor::from_vec(input, (n, c, h, w), var.device())?.to_dtype(var.dtype())?;
+                let x = candle_core::Var::from_tensor(&x)?;
+                let out = model.forward(views, x.as_tensor(), Mode::Train)?;
+                let values = out.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                Ok((values, Tape::Candle(x, out)))
+            }
+        }
+    }
+
+    /// The gradients of `Σ output · d_out` with respect to the parameters (flat, f64) and, when
+    /// `input` is asked for, the input (batch-major; empty otherwise).
+    fn backward(
+        &self,
+        tape: Tape<'_>,
+        d_out: &[f64],
+        input: bool,
+    ) -> deepzero_core::Result<(Vec<f64>, Vec<f64>)> {
+        match (self, tape) {
+            (NetworkGradient::Host(_), Tape::Host(trace)) => {
+                if input {
+                    trace.backward_with_input(d_out)
+                } else {
+                    Ok((trace.backward_batch_major(d_out)?, Vec::new()))
+                }
+            }
+            (NetworkGradient::Candle(var, _), Tape::Candle(x, out)) => {
+                let g =
+                    Tensor::from_slice(d_out, out.shape(), out.device())?.to_dtype(out.dtype())?;
+                let grads = (out * g)?.sum_all()?.backward()?;
+                let flat = |t: Option<&Tensor>, like: &Tensor| -> deepzero_core::Result<Vec<f64>> {
+                    Ok(match t {
+                        Some(t) => t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+                        None => vec![0.0; like.elem_count()],
+                    })
+                };
+                let d_params = flat(grads.get(var.as_tensor()), var.as_tensor())?;
+                let d_input = if input {
+                    flat(grads.get(x.as_tensor()), x.as_tensor())?
+                } else {
+                    Vec::new()
+                };
+                Ok((d_params, d_input))
+            }
+            _ => Err(deepzero_core::Error::Config(
+                "a network tape of another kind".into(),
+            )),
+        }
     }
 }
 
@@ -815,18 +1115,13 @@ impl<'a> CorrectionTask<'a> {
         test: &'a [PreparedSimulation],
         config: CorrectionConfig,
     ) -> Result<Self> {
-        let unroll = match method {
-            Method::Non => 1,
-            Method::ZoSol => config.unroll,
-            Method::Src => {
-                return Err(Error::parameter(
-                    "method",
-                    method,
-                    "a trained method (non, zo-sol)",
-                ))
-            }
-            Method::FoSol => return Err(fo_sol_unavailable()),
-        };
+        let unroll = method.unroll(&config);
+        if method == Method::Src {
+            return Err(not_trained(method));
+        }
+        if method == Method::FoSol && !train.iter().all(|s| s.solver.has_adjoint()) {
+            return Err(crate::adjoint::no_adjoint());
+        }
         if config.batch_size == 0 || config.schedule(method).steps_per_epoch == 0 || unroll == 0 {
             return Err(Error::parameter(
                 "batch_size",
@@ -876,16 +1171,22 @@ impl<'a> CorrectionTask<'a> {
             .collect()
     }
 
-    /// The ZO-SOL objective on explicit windows.
+    /// The unrolled objective on explicit windows (ZO-SOL's; with the gradient of the method
+    /// for sol-nograd and fo-sol).
     pub fn sol_objective(&self, windows: Vec<Window>) -> Result<SolObjective<'a>> {
-        SolObjective::new(
+        let objective = SolObjective::new(
             self.model,
             self.scaling,
             self.train,
             windows,
             self.config.unroll,
             self.config.precision,
-        )
+        )?;
+        Ok(match self.method {
+            Method::SolNograd => objective.with_gradient(SolGradient::NoSolver),
+            Method::FoSol => objective.with_gradient(SolGradient::Exact),
+            _ => objective,
+        })
     }
 }
 
@@ -920,17 +1221,17 @@ impl Task for CorrectionTask<'_> {
     }
 }
 
-fn fo_sol_unavailable() -> Error {
+fn not_trained(method: Method) -> Error {
     Error::parameter(
         "method",
-        "fo-sol",
-        "src, non or zo-sol: FO-SOL needs gradients through the solver, and these solvers are \
-         not differentiable (which is why ZO-SOL exists)",
+        method,
+        "a trained method (non, sol-nograd, zo-sol, fo-sol)",
     )
 }
 
-/// The estimator of a method: backprop for NON, sparse CGE (forward differences, uniform
-/// per-layer keep ratio `1 − sparsity` over the weight tensors, every bias) for ZO-SOL.
+/// The estimator of a method: backprop for NON, sol-nograd and fo-sol (each objective gives
+/// its own gradient), sparse CGE (forward differences, uniform per-layer keep ratio
+/// `1 − sparsity` over the weight tensors, every bias) for ZO-SOL.
 pub fn estimator(
     method: Method,
     model: &Model,
@@ -938,7 +1239,7 @@ pub fn estimator(
     seed: u64,
 ) -> Result<Box<dyn GradientEstimator>> {
     match method {
-        Method::Non => Ok(Box::new(Backprop)),
+        Method::Non | Method::SolNograd | Method::FoSol => Ok(Box::new(Backprop)),
         Method::ZoSol => {
             let est = EstimatorConfig {
                 kind: EstimatorKind::Cge,
@@ -962,17 +1263,12 @@ pub fn estimator(
                 seed,
             )?)
         }
-        Method::Src => Err(Error::parameter(
-            "method",
-            method,
-            "a trained method (non, zo-sol)",
-        )),
-        Method::FoSol => Err(fo_sol_unavailable()),
+        Method::Src => Err(not_trained(method)),
     }
 }
 
 /// Queries of one ZO-SOL step: forward CGE over the sampled weights and every bias, plus the
-/// base point (NON's backprop step counts one).
+/// base point (a backprop step counts one).
 pub fn queries_per_step(method: Method, model: &Model, config: &CorrectionConfig) -> Result<u64> {
     Ok(match method {
         Method::ZoSol => {
@@ -985,8 +1281,8 @@ pub fn queries_per_step(method: Method, model: &Model, config: &CorrectionConfig
             )?;
             sampler.num_coords() as u64 + 1
         }
-        Method::Non => 1,
-        _ => 0,
+        Method::Non | Method::SolNograd | Method::FoSol => 1,
+        Method::Src => 0,
     })
 }
 

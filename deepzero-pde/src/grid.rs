@@ -106,6 +106,84 @@ pub fn advect_semi_lagrangian(
     Ok(outputs)
 }
 
+/// The reverse-mode derivative of [`advect_semi_lagrangian`] when the velocity is advected
+/// too: given the advected fields' cotangents `d_outputs` (one per field), returns the
+/// cotangents of the fields and, through the departure points, of `u` and `v`.
+///
+/// Each output `q(i, j)` is a bilinear blend of four neighbours of the departure point
+/// `(i − a·v, j − a·u)`, `a = Δt/Δx`; its derivative moves the cotangent back to those
+/// neighbours with the same weights, and to `u(i, j)`, `v(i, j)` by the blend's slope times
+/// `−a`. The floor that picks the neighbours is piecewise constant, so this is the exact
+/// derivative everywhere but on cell boundaries (a set of measure zero).
+///
+/// Returns `(d_fields, d_u, d_v)`; a field that is also the velocity gets both parts by the
+/// caller adding them.
+pub fn advect_semi_lagrangian_vjp(
+    fields: &[ArrayView2<'_, f64>],
+    u: ArrayView2<'_, f64>,
+    v: ArrayView2<'_, f64>,
+    dt: f64,
+    spacing: f64,
+    d_outputs: &[ArrayView2<'_, f64>],
+) -> Result<(Vec<Array2<f64>>, Array2<f64>, Array2<f64>)> {
+    let shape = u.dim();
+    let all = std::iter::once(("v", v.dim()))
+        .chain(fields.iter().map(|f| ("advected field", f.dim())))
+        .chain(d_outputs.iter().map(|f| ("cotangent", f.dim())));
+    for (what, dim) in all {
+        if dim != shape {
+            return Err(Error::Shape {
+                what,
+                expected: vec![shape.0, shape.1],
+                found: vec![dim.0, dim.1],
+            });
+        }
+    }
+    if d_outputs.len() != fields.len() {
+        return Err(Error::Shape {
+            what: "cotangents of the advected fields",
+            expected: vec![fields.len()],
+            found: vec![d_outputs.len()],
+        });
+    }
+    let (ny, nx) = shape;
+    let cells_per_time = dt / spacing;
+    let mut d_fields = vec![Array2::zeros(shape); fields.len()];
+    let mut d_u = Array2::zeros(shape);
+    let mut d_v = Array2::zeros(shape);
+    for i in 0..ny {
+        for j in 0..nx {
+            let departure_y = i as f64 - cells_per_time * v[[i, j]];
+            let departure_x = j as f64 - cells_per_time * u[[i, j]];
+            let s = BilinearStencil::new(departure_y, departure_x, ny, nx);
+            let [r0, r1] = s.rows;
+            let [c0, c1] = s.columns;
+            let (wy, wx) = (s.weight_y, s.weight_x);
+            let mut slope_x = 0.0;
+            let mut slope_y = 0.0;
+            for ((field, d_field), d_out) in fields.iter().zip(d_fields.iter_mut()).zip(d_outputs) {
+                let g = d_out[[i, j]];
+                if g == 0.0 {
+                    continue;
+                }
+                d_field[[r0, c0]] += (1.0 - wy) * (1.0 - wx) * g;
+                d_field[[r0, c1]] += (1.0 - wy) * wx * g;
+                d_field[[r1, c0]] += wy * (1.0 - wx) * g;
+                d_field[[r1, c1]] += wy * wx * g;
+                let top = (1.0 - wx) * field[[r0, c0]] + wx * field[[r0, c1]];
+                let bottom = (1.0 - wx) * field[[r1, c0]] + wx * field[[r1, c1]];
+                slope_y += g * (bottom - top);
+                slope_x += g
+                    * ((1.0 - wy) * (field[[r0, c1]] - field[[r0, c0]])
+                        + wy * (field[[r1, c1]] - field[[r1, c0]]));
+            }
+            d_u[[i, j]] = -cells_per_time * slope_x;
+            d_v[[i, j]] = -cells_per_time * slope_y;
+        }
+    }
+    Ok((d_fields, d_u, d_v))
+}
+
 /// The four neighbours and weights of one periodic bilinear interpolation.
 struct BilinearStencil {
     rows: [usize; 2],

@@ -38,6 +38,7 @@
 //! size, a time step beyond the CFL limit, a NaN or infinity in a state — returns an [`Error`]
 //! naming the problem (and the step and simulation where one is known).
 
+pub mod adjoint;
 pub mod burgers;
 pub mod burgers1d;
 pub mod correction;
@@ -54,7 +55,7 @@ pub use burgers::{Burgers2d, Burgers2dParams};
 pub use burgers1d::{Burgers1d, Burgers1dParams, Burgers1dScheme};
 pub use correction::{
     CorrectionConfig, CorrectionTask, Method, NetworkConfig, PreparedSimulation, RolloutErrors,
-    Scaling, Schedule, SolObjective, SolStart,
+    Scaling, Schedule, SolGradient, SolObjective, SolStart,
 };
 pub use dataset::{
     Dataset, DatasetConfig, ForcingConfig, GridSolver, InitialStateConfig, Problem, Simulation,

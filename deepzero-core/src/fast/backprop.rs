@@ -74,6 +74,35 @@ impl<'a> Trace<'a> {
     /// The gradient (flat, in the layout's order) of `Σ output · g`, given `g`, the gradient of
     /// the loss with respect to the model's output, batch-major `[N, output_len]`.
     pub fn backward_batch_major(&self, g: &[f64]) -> Result<Vec<f64>> {
+        let d = self.output_gradient(g)?;
+        Ok(self.backward(d))
+    }
+
+    /// The gradient (flat, in the layout's order) of `Σ output · d_output`: every node in
+    /// reverse, each register's gradient summed over its readers.
+    pub fn backward(&self, d_output: Act) -> Vec<f64> {
+        self.walk(d_output, false).0
+    }
+
+    /// Like [`Trace::backward_batch_major`], with the gradient with respect to the model's
+    /// input too: `(parameters, input)`, the input's batch-major `[N, C·H·W]` in f64. For
+    /// callers that chain the network with something else (a solver's adjoint).
+    pub fn backward_with_input(&self, g: &[f64]) -> Result<(Vec<f64>, Vec<f64>)> {
+        let d = self.output_gradient(g)?;
+        let (flat, dx) = self.walk(d, true);
+        let [c, h, w] = self.model.input_shape;
+        let n = self.regs[0].n;
+        let mut input = Vec::with_capacity(n * c * h * w);
+        match dx {
+            Some(dx) => append_batch_major(&dx, &mut input),
+            // No node reads the input: it has no effect.
+            None => input.resize(n * c * h * w, 0.0),
+        }
+        Ok((flat, input))
+    }
+
+    /// `g` (batch-major) as a channel-major gradient of the output.
+    fn output_gradient(&self, g: &[f64]) -> Result<Act> {
         let z = self.output();
         if g.len() != z.data.len() {
             return Err(Error::Shape(format!(
@@ -92,12 +121,11 @@ impl<'a> Trace<'a> {
                 }
             }
         }
-        Ok(self.backward(d))
+        Ok(d)
     }
 
-    /// The gradient (flat, in the layout's order) of `Σ output · d_output`: every node in
-    /// reverse, each register's gradient summed over its readers.
-    pub fn backward(&self, d_output: Act) -> Vec<f64> {
+    /// The reverse walk: parameter gradients, and the input's gradient when `want_input`.
+    fn walk(&self, d_output: Act, want_input: bool) -> (Vec<f64>, Option<Act>) {
         let nodes = &self.model.nodes;
         let layout = &self.model.layout;
         let host = HostParams {
@@ -119,8 +147,8 @@ impl<'a> Trace<'a> {
                 cache: &self.caches[k],
                 params: host,
             };
-            // The model input needs no gradient.
-            let wanted: Vec<bool> = node.inputs.iter().map(|&r| r != 0).collect();
+            // The model input needs a gradient only when asked for.
+            let wanted: Vec<bool> = node.inputs.iter().map(|&r| r != 0 || want_input).collect();
             let g = node.op.layer().backward_fast(&base, dy, &wanted);
             for (entry, values) in g.params {
                 for (t, v) in flat[layout.entries[entry].range()].iter_mut().zip(values) {
@@ -137,7 +165,7 @@ impl<'a> Trace<'a> {
                 }
             }
         }
-        flat
+        (flat, grads[0].take())
     }
 }
 
