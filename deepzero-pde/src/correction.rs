@@ -456,15 +456,27 @@ impl Weights {
         }
     }
 
-    /// The network's output on `input` (`n` samples, batch-major), batch-major in f64.
-    fn forward(&self, model: &Model, input: Vec<f64>, n: usize) -> deepzero_core::Result<Vec<f64>> {
+    /// The network's output on the scaled `(predicted, forcing)` ([`network_input`]),
+    /// batch-major in f64.
+    fn forward(
+        &self,
+        model: &Model,
+        scaling: &Scaling,
+        predicted: &[Array3<f64>],
+        forcing: &[&Array3<f64>],
+    ) -> deepzero_core::Result<Vec<f64>> {
         let [c, h, w] = model.input_shape;
+        let n = predicted.len();
         match self {
-            Weights::Host(params) => {
-                let x: Vec<f32> = input.iter().map(|&v| v as f32).collect();
-                deepzero_core::fast::forward(model, params, &x, n)
-            }
+            Weights::Host(params) => HOST_INPUT.with(|buffer| {
+                // Straight to f32 (the same values as the f64 input rounded), into a buffer
+                // each thread keeps: a fresh one per query costs the allocator's page faults.
+                let x = &mut *buffer.borrow_mut();
+                fill_network_input(x, scaling, predicted, forcing);
+                deepzero_core::fast::forward(model, params, x, n)
+            }),
             Weights::Candle(views) => {
+                let input: Vec<f64> = network_input(scaling, predicted, forcing);
                 let x = Tensor::from_vec(input, (n, c, h, w), &Device::Cpu)?;
                 let x = x.to_dtype(views.first().map_or(DType::F64, |v| v.dtype()))?;
                 let out = model.forward(views, &x, Mode::Train)?;
@@ -487,33 +499,71 @@ pub fn apply_correction(
     if predicted.is_empty() {
         return Ok(Vec::new());
     }
-    let input = network_input(scaling, predicted, forcing);
-    let out = weights.forward(model, input, predicted.len())?;
+    let out = weights.forward(model, scaling, predicted, forcing)?;
     add_change(scaling, predicted, &out)
 }
 
+thread_local! {
+    /// Each thread's f32 input buffer of the correction network.
+    static HOST_INPUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The network's input for a batch: each prediction's channels, then its forcing's, each
-/// divided by its input scale ([`Scaling::input`]); batch-major.
-fn network_input(
+/// divided (in f64) by its input scale ([`Scaling::input`]); batch-major, in `T`.
+fn network_input<T: InputValue>(
     scaling: &Scaling,
     predicted: &[Array3<f64>],
     forcing: &[&Array3<f64>],
-) -> Vec<f64> {
+) -> Vec<T> {
+    let mut input = Vec::new();
+    fill_network_input(&mut input, scaling, predicted, forcing);
+    input
+}
+
+/// [`network_input`] into `input` (cleared first).
+fn fill_network_input<T: InputValue>(
+    input: &mut Vec<T>,
+    scaling: &Scaling,
+    predicted: &[Array3<f64>],
+    forcing: &[&Array3<f64>],
+) {
+    input.clear();
     let Some(first) = predicted.first() else {
-        return Vec::new();
+        return;
     };
     let (channels, n, m) = first.dim();
     let plane = n * m;
-    let mut input: Vec<f64> = Vec::with_capacity(predicted.len() * 2 * channels * plane);
+    input.reserve(predicted.len() * 2 * channels * plane);
     for (state, f) in predicted.iter().zip(forcing) {
-        for (i, v) in state.iter().enumerate() {
-            input.push(v / scaling.input[i / plane]);
-        }
-        for (i, v) in f.iter().enumerate() {
-            input.push(v / scaling.input[channels + i / plane]);
+        for (c, scale) in scaling.input.iter().enumerate() {
+            let channel = if c < channels {
+                state.index_axis(ndarray::Axis(0), c)
+            } else {
+                f.index_axis(ndarray::Axis(0), c - channels)
+            };
+            match channel.as_slice() {
+                Some(values) => input.extend(values.iter().map(|&v| T::from_f64(v / scale))),
+                None => input.extend(channel.iter().map(|&v| T::from_f64(v / scale))),
+            }
         }
     }
-    input
+}
+
+/// What [`network_input`] writes: f64, or f32 rounded from the f64 quotient.
+trait InputValue {
+    fn from_f64(v: f64) -> Self;
+}
+
+impl InputValue for f64 {
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+impl InputValue for f32 {
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
 }
 
 /// `predicted + change(out)` per sample, where the change is the network's output `out`
@@ -527,23 +577,34 @@ fn add_change(
         return Ok(Vec::new());
     };
     let (channels, n, m) = first.dim();
-    predicted
+    let plane = n * m;
+    if out.len() != predicted.len() * channels * plane {
+        return Err(deepzero_core::Error::Shape(format!(
+            "a network output of {} values for {} states of {channels}×{n}×{m}",
+            out.len(),
+            predicted.len()
+        )));
+    }
+    Ok(predicted
         .iter()
-        .zip(out.chunks_exact(channels * n * m))
+        .zip(out.chunks_exact(channels * plane))
         .map(|(state, change)| {
-            let mut change = Array3::from_shape_vec((channels, n, m), change.to_vec())
-                .map_err(|e| deepzero_core::Error::Shape(e.to_string()))?;
+            let mut next = state.clone();
             // Mean-free per channel: both solvers keep the spatial mean (momentum, total
             // vorticity) up to interpolation error, and a constant offset added every step
             // would grow linearly over a rollout.
-            for (c, mut channel) in change.outer_iter_mut().enumerate() {
-                let mean = channel.mean().unwrap_or(0.0);
+            for (c, mut channel) in next.outer_iter_mut().enumerate() {
+                let change = &change[c * plane..(c + 1) * plane];
+                let mean = ndarray::ArrayView1::from(change).mean().unwrap_or(0.0);
                 let scale = scaling.output[c];
-                channel.mapv_inplace(|v| (v - mean) * scale);
+                channel
+                    .iter_mut()
+                    .zip(change)
+                    .for_each(|(s, &v)| *s += (v - mean) * scale);
             }
-            Ok(state + &change)
+            next
         })
-        .collect()
+        .collect())
 }
 
 /// The adjoint of [`add_change`]'s change with respect to the network's output: the
@@ -731,8 +792,7 @@ impl<'a> SolObjective<'a> {
                 stepped
             };
             let forcing = self.forcing(offset);
-            let input = network_input(self.scaling, &predicted, &forcing);
-            let (out, tape) = network.forward(self.model, input, batch)?;
+            let (out, tape) = network.forward(self.model, self.scaling, &predicted, &forcing)?;
             states = add_change(self.scaling, &predicted, &out)?;
             tapes.push(tape);
             let mut grads = Vec::with_capacity(batch);
@@ -887,21 +947,24 @@ impl NetworkGradient {
         }
     }
 
-    /// The output (batch-major, f64) on `input` (`n` samples, batch-major) and its tape.
+    /// The output (batch-major, f64) on the scaled `(predicted, forcing)` and its tape.
     fn forward<'a>(
         &'a self,
         model: &'a Model,
-        input: Vec<f64>,
-        n: usize,
+        scaling: &Scaling,
+        predicted: &[Array3<f64>],
+        forcing: &[&Array3<f64>],
     ) -> deepzero_core::Result<(Vec<f64>, Tape<'a>)> {
+        let n = predicted.len();
         match self {
             NetworkGradient::Host(params) => {
-                let x: Vec<f32> = input.iter().map(|&v| v as f32).collect();
+                let x: Vec<f32> = network_input(scaling, predicted, forcing);
                 let trace = deepzero_core::fast::backprop::Trace::forward(model, params, &x, n)?;
                 Ok((trace.output_batch_major(), Tape::Host(trace)))
             }
             NetworkGradient::Candle(var, views) => {
                 let [c, h, w] = model.input_shape;
+                let input: Vec<f64> = network_input(scaling, predicted, forcing);
                 let x =
                     Tensor::from_vec(input, (n, c, h, w), var.device())?.to_dtype(var.dtype())?;
                 let x = candle_core::Var::from_tensor(&x)?;

@@ -93,6 +93,26 @@ pub fn advect_semi_lagrangian(
     let (ny, nx) = shape;
     let cells_per_time = dt / spacing;
     let mut outputs = vec![Array2::zeros(shape); fields.len()];
+    let slices: Option<Vec<&[f64]>> = fields.iter().map(|f| f.as_slice()).collect();
+    if let (Some(slices), Some(us), Some(vs)) = (slices, u.as_slice(), v.as_slice()) {
+        // Row-major slices: the same arithmetic without per-index bounds checks.
+        let mut outs: Vec<&mut [f64]> = outputs
+            .iter_mut()
+            .map(|o| o.as_slice_mut().expect("a fresh array is contiguous"))
+            .collect();
+        for i in 0..ny {
+            for j in 0..nx {
+                let at = i * nx + j;
+                let departure_y = i as f64 - cells_per_time * vs[at];
+                let departure_x = j as f64 - cells_per_time * us[at];
+                let stencil = BilinearStencil::new(departure_y, departure_x, ny, nx);
+                for (field, output) in slices.iter().zip(outs.iter_mut()) {
+                    output[at] = stencil.sample_slice(field, nx);
+                }
+            }
+        }
+        return Ok(outputs);
+    }
     for i in 0..ny {
         for j in 0..nx {
             let departure_y = i as f64 - cells_per_time * v[[i, j]];
@@ -105,6 +125,9 @@ pub fn advect_semi_lagrangian(
     }
     Ok(outputs)
 }
+
+/// Cotangents of [`advect_semi_lagrangian`]'s inputs: `(fields, u, v)`.
+pub type AdvectionCotangents = (Vec<Array2<f64>>, Array2<f64>, Array2<f64>);
 
 /// The reverse-mode derivative of [`advect_semi_lagrangian`] when the velocity is advected
 /// too: given the advected fields' cotangents `d_outputs` (one per field), returns the
@@ -125,7 +148,7 @@ pub fn advect_semi_lagrangian_vjp(
     dt: f64,
     spacing: f64,
     d_outputs: &[ArrayView2<'_, f64>],
-) -> Result<(Vec<Array2<f64>>, Array2<f64>, Array2<f64>)> {
+) -> Result<AdvectionCotangents> {
     let shape = u.dim();
     let all = std::iter::once(("v", v.dim()))
         .chain(fields.iter().map(|f| ("advected field", f.dim())))
@@ -204,6 +227,16 @@ impl BilinearStencil {
             weight_y: position_y - floor_y,
             weight_x: position_x - floor_x,
         }
+    }
+
+    /// [`BilinearStencil::sample`] on a row-major slice of rows of `nx` values.
+    fn sample_slice(&self, field: &[f64], nx: usize) -> f64 {
+        let [r0, r1] = self.rows;
+        let [c0, c1] = self.columns;
+        let (row0, row1) = (&field[r0 * nx..][..nx], &field[r1 * nx..][..nx]);
+        let top = (1.0 - self.weight_x) * row0[c0] + self.weight_x * row0[c1];
+        let bottom = (1.0 - self.weight_x) * row1[c0] + self.weight_x * row1[c1];
+        (1.0 - self.weight_y) * top + self.weight_y * bottom
     }
 
     fn sample(&self, field: &ArrayView2<'_, f64>) -> f64 {
