@@ -127,7 +127,6 @@ fn pde_bad_input_names_the_flag() -> Result<()> {
         (&["--dt=-1"][..], "--dt"),
         (&["--grid", "15"][..], "--grid"),
         (&["--reference-grid", "40"][..], "--reference-grid"),
-        (&["--methods", "src,fo-sol"][..], "fo-sol"),
         (&["--methods", "sol"][..], "--methods"),
         (&["--sparsity", "1.5"][..], "--sparsity"),
         (&["--unroll", "50"][..], "--unroll"),
@@ -144,5 +143,53 @@ fn pde_bad_input_names_the_flag() -> Result<()> {
         );
         ensure!(!err.contains("panicked"), "{extra:?} panicked: {err}");
     }
+    Ok(())
+}
+
+#[test]
+fn sol_baselines_train_and_fo_sol_needs_the_burgers_adjoint() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (summary, _) = summary_of(
+        tmp.path(),
+        "baselines",
+        &["--methods", "fo-sol,src,sol-nograd"],
+    )?;
+    for method in ["src", "sol-nograd", "fo-sol"] {
+        let mae = summary["mae"][method].as_f64().unwrap_or(f64::NAN);
+        ensure!(mae.is_finite() && mae > 0.0, "{method}: {summary}");
+        ensure!(
+            tmp.path()
+                .join("baselines")
+                .join(method)
+                .join("metrics.jsonl")
+                .is_file()
+                || method == "src",
+            "{method}: no metrics.jsonl"
+        );
+    }
+    // A backprop step is one query.
+    ensure!(
+        summary["queries"]["fo-sol"] == summary["queries"]["sol-nograd"],
+        "{summary}"
+    );
+    // Navier–Stokes has no adjoint: refused before anything is written.
+    let mut args: Vec<&str> = TINY.to_vec();
+    let i = args
+        .iter()
+        .position(|a| *a == "burgers")
+        .context("TINY names burgers")?;
+    args[i] = "navier-stokes";
+    args.extend(["--methods", "src,fo-sol", "--out", "ns"]);
+    let o = deepzero(tmp.path(), &args)?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(!o.status.success(), "fo-sol on Navier–Stokes was accepted");
+    ensure!(
+        err.contains("--methods fo-sol") && err.contains("adjoint"),
+        "{err}"
+    );
+    ensure!(
+        !tmp.path().join("ns").exists(),
+        "a refused run left its --out"
+    );
     Ok(())
 }
