@@ -126,8 +126,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub data: DataFlags,
     /// Methods, comma separated: src, non, sol-nograd (backprop through the unrolled
-    /// corrections, the solver a constant), zo-sol, fo-sol (exact gradient through the
-    /// solver's adjoint; Burgers only).
+    /// corrections, the solver a constant), zo-sol, fo-sol (the exact gradient through the
+    /// solver's hand-written adjoint).
     #[arg(long, value_delimiter = ',', default_value = "src,non,zo-sol")]
     pub methods: Vec<Method>,
     /// Epochs of every trained method (see --non-epochs, --zo-sol-epochs).
@@ -478,12 +478,6 @@ fn execute_on(args: RunArgs, ranks: &crate::common::Ranks) -> Result<()> {
     let mut methods = args.methods.clone();
     methods.sort_by_key(|m| *m as u8);
     methods.dedup();
-    if methods.contains(&Method::FoSol) && args.data.solver != SolverArg::Burgers {
-        bail!(
-            "--methods fo-sol: FO-SOL needs the solver's adjoint, which only the Burgers solver \
-             has (--solver burgers); sol-nograd and zo-sol need no solver gradient"
-        );
-    }
     let defaults = NetworkConfig::default();
     let network = NetworkConfig {
         width: args.width.unwrap_or(defaults.width),

@@ -12,14 +12,21 @@
 //! [`ModelObjective`] with a squared-error head, so backprop applies; **ZO-SOL** unrolls `m`
 //! steps of solver + correction from a reference state and compares with the reference over the
 //! `m` steps ([`SolObjective`]): the solver is a black box, so the gradient is estimated with
-//! sparse CGE. Both trained methods are one [`CorrectionTask`] for the core trainer.
+//! sparse CGE. Two baselines train the same unrolled loss by backprop ([`SolGradient`]):
+//! **sol-nograd** takes every solver step's output as a constant (the solver's Jacobian dropped,
+//! so, like ZO-SOL, it needs no solver gradient: what a user without an adjoint would try
+//! first), and **FO-SOL** chains the network's backprop with the solver's hand-written adjoint
+//! ([`crate::adjoint`], Burgers 2-D only), the white-box upper bound. Every trained method is
+//! one [`CorrectionTask`] for the core trainer.
 //!
 //! Defaults: a width-8 network with one residual block and 5×5 kernels (4,426 parameters), in
 //! f32 on core's CPU kernels. NON: Adam 1e-3, 20 epochs of 100 steps of 10 windows, by backprop
 //! (the solver is not involved). ZO-SOL: SOL-4 unrolling, sparse CGE over 10% of each weight
 //! tensor and every bias (467 queries a step), Adam 1e-3 for 10 epochs of 10 steps, starting
 //! from NON's trained network ([`SolStart::Non`]): backprop learns what needs no solver, and the
-//! queries go to what only the unrolled solver shows. `deepzero pde --solver burgers` runs in
+//! queries go to what only the unrolled solver shows. sol-nograd and FO-SOL: NON's schedule,
+//! from a fresh network, SOL-4 (a step is one unrolled forward and backward).
+//! `deepzero pde --solver burgers` runs in
 //! minutes on two CPU cores. Solver-in-the-Loop's full protocol (5×5 kernels, 32 channels,
 //! Adam 1e-4, 100 epochs of batch 5 over 10 training simulations) is
 //! `deepzero pde --solver burgers --width 32 --blocks 2 --lr 1e-4 --epochs 100

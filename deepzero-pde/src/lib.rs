@@ -28,8 +28,10 @@
 //!   dealiasing, integrating-factor RK4, optional Kolmogorov forcing.
 //! - [`WaveField`]: seeded random smooth states and travelling-wave forcings, sampled exactly on
 //!   any grid that resolves them.
-//! - [`correction`]: the correction network, NON and ZO-SOL as core [`deepzero_core::task::Task`]s
+//! - [`correction`]: the correction network, NON, sol-nograd, ZO-SOL and FO-SOL as core
+//!   [`deepzero_core::task::Task`]s
 //!   ([`CorrectionTask`], [`SolObjective`]), rollout evaluation.
+//! - [`adjoint`]: the Burgers 2-D step's vector–Jacobian product (FO-SOL's gradient).
 //! - [`Dataset`]: reference trajectories block-averaged to the source grid plus SRC rollouts,
 //!   generated from seeds, saved as JSON + raw little-endian f64.
 //!

@@ -282,6 +282,77 @@ impl NavierStokes2d {
         Ok(&self.forcing_spectrum - &(advection_hat * &self.dealias))
     }
 
+    /// `(∂step(state)/∂state)ᵀ · cotangent`: the reverse-mode derivative of one
+    /// [`Solver::step`] (FO-SOL's gradient through Navier–Stokes).
+    ///
+    /// Every linear piece of the step is a Fourier multiplier, i.e. a circulant operator in
+    /// physical space: the decay `E`, the dealiasing `D` and the inverse Laplacian `Ψ` are real
+    /// and even in `k`, so each is its own adjoint; a first derivative `∂` is imaginary and odd,
+    /// so its adjoint is `−∂`. With `N(ω) = f − D(u·∂ₓω' + v·∂ᵧω')`, `ω' = Dω`, `u = ∂ᵧΨω'`,
+    /// `v = −∂ₓΨω'`, the adjoint of `N'` at `ω` on `λ` is, with `μ = −Dλ`,
+    /// `−D[∂ᵧΨ(μ·∂ₓω') + ∂ₓ(μ·u) − ∂ₓΨ(μ·∂ᵧω') + ∂ᵧ(μ·v)]`; the Lawson RK4 stages are
+    /// recomputed and walked backwards.
+    pub fn step_vjp(&self, state: &Array2<f64>, cotangent: &Array2<f64>) -> Result<Array2<f64>> {
+        let expected = [self.size, self.size];
+        self.check_shape("vorticity", state.shape(), &expected)?;
+        self.check_shape("vorticity cotangent", cotangent.shape(), &expected)?;
+        let (e, h) = (&self.half_decay, self.params.dt);
+        // The forward stages, as `lawson_rk4` forms them.
+        let s1 = self.fft.forward(state.view())?;
+        let a = self.nonlinear(&s1)?;
+        let s2 = (&s1 + &(&a * Complex64::new(0.5 * h, 0.0))) * e;
+        let b = self.nonlinear(&s2)?;
+        let s3 = &s1 * e + &b * Complex64::new(0.5 * h, 0.0);
+        let c = self.nonlinear(&s3)?;
+        let s4 = &s1 * &(e * e) + &(&c * e) * Complex64::new(h, 0.0);
+        // Backwards, every cotangent a spectrum of a real field (all operators commute).
+        let next = self.fft.forward(cotangent.view())?;
+        let scale = |z: &Array2<Complex64>, f: f64| z * Complex64::new(f, 0.0);
+        let lambda_d = scale(&next, h / 6.0);
+        let mut lambda_c = scale(&(&next * e), h / 3.0);
+        let mut lambda_b = lambda_c.clone();
+        let mut lambda_a = scale(&(&next * &(e * e)), h / 6.0);
+        let mut lambda_s = &next * &(e * e);
+        let back4 = self.nonlinear_vjp(&s4, &lambda_d)?;
+        lambda_s += &(&back4 * &(e * e));
+        lambda_c += &scale(&(&back4 * e), h);
+        let back3 = self.nonlinear_vjp(&s3, &lambda_c)?;
+        lambda_s += &(&back3 * e);
+        lambda_b += &scale(&back3, 0.5 * h);
+        let back2 = self.nonlinear_vjp(&s2, &lambda_b)?;
+        lambda_s += &(&back2 * e);
+        lambda_a += &scale(&(&back2 * e), 0.5 * h);
+        lambda_s += &self.nonlinear_vjp(&s1, &lambda_a)?;
+        self.fft.inverse(lambda_s.view())
+    }
+
+    /// `N'(σ)ᵀ λ` for the spectrum `σ` of a state and the spectrum `λ` of a cotangent, as a
+    /// spectrum (see [`NavierStokes2d::step_vjp`]).
+    fn nonlinear_vjp(
+        &self,
+        spectrum: &Array2<Complex64>,
+        cotangent: &Array2<Complex64>,
+    ) -> Result<Array2<Complex64>> {
+        let truncated = spectrum * &self.dealias;
+        let velocity = self.velocity_from_spectrum(&truncated)?;
+        let vorticity_x = self.fft.inverse((&truncated * &self.derivative_x).view())?;
+        let vorticity_y = self.fft.inverse((&truncated * &self.derivative_y).view())?;
+        let mu = self
+            .fft
+            .inverse((cotangent * &self.dealias).mapv(|z| -z).view())?;
+        let times = |field: ArrayView2<'_, f64>| -> Result<Array2<Complex64>> {
+            self.fft.forward((&mu * &field).view())
+        };
+        let u = velocity.index_axis(Axis(0), 0);
+        let v = velocity.index_axis(Axis(0), 1);
+        let psi_dy = &self.derivative_y * &self.inverse_laplacian;
+        let psi_dx = &self.derivative_x * &self.inverse_laplacian;
+        let sum = &psi_dy * &times(vorticity_x.view())? + &self.derivative_x * &times(u)?
+            - &psi_dx * &times(vorticity_y.view())?
+            + &self.derivative_y * &times(v)?;
+        Ok((sum * &self.dealias).mapv(|z| -z))
+    }
+
     fn check_shape(&self, what: &'static str, found: &[usize], expected: &[usize]) -> Result<()> {
         if found == expected {
             Ok(())
