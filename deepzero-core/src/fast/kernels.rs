@@ -275,7 +275,7 @@ pub fn sgemm_tiled(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [
         };
         super::simd::gemm(
             isa,
-            panels,
+            m,
             k,
             &scratch.packed,
             &scratch.padded,
@@ -819,13 +819,14 @@ fn conv_pass(
         let (packed, offsets) = (&scratch.packed, &scratch.offsets);
         let run = |tiles: &super::simd::Tiles, c: &mut [f32], ldc: usize, add: bool| {
             super::simd::gemm(
-                isa, panels, kk, packed, &padded, offsets, tiles, c, ldc, bias, add,
+                isa, co, kk, packed, &padded, offsets, tiles, c, ldc, bias, add,
             )
         };
         let (pieces, dst) = (&mut scratch.pieces, &mut scratch.dst);
-        if g.ow.is_multiple_of(piece) && co.is_multiple_of(mr) {
+        if g.ow.is_multiple_of(piece) {
             // Dense tiles: pieces skip the padding, so only real outputs are computed, and
-            // they go straight into `out`. Passes of ≈ 256 KiB of input keep it in L2 across
+            // they go straight into `out` (a last panel of fewer than MR rows writes only its
+            // own). Passes of ≈ 256 KiB of input keep it in L2 across
             // the panels.
             let position = |pos: usize| lay.position(g, pos);
             let per = nr / piece;

@@ -171,16 +171,18 @@ pub struct Tiles<'a> {
     pub dst: &'a [usize],
 }
 
-/// `C[panel rows, tile columns] (+)= bias + A · B` for every panel of packed `A` ([`pack_a`])
-/// and every tile of `tiles`. Row `i` of panel `p` goes to `c[(p · MR + i) · ldc + dst ..]`.
-/// Each value starts at its row's bias (or 0), adds the rows of `B` in order with one fused
-/// multiply-add each, and is then stored, or added to what `C` holds with `add`.
+/// `C[rows, tile columns] (+)= bias + A · B` for the `rows` rows of packed `A` ([`pack_a`],
+/// `rows.div_ceil(MR)` panels) and every tile of `tiles`. Row `i` of panel `p` goes to
+/// `c[(p · MR + i) · ldc + dst ..]`; a last panel of fewer than `MR` rows computes and writes
+/// only those (a 2-channel output is not charged for 8). Each value starts at its row's bias
+/// (or 0), adds the rows of `B` in order with one fused multiply-add each, and is then stored,
+/// or added to what `C` holds with `add`.
 ///
 /// Panics unless every read and write is inside the slices (checked once, up front).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     isa: Isa,
-    panels: usize,
+    rows: usize,
     k: usize,
     a: &[f32],
     b: &[f32],
@@ -194,6 +196,7 @@ pub fn gemm(
     let (mr, nr) = (isa.mr(), isa.nr());
     let per = nr / tiles.piece;
     let count = tiles.dst.len();
+    let panels = rows.div_ceil(mr);
     if panels == 0 || count == 0 {
         return;
     }
@@ -218,28 +221,27 @@ pub fn gemm(
     }
     let md = *tiles.dst.iter().max().expect("a tile");
     assert!(md + nr <= ldc, "gemm: ldc too small");
-    assert!(
-        c.len() >= (panels * mr - 1) * ldc + md + nr,
-        "gemm: C too short"
-    );
+    assert!(c.len() >= (rows - 1) * ldc + md + nr, "gemm: C too short");
     if let Some(b) = bias {
         assert!(b.len() >= panels * mr, "gemm: bias too short");
     }
     for p in 0..panels {
         let ap = &a[p * k * mr..(p + 1) * k * mr];
         let bp = bias.map(|b| &b[p * mr..(p + 1) * mr]);
+        let m = mr.min(rows - p * mr);
         for t in 0..count {
             let pcs = &tiles.pieces[t * per..(t + 1) * per];
             let ct = p * mr * ldc + tiles.dst[t];
             match isa {
-                Isa::Portable => portable(k, ap, b, off, pcs[0], &mut c[ct..], ldc, bp, add),
+                Isa::Portable => portable(k, m, ap, b, off, pcs[0], &mut c[ct..], ldc, bp, add),
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the path is only chosen where the CPU has the features (`force`
                 // refuses otherwise, `detected` checks); the asserts above bound every access:
                 // B pieces `off[r] + piece position .. + piece ≤ b.len()`, C rows
-                // `ct + i · ldc .. + NR` for `i < MR` inside `c`, A `k · MR` values, bias `MR`.
+                // `ct + i · ldc .. + NR` for `i < m ≤ MR` inside `c`, A `k · MR` values,
+                // bias `MR`.
                 Isa::Avx2 => unsafe {
-                    x86::avx2_6x16(
+                    let args = (
                         k,
                         ap.as_ptr(),
                         b.as_ptr(),
@@ -249,38 +251,33 @@ pub fn gemm(
                         ldc,
                         bp.map_or(std::ptr::null(), |b| b.as_ptr()),
                         add,
-                    )
+                    );
+                    let (k, a, b, off, pieces, c, ldc, bias, add) = args;
+                    x86::avx2_tile(m, k, a, b, off, pieces, c, ldc, bias, add)
                 },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
                 Isa::Avx512 => unsafe {
                     let cp = c[ct..].as_mut_ptr();
                     let bp = bp.map_or(std::ptr::null(), |b| b.as_ptr());
-                    if tiles.piece == 16 {
-                        x86::avx512_8x48::<false>(
-                            k,
-                            ap.as_ptr(),
-                            b.as_ptr(),
-                            off.as_ptr(),
-                            [pcs[0], pcs[1], pcs[2], 0, 0, 0],
-                            cp,
-                            ldc,
-                            bp,
-                            add,
-                        )
+                    let pieces = if tiles.piece == 16 {
+                        [pcs[0], pcs[1], pcs[2], 0, 0, 0]
                     } else {
-                        x86::avx512_8x48::<true>(
-                            k,
-                            ap.as_ptr(),
-                            b.as_ptr(),
-                            off.as_ptr(),
-                            [pcs[0], pcs[1], pcs[2], pcs[3], pcs[4], pcs[5]],
-                            cp,
-                            ldc,
-                            bp,
-                            add,
-                        )
-                    }
+                        [pcs[0], pcs[1], pcs[2], pcs[3], pcs[4], pcs[5]]
+                    };
+                    x86::avx512_tile(
+                        m,
+                        tiles.piece == 8,
+                        k,
+                        ap.as_ptr(),
+                        b.as_ptr(),
+                        off.as_ptr(),
+                        pieces,
+                        cp,
+                        ldc,
+                        bp,
+                        add,
+                    )
                 },
                 #[cfg(not(target_arch = "x86_64"))]
                 _ => unreachable!("only the portable path exists off x86-64"),
@@ -425,10 +422,12 @@ pub fn deinterleave2(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
     }
 }
 
-/// The portable tile: 4 × 8, one fused multiply-add per product, rows in order.
+/// The portable tile: 4 × 8 (its first `m` rows), one fused multiply-add per product, rows in
+/// order.
 #[allow(clippy::too_many_arguments)]
 fn portable(
     k: usize,
+    m: usize,
     a: &[f32],
     b: &[f32],
     off: &[usize],
@@ -449,13 +448,13 @@ fn portable(
     for r in 0..k {
         let br = &b[off[r] + col..][..NR];
         let ar = &a[r * MR..][..MR];
-        for i in 0..MR {
+        for i in 0..m {
             for j in 0..NR {
                 acc[i][j] = ar[i].mul_add(br[j], acc[i][j]);
             }
         }
     }
-    for i in 0..MR {
+    for i in 0..m {
         let row = &mut c[i * ldc..i * ldc + NR];
         if add {
             for (d, v) in row.iter_mut().zip(acc[i]) {
@@ -615,14 +614,13 @@ mod x86 {
         }
     }
 
-    /// 6 × 16 tile, 12 ymm accumulators; the two 8-value pieces at `pieces`.
+    /// [`avx2_6x16`] with its first `m` rows (1 to 6).
     ///
     /// # Safety
-    /// AVX2 and FMA present; `a` holds `k · 6` values, every `b + off[r] + pieces[v]` holds 8,
-    /// `c` rows `i · ldc`, `i < 6`, hold 16; `bias` is null or holds 6.
-    #[target_feature(enable = "avx2,fma")]
+    /// As [`avx2_6x16`], with `c` rows `i < m`.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn avx2_6x16(
+    pub unsafe fn avx2_tile(
+        m: usize,
         k: usize,
         a: *const f32,
         b: *const f32,
@@ -633,7 +631,77 @@ mod x86 {
         bias: *const f32,
         add: bool,
     ) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+        let run = match m {
+            1 => avx2_6x16::<1>,
+            2 => avx2_6x16::<2>,
+            3 => avx2_6x16::<3>,
+            4 => avx2_6x16::<4>,
+            5 => avx2_6x16::<5>,
+            _ => avx2_6x16::<6>,
+        };
+        run(k, a, b, off, pieces, c, ldc, bias, add)
+    }
+
+    /// [`avx512_8x48`] with its first `m` rows (1 to 8), pieces of 8 values with `half`.
+    ///
+    /// # Safety
+    /// As [`avx512_8x48`], with `c` rows `i < m`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn avx512_tile(
+        m: usize,
+        half: bool,
+        k: usize,
+        a: *const f32,
+        b: *const f32,
+        off: *const usize,
+        pieces: [usize; 6],
+        c: *mut f32,
+        ldc: usize,
+        bias: *const f32,
+        add: bool,
+    ) {
+        macro_rules! by_rows {
+            ($half:literal) => {
+                match m {
+                    1 => avx512_8x48::<1, $half>,
+                    2 => avx512_8x48::<2, $half>,
+                    3 => avx512_8x48::<3, $half>,
+                    4 => avx512_8x48::<4, $half>,
+                    5 => avx512_8x48::<5, $half>,
+                    6 => avx512_8x48::<6, $half>,
+                    7 => avx512_8x48::<7, $half>,
+                    _ => avx512_8x48::<8, $half>,
+                }
+            };
+        }
+        let run = if half {
+            by_rows!(true)
+        } else {
+            by_rows!(false)
+        };
+        run(k, a, b, off, pieces, c, ldc, bias, add)
+    }
+
+    /// 6 × 16 tile, 12 ymm accumulators (its first `M` rows: `2M`); the two 8-value pieces at
+    /// `pieces`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; `a` holds `k · 6` values, every `b + off[r] + pieces[v]` holds 8,
+    /// `c` rows `i · ldc`, `i < M`, hold 16; `bias` is null or holds 6.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn avx2_6x16<const M: usize>(
+        k: usize,
+        a: *const f32,
+        b: *const f32,
+        off: *const usize,
+        pieces: [usize; 2],
+        c: *mut f32,
+        ldc: usize,
+        bias: *const f32,
+        add: bool,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
         if !bias.is_null() {
             for (i, row) in acc.iter_mut().enumerate() {
                 let v = _mm256_set1_ps(*bias.add(i));
@@ -665,15 +733,15 @@ mod x86 {
         }
     }
 
-    /// 8 × 48 tile, 24 zmm accumulators. Pieces of 16 values at `pieces[..3]`, or with `HALF`
+    /// 8 × 48 tile, 24 zmm accumulators (its first `M` rows: `3M`). Pieces of 16 values at `pieces[..3]`, or with `HALF`
     /// of 8 values at `pieces[..6]` (two joined per register).
     ///
     /// # Safety
     /// AVX-512F present; `a` holds `k · 8` values, every `b + off[r] + pieces[v]` holds a
-    /// piece, `c` rows `i · ldc`, `i < 8`, hold 48; `bias` is null or holds 8.
+    /// piece, `c` rows `i · ldc`, `i < M`, hold 48; `bias` is null or holds 8.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn avx512_8x48<const HALF: bool>(
+    pub unsafe fn avx512_8x48<const M: usize, const HALF: bool>(
         k: usize,
         a: *const f32,
         b: *const f32,
@@ -684,7 +752,7 @@ mod x86 {
         bias: *const f32,
         add: bool,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 3]; 8];
+        let mut acc = [[_mm512_setzero_ps(); 3]; M];
         if !bias.is_null() {
             for (i, row) in acc.iter_mut().enumerate() {
                 let v = _mm512_set1_ps(*bias.add(i));
@@ -771,9 +839,7 @@ mod tests {
                 pieces: &pieces,
                 dst: &dst,
             };
-            gemm(
-                isa, panels, k, &ap, &b, &off, &tiles, &mut c, cols, None, false,
-            );
+            gemm(isa, m, k, &ap, &b, &off, &tiles, &mut c, cols, None, false);
             let got: Vec<f32> = (0..m)
                 .flat_map(|i| c[i * cols..(i + 1) * cols].to_vec())
                 .collect();
