@@ -1051,10 +1051,16 @@ fn wrap_border(img: &mut [f32], h: usize, w: usize, pad: usize) {
     let wp = w + 2 * pad;
     let wrap = |i: usize, n: usize| (i + n - pad % n) % n + pad;
     // Columns of the interior rows first, then whole rows (which then include the corners).
+    // The source column of each border column, worked out once (not per row: the modulo
+    // cost more than the copies).
+    let columns: Vec<(usize, usize)> = (0..pad)
+        .chain(pad + w..wp)
+        .map(|xx| (xx, wrap(xx, w)))
+        .collect();
     for y in pad..pad + h {
         let row = &mut img[y * wp..(y + 1) * wp];
-        for xx in (0..pad).chain(pad + w..wp) {
-            row[xx] = row[wrap(xx, w)];
+        for &(xx, src) in &columns {
+            row[xx] = row[src];
         }
     }
     for y in (0..pad).chain(pad + h..h + 2 * pad) {
