@@ -207,6 +207,22 @@ pub fn advect_semi_lagrangian_vjp(
     Ok((d_fields, d_u, d_v))
 }
 
+/// `i` modulo `n` in `0..n`: one compare for the usual index less than a period outside the
+/// grid, the division only beyond that.
+fn wrap_index(i: i64, n: usize) -> usize {
+    let n = n as i64;
+    let wrapped = if (0..n).contains(&i) {
+        i
+    } else if (-n..0).contains(&i) {
+        i + n
+    } else if (n..2 * n).contains(&i) {
+        i - n
+    } else {
+        i.rem_euclid(n)
+    };
+    wrapped as usize
+}
+
 /// The four neighbours and weights of one periodic bilinear interpolation.
 struct BilinearStencil {
     rows: [usize; 2],
@@ -219,11 +235,11 @@ impl BilinearStencil {
     fn new(position_y: f64, position_x: f64, ny: usize, nx: usize) -> Self {
         let floor_y = position_y.floor();
         let floor_x = position_x.floor();
-        let row = (floor_y as i64).rem_euclid(ny as i64) as usize;
-        let column = (floor_x as i64).rem_euclid(nx as i64) as usize;
+        let row = wrap_index(floor_y as i64, ny);
+        let column = wrap_index(floor_x as i64, nx);
         Self {
-            rows: [row, (row + 1) % ny],
-            columns: [column, (column + 1) % nx],
+            rows: [row, if row + 1 == ny { 0 } else { row + 1 }],
+            columns: [column, if column + 1 == nx { 0 } else { column + 1 }],
             weight_y: position_y - floor_y,
             weight_x: position_x - floor_x,
         }
