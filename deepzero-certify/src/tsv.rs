@@ -2,7 +2,9 @@
 //! `idx\tlabel\tpredict\tradius\tcorrect\ttime`, one row per certified image.
 //!
 //! The format is written exactly as Cohen's `certify.py` writes it, because analysis tools
-//! read it: `predict` is −1 when abstaining (radius 0), `radius` has three decimals, `correct`
+//! read it: `predict` is −1 when abstaining (radius 0), `radius` has three significant digits
+//! as Python's `"{:.3}".format` writes them (`0.512`, `6e-05`: a small radius keeps its
+//! value, where three decimals would read `0.000`; [`format_radius`]), `correct`
 //! is 1 or 0, and `time` is Python's `str(datetime.timedelta)`, e.g. `0:00:01.234567`.
 //! [`parse_tsv`] / [`read_tsv`] read such a file back (to resume an interrupted run) and check
 //! every row, naming the line of the first bad one.
@@ -58,14 +60,58 @@ impl fmt::Display for CertifyRow {
         let predict = self.predict.map_or(-1, |c| c as i64);
         write!(
             f,
-            "{}\t{}\t{}\t{:.3}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}",
             self.idx,
             self.label,
             predict,
-            self.radius,
+            format_radius(self.radius),
             u8::from(self.correct),
             format_timedelta(self.time)
         )
+    }
+}
+
+/// A float as Python's `"{:.3}".format(v)` writes it, which is how Cohen's `certify.py` writes
+/// the radius: three significant digits; fixed-point with at least one decimal while the
+/// exponent is in `[−4, 2)` (`0.0`, `0.5`, `0.000123`, `12.3`), scientific otherwise with
+/// trailing zeros dropped and a two-digit exponent (`6e-05`, `1.23e+02`).
+pub fn format_radius(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return match v {
+            v if v.is_nan() => "nan".to_string(),
+            v if v == f64::INFINITY => "inf".to_string(),
+            v if v == f64::NEG_INFINITY => "-inf".to_string(),
+            v if v.is_sign_negative() => "-0.0".to_string(),
+            _ => "0.0".to_string(),
+        };
+    }
+    // Rounded to three significant digits first, so that 9.996 counts as 10.0 (exponent 1).
+    let scientific = format!("{v:.2e}");
+    let (mantissa, exponent) = scientific
+        .split_once('e')
+        .expect("Rust's `e` format has an exponent");
+    let exponent: i32 = exponent.parse().expect("an integer exponent");
+    let strip = |digits: &str| -> String {
+        if digits.contains('.') {
+            digits
+                .trim_end_matches('0')
+                .trim_end_matches('.')
+                .to_string()
+        } else {
+            digits.to_string()
+        }
+    };
+    if (-4..2).contains(&exponent) {
+        let decimals = (2 - exponent) as usize;
+        let fixed = strip(&format!("{v:.decimals$}"));
+        if fixed.contains('.') {
+            fixed
+        } else {
+            format!("{fixed}.0")
+        }
+    } else {
+        let sign = if exponent < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", strip(mantissa), exponent.abs())
     }
 }
 
@@ -253,4 +299,34 @@ pub fn certified_accuracy(rows: &[CertifyRow], radii: &[f64]) -> Vec<f64> {
             hits as f64 / rows.len() as f64
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pairs printed by CPython 3.11's `"{:.3}".format(v)`.
+    #[test]
+    fn radius_is_written_as_python_writes_it() {
+        for (v, python) in [
+            (0.0, "0.0"),
+            (6e-5, "6e-05"),
+            (0.5, "0.5"),
+            (0.512345, "0.512"),
+            (1.234, "1.23"),
+            (12.34, "12.3"),
+            (123.4, "1.23e+02"),
+            (9.996, "10.0"),
+            (0.0009996, "0.001"),
+            (1e-4, "0.0001"),
+            (0.00012345, "0.000123"),
+            (2.0, "2.0"),
+            (0.99951, "1.0"),
+        ] {
+            assert_eq!(format_radius(v), python, "{v:e}");
+            // And it reads back as the rounded value.
+            let back: f64 = python.parse().expect("a number");
+            assert!((back - v).abs() <= 5e-3 * v.abs(), "{v} → {python}");
+        }
+    }
 }

@@ -31,7 +31,8 @@ fn rows_are_written_as_cohen_writes_them() {
         p_lower: 0.3,
     };
     let abstain = CertifyRow::new(0, 3, &cert, Duration::from_secs(2));
-    assert_eq!(abstain.to_string(), "0\t3\t-1\t0.000\t0\t0:00:02");
+    // Python's "{:.3}".format(0.0), as certify.py prints an abstention's radius.
+    assert_eq!(abstain.to_string(), "0\t3\t-1\t0.0\t0\t0:00:02");
     let cert = Certificate {
         class: Some(3),
         radius: 0.51237,
@@ -42,6 +43,14 @@ fn rows_are_written_as_cohen_writes_them() {
     };
     let hit = CertifyRow::new(20, 3, &cert, Duration::from_micros(61_500_001));
     assert_eq!(hit.to_string(), "20\t3\t3\t0.512\t1\t0:01:01.500001");
+    // A small radius keeps its value (three decimals would read 0.000).
+    let small = CertifyRow {
+        radius: 6.2e-5,
+        ..hit.clone()
+    };
+    assert_eq!(small.to_string(), "20\t3\t3\t6.2e-05\t1\t0:01:01.500001");
+    let back = parse_tsv(&format!("{TSV_HEADER}\n{small}\n"), Path::new("t.tsv")).expect("parses");
+    assert_eq!(back[0].radius, 6.2e-5);
     // str(datetime.timedelta(seconds=90061.5)) == '1 day, 1:01:01.500000'
     assert_eq!(
         format_timedelta(Duration::from_secs_f64(90061.5)),
