@@ -130,6 +130,9 @@ pub struct CertifySummary {
     pub n0: usize,
     pub n: usize,
     pub alpha: f64,
+    /// The test split certified ([`Split`]; absent in runs made before it was recorded).
+    #[serde(default)]
+    pub split: Option<Split>,
 }
 
 /// The radii the summary reports.
@@ -259,9 +262,8 @@ fn onnx_classifier(path: &str) -> Result<Box<dyn BlackBox>> {
     )?))
 }
 
-/// A `deepzero train` run as a classifier: its model, last checkpoint, batch-norm statistics and
-/// the input normalisation it trained with (refitted on the same training data).
-pub fn model_classifier(dir: &Path) -> Result<ModelClassifier> {
+/// The flags a `deepzero train` run directory was trained with (its `config.json`).
+fn train_run_args(dir: &Path) -> Result<TrainArgs> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
@@ -270,8 +272,40 @@ pub fn model_classifier(dir: &Path) -> Result<ModelClassifier> {
             path.display()
         )
     })?;
-    let args: TrainArgs = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a deepzero train config", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a deepzero train config", path.display()))
+}
+
+/// The train/test split that certification and denoiser training use (on digits it depends
+/// on a seed): a `run:DIR` victim's own, the seed it was trained with, so that no image it
+/// trained on is certified or denoised as a test image; otherwise the data set's default split
+/// (seed 0), which a classifier from outside deepzero cannot tell us more about.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Split {
+    /// The seed of the split.
+    pub seed: u64,
+    /// Where the seed comes from (`run:DIR` or `default`).
+    pub source: String,
+}
+
+/// The [`Split`] of the classifier `spec`.
+pub(crate) fn victim_split(spec: &str) -> Result<Split> {
+    Ok(match spec.strip_prefix("run:") {
+        Some(dir) => Split {
+            seed: train_run_args(Path::new(dir))?.seed,
+            source: spec.to_string(),
+        },
+        None => Split {
+            seed: 0,
+            source: "default".to_string(),
+        },
+    })
+}
+
+/// A `deepzero train` run as a classifier: its model, last checkpoint, batch-norm statistics and
+/// the input normalisation it trained with (refitted on the same training data).
+pub fn model_classifier(dir: &Path) -> Result<ModelClassifier> {
+    let args = train_run_args(dir)?;
     let (train, _) = raw_data(&args.data, args.seed)?;
     let (norm, _) = normalization(&args.data, &train);
     let model = build_model(&args.model, &train)?;
@@ -364,7 +398,8 @@ pub fn run_certify(args: CertifyRunArgs) -> Result<CertifySummary> {
         .classifier
         .clone()
         .context("--classifier is required")?;
-    let test = test_images(args.dataset, &args.data_dir, 0)?;
+    let split = victim_split(&spec)?;
+    let test = test_images(args.dataset, &args.data_dir, split.seed)?;
     let shape = [test.channels, test.height, test.width];
     let classifier = classifier_from_spec(
         &spec,
@@ -476,7 +511,7 @@ pub fn run_certify(args: CertifyRunArgs) -> Result<CertifySummary> {
     // written, to three decimals).
     let rows = tsv::read_tsv(&tsv_path)?;
     let seconds = started.elapsed().as_secs_f64();
-    let summary = summarize(&args, &config, &rows, classifier.queries(), seconds);
+    let summary = summarize(&args, &split, &config, &rows, classifier.queries(), seconds);
     report::write_json_atomic(&dir.join("summary.json"), &summary)?;
     plot_certified_accuracy(&dir, &[(spec.clone(), rows.clone())])?;
     eprintln!(
@@ -496,6 +531,7 @@ pub fn run_certify(args: CertifyRunArgs) -> Result<CertifySummary> {
 
 fn summarize(
     args: &CertifyRunArgs,
+    split: &Split,
     config: &SmoothingConfig,
     rows: &[CertifyRow],
     queries: u64,
@@ -519,6 +555,7 @@ fn summarize(
         n0: args.n0,
         n: args.n,
         alpha: args.alpha,
+        split: Some(split.clone()),
     }
 }
 

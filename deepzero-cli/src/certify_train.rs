@@ -147,6 +147,9 @@ pub struct DenoiserSummary {
     pub estimator_queries_per_step: f64,
     pub estimator: String,
     pub wall_seconds: f64,
+    /// The train/test split of the data set (the victim's own; absent in older runs).
+    #[serde(default)]
+    pub split: Option<crate::certify::Split>,
 }
 
 /// Raw pixels (in [0, 1]) of the data set, the training set limited.
@@ -358,7 +361,12 @@ fn train_denoiser_on(args: TrainDenoiserArgs, ranks: &Ranks) -> Result<DenoiserS
         }
     };
     crate::common::set_threads(args.threads);
-    let (train, test) = raw_data(args.dataset, &args.data_dir, args.train_limit, args.seed)?;
+    // The victim's own split: its test images are never a denoiser's training images.
+    let split = match args.classifier.as_deref() {
+        Some(spec) => crate::certify::victim_split(spec)?,
+        None => crate::certify::victim_split("")?,
+    };
+    let (train, test) = raw_data(args.dataset, &args.data_dir, args.train_limit, split.seed)?;
     let shape = [train.channels, train.height, train.width];
     let classifier = args
         .classifier
@@ -518,6 +526,7 @@ fn train_denoiser_on(args: TrainDenoiserArgs, ranks: &Ranks) -> Result<DenoiserS
         estimator_queries_per_step: state.queries as f64 / steps,
         estimator: estimator.name(),
         wall_seconds: state.seconds,
+        split: Some(split),
     };
     if !ranks.is_root() {
         return Ok(summary);
@@ -580,7 +589,8 @@ pub fn run_compare(args: CompareArgs) -> Result<()> {
     crate::common::set_threads(args.threads);
     std::fs::create_dir_all(&args.out)?;
     report::write_json_atomic(&args.out.join("config.json"), &args)?;
-    let (_, test) = raw_data(args.dataset, &args.data_dir, None, args.seed)?;
+    let split = crate::certify::victim_split(&args.classifier)?;
+    let (_, test) = raw_data(args.dataset, &args.data_dir, None, split.seed)?;
     let shape = [test.channels, test.height, test.width];
     let (bb, _) = open_classifier(&args.classifier, shape)?;
     let smoothing = SmoothingConfig {

@@ -347,3 +347,81 @@ fn train_denoiser_and_compare() -> Result<()> {
     );
     Ok(())
 }
+
+/// A digits victim trained with `--seed 3` is certified on its own test split (its
+/// `config.json` names the seed), so no certified image is one it trained on; the seed-0
+/// split that was used before would have certified some of its training images.
+#[test]
+fn certification_uses_the_victims_own_split() -> Result<()> {
+    use deepzero_core::data::{load, DatasetKind};
+    let tmp = tempfile::tempdir()?;
+    ok(
+        tmp.path(),
+        &[
+            "train",
+            "--estimator",
+            "fo",
+            "--epochs",
+            "1",
+            "--seed",
+            "3",
+            "--out",
+            "victim",
+        ],
+    )?;
+    ok(
+        tmp.path(),
+        &[
+            "certify",
+            "run",
+            "--classifier",
+            "run:victim",
+            "--sigma",
+            "0.25",
+            "--n0",
+            "10",
+            "--n",
+            "50",
+            "--max",
+            "60",
+            "--out",
+            "cert",
+        ],
+    )?;
+    let summary = read_json(&tmp.path().join("cert").join("summary.json"))?;
+    ensure!(summary["split"]["seed"] == 3, "{summary}");
+    ensure!(summary["split"]["source"] == "run:victim", "{summary}");
+    let idx: Vec<usize> = rows(&tmp.path().join("cert").join("certify.tsv"))?[1..]
+        .iter()
+        .map(|r| r.split('\t').next().unwrap_or("").parse())
+        .collect::<Result<_, _>>()?;
+    ensure!(idx.len() == 60, "{idx:?}");
+    let (train, test) = load(DatasetKind::Digits, None, 3)?;
+    let (_, seed0_test) = load(DatasetKind::Digits, None, 0)?;
+    let len = train.channels * train.height * train.width;
+    let key = |images: &[f32], i: usize| -> Vec<u32> {
+        images[i * len..(i + 1) * len]
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    let trained: std::collections::HashSet<Vec<u32>> =
+        (0..train.len()).map(|i| key(&train.images, i)).collect();
+    let leaked = idx
+        .iter()
+        .filter(|&&i| trained.contains(&key(&test.images, i)))
+        .count();
+    ensure!(
+        leaked == 0,
+        "{leaked} certified images were training images"
+    );
+    let would_leak = idx
+        .iter()
+        .filter(|&&i| trained.contains(&key(&seed0_test.images, i)))
+        .count();
+    ensure!(
+        would_leak > 0,
+        "the seed-0 split shares no image with the victim's training set: the test sees nothing"
+    );
+    Ok(())
+}
