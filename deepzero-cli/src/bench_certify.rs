@@ -67,7 +67,9 @@ pub fn run(args: &CertifyBenchArgs) -> Result<()> {
     if !(args.sigma.is_finite() && args.sigma > 0.0) {
         bail!("--sigma must be positive, got {}", args.sigma);
     }
-    let data = test_images(args.dataset, &args.data_dir, 0)?;
+    // The victim's own test split, as `certify run` takes it.
+    let split = crate::certify::victim_split(&args.classifier)?;
+    let data = test_images(args.dataset, &args.data_dir, split.seed)?;
     let shape = [data.channels, data.height, data.width];
     let per: usize = shape.iter().product();
     if args.image >= data.labels.len() {
