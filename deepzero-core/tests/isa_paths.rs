@@ -78,10 +78,29 @@ fn every_instruction_set_gives_the_same_bits() -> Result<()> {
             [3, 16, 16],
         )?,
     ];
-    let paths: Vec<Isa> = [Isa::Avx512, Isa::Avx2, Isa::Portable]
+    let (paths, lacking): (Vec<Isa>, Vec<Isa>) = [Isa::Avx512, Isa::Avx2, Isa::Portable]
         .into_iter()
-        .filter(|i| i.supported())
-        .collect();
+        .partition(|i| i.supported());
+    let names = |v: &[Isa]| v.iter().map(|i| i.name()).collect::<Vec<_>>().join(", ");
+    // Said on every run (`cargo test -- --nocapture` shows it): which paths were compared, and
+    // which this CPU lacks and so went unchecked here. DEEPZERO_REQUIRE_ISA=all makes a
+    // missing path a failure, for a machine that is meant to check them all.
+    eprintln!(
+        "isa_paths: compared {}; not on this CPU: {}",
+        names(&paths),
+        if lacking.is_empty() {
+            "none".to_string()
+        } else {
+            names(&lacking)
+        }
+    );
+    if std::env::var("DEEPZERO_REQUIRE_ISA").is_ok_and(|v| v == "all") {
+        assert!(
+            lacking.is_empty(),
+            "DEEPZERO_REQUIRE_ISA=all: this CPU lacks {}",
+            names(&lacking)
+        );
+    }
     assert!(paths.len() >= 2 || !Isa::Avx2.supported());
     for (m, model) in models.iter().enumerate() {
         let mut first: Option<(Isa, Vec<u32>)> = None;
