@@ -17,7 +17,9 @@ ORDER = ["src", "non", "sol-nograd", "zo-sol", "zo-sol (scratch)", "fo-sol"]
 
 
 def fmt(v):
-    return f"{v:.4g}" if abs(v) < 1e-2 else f"{v:.4f}"
+    if v == 0:
+        return "0"
+    return f"{v:.3e}" if abs(v) < 1e-3 else f"{v:.4f}"
 
 
 def spread(values):
