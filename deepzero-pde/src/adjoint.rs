@@ -128,6 +128,7 @@ mod tests {
             let minus = solver.step(&(&state - &(&delta * eps)), 3)?;
             let numeric = (&(&plus - &minus) * &lambda).sum() / (2.0 * eps);
             let rel = (analytic - numeric).abs() / numeric.abs();
+            eprintln!("Burgers step adjoint (L = {length}) vs central differences: {rel:.2e}");
             assert!(
                 rel < 1e-7,
                 "L = {length}: analytic {analytic}, central differences {numeric} (rel {rel:e})"
