@@ -39,19 +39,11 @@ impl GridSolver {
         match self {
             GridSolver::Burgers2d(solver) => burgers_step_vjp(solver, state, cotangent),
             GridSolver::NavierStokes(solver) => {
-                let expected = [1, solver.size(), solver.size()];
-                for (what, a) in [
+                check_pair(
+                    [1, solver.size(), solver.size()],
                     ("Navier–Stokes state", state),
                     ("Navier–Stokes cotangent", cotangent),
-                ] {
-                    if a.shape() != expected {
-                        return Err(Error::Shape {
-                            what,
-                            expected: expected.to_vec(),
-                            found: a.shape().to_vec(),
-                        });
-                    }
-                }
+                )?;
                 let vorticity = state.index_axis(Axis(0), 0).to_owned();
                 let lambda = cotangent.index_axis(Axis(0), 0).to_owned();
                 Ok(solver.step_vjp(&vorticity, &lambda)?.insert_axis(Axis(0)))
@@ -60,17 +52,13 @@ impl GridSolver {
     }
 }
 
-/// `(∂P(state)/∂state)ᵀ · cotangent` for one Burgers 2-D step from `state` (`[2, n, n]`).
-pub fn burgers_step_vjp(
-    solver: &Burgers2d,
-    state: &Array3<f64>,
-    cotangent: &Array3<f64>,
-) -> Result<Array3<f64>> {
-    let expected = [2, solver.size(), solver.size()];
-    for (what, a) in [
-        ("Burgers 2-D state", state),
-        ("Burgers 2-D cotangent", cotangent),
-    ] {
+/// Checks that a state and its cotangent both have the shape `expected`.
+fn check_pair(
+    expected: [usize; 3],
+    state: (&'static str, &Array3<f64>),
+    cotangent: (&'static str, &Array3<f64>),
+) -> Result<()> {
+    for (what, a) in [state, cotangent] {
         if a.shape() != expected {
             return Err(Error::Shape {
                 what,
@@ -79,6 +67,20 @@ pub fn burgers_step_vjp(
             });
         }
     }
+    Ok(())
+}
+
+/// `(∂P(state)/∂state)ᵀ · cotangent` for one Burgers 2-D step from `state` (`[2, n, n]`).
+pub fn burgers_step_vjp(
+    solver: &Burgers2d,
+    state: &Array3<f64>,
+    cotangent: &Array3<f64>,
+) -> Result<Array3<f64>> {
+    check_pair(
+        [2, solver.size(), solver.size()],
+        ("Burgers 2-D state", state),
+        ("Burgers 2-D cotangent", cotangent),
+    )?;
     let diffused = cotangent
         .outer_iter()
         .map(|c| solver.diffuse(c))

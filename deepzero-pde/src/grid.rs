@@ -79,17 +79,10 @@ pub fn advect_semi_lagrangian(
     spacing: f64,
 ) -> Result<Vec<Array2<f64>>> {
     let shape = u.dim();
-    for (what, dim) in
-        std::iter::once(("v", v.dim())).chain(fields.iter().map(|f| ("advected field", f.dim())))
-    {
-        if dim != shape {
-            return Err(Error::Shape {
-                what,
-                expected: vec![shape.0, shape.1],
-                found: vec![dim.0, dim.1],
-            });
-        }
-    }
+    check_shapes(
+        shape,
+        std::iter::once(("v", v.dim())).chain(fields.iter().map(|f| ("advected field", f.dim()))),
+    )?;
     let (ny, nx) = shape;
     let cells_per_time = dt / spacing;
     let mut outputs = vec![Array2::zeros(shape); fields.len()];
@@ -126,6 +119,23 @@ pub fn advect_semi_lagrangian(
     Ok(outputs)
 }
 
+/// Checks that every named 2-D shape equals `shape`.
+fn check_shapes(
+    shape: (usize, usize),
+    named: impl IntoIterator<Item = (&'static str, (usize, usize))>,
+) -> Result<()> {
+    for (what, dim) in named {
+        if dim != shape {
+            return Err(Error::Shape {
+                what,
+                expected: vec![shape.0, shape.1],
+                found: vec![dim.0, dim.1],
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Cotangents of [`advect_semi_lagrangian`]'s inputs: `(fields, u, v)`.
 pub type AdvectionCotangents = (Vec<Array2<f64>>, Array2<f64>, Array2<f64>);
 
@@ -150,18 +160,12 @@ pub fn advect_semi_lagrangian_vjp(
     d_outputs: &[ArrayView2<'_, f64>],
 ) -> Result<AdvectionCotangents> {
     let shape = u.dim();
-    let all = std::iter::once(("v", v.dim()))
-        .chain(fields.iter().map(|f| ("advected field", f.dim())))
-        .chain(d_outputs.iter().map(|f| ("cotangent", f.dim())));
-    for (what, dim) in all {
-        if dim != shape {
-            return Err(Error::Shape {
-                what,
-                expected: vec![shape.0, shape.1],
-                found: vec![dim.0, dim.1],
-            });
-        }
-    }
+    check_shapes(
+        shape,
+        std::iter::once(("v", v.dim()))
+            .chain(fields.iter().map(|f| ("advected field", f.dim())))
+            .chain(d_outputs.iter().map(|f| ("cotangent", f.dim()))),
+    )?;
     if d_outputs.len() != fields.len() {
         return Err(Error::Shape {
             what: "cotangents of the advected fields",
