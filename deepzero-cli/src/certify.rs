@@ -295,11 +295,18 @@ pub(crate) fn victim_split(spec: &str) -> Result<Split> {
             seed: train_run_args(Path::new(dir))?.seed,
             source: spec.to_string(),
         },
-        None => Split {
+        None => Split::default(),
+    })
+}
+
+impl Default for Split {
+    /// The data set's default split (seed 0).
+    fn default() -> Self {
+        Split {
             seed: 0,
             source: "default".to_string(),
-        },
-    })
+        }
+    }
 }
 
 /// A `deepzero train` run as a classifier: its model, last checkpoint, batch-norm statistics and

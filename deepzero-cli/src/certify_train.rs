@@ -364,7 +364,7 @@ fn train_denoiser_on(args: TrainDenoiserArgs, ranks: &Ranks) -> Result<DenoiserS
     // The victim's own split: its test images are never a denoiser's training images.
     let split = match args.classifier.as_deref() {
         Some(spec) => crate::certify::victim_split(spec)?,
-        None => crate::certify::victim_split("")?,
+        None => crate::certify::Split::default(),
     };
     let (train, test) = raw_data(args.dataset, &args.data_dir, args.train_limit, split.seed)?;
     let shape = [train.channels, train.height, train.width];

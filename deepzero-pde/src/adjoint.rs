@@ -15,24 +15,7 @@ use crate::dataset::GridSolver;
 use crate::error::{Error, Result};
 use crate::grid::advect_semi_lagrangian_vjp;
 
-/// The error for FO-SOL on a solver without an adjoint.
-pub(crate) fn no_adjoint() -> Error {
-    Error::parameter(
-        "method",
-        "fo-sol",
-        "a solver with a hand-written adjoint (burgers, navier-stokes); sol-nograd and zo-sol \
-         need no solver gradient",
-    )
-}
-
 impl GridSolver {
-    /// Whether [`GridSolver::step_vjp`] is available (both solvers have an adjoint).
-    pub fn has_adjoint(&self) -> bool {
-        match self {
-            GridSolver::Burgers2d(_) | GridSolver::NavierStokes(_) => true,
-        }
-    }
-
     /// `(∂P(state)/∂state)ᵀ · cotangent` of one step: [`burgers_step_vjp`], or
     /// [`crate::NavierStokes2d::step_vjp`] on the one-channel vorticity state.
     pub fn step_vjp(&self, state: &Array3<f64>, cotangent: &Array3<f64>) -> Result<Array3<f64>> {

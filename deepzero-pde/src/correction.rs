@@ -764,8 +764,8 @@ impl<'a> SolObjective<'a> {
         })
     }
 
-    /// The same objective with `gradient` offered by [`Objective::loss_and_grad`]. An exact
-    /// gradient needs every window's solver to have an adjoint ([`GridSolver::has_adjoint`]).
+    /// The same objective with `gradient` offered by [`Objective::loss_and_grad`] (an exact one
+    /// through [`GridSolver::step_vjp`]).
     pub fn with_gradient(mut self, gradient: SolGradient) -> Self {
         self.gradient = gradient;
         self
@@ -1199,9 +1199,6 @@ impl<'a> CorrectionTask<'a> {
         let unroll = method.unroll(&config);
         if method == Method::Src {
             return Err(not_trained(method));
-        }
-        if method == Method::FoSol && !train.iter().all(|s| s.solver.has_adjoint()) {
-            return Err(crate::adjoint::no_adjoint());
         }
         if config.batch_size == 0 || config.schedule(method).steps_per_epoch == 0 || unroll == 0 {
             return Err(Error::parameter(
