@@ -8,7 +8,7 @@ use deepzero_core::fast::backprop;
 use deepzero_core::fast::conv_grad;
 use deepzero_core::fast::kernels::{self, Act};
 use deepzero_core::fast::simd::{self, Isa};
-use deepzero_core::fast::{step_cost, Engine};
+use deepzero_core::fast::{append_batch_major, step_cost, Engine};
 use deepzero_core::head::Head;
 use deepzero_core::model::{circular_pad, params_tensor, tensor_to_vec, Model, Padding, Precision};
 use deepzero_core::objective::{ClassifierObjective, Objective};
@@ -189,6 +189,9 @@ pub struct FoBenchArgs {
     /// Threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Instruction set of our kernels: avx512, avx2 or portable [default: the best this CPU runs].
+    #[arg(long, value_parser = parse_isa)]
+    pub isa: Option<Isa>,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -214,8 +217,15 @@ pub struct FoBench {
     /// Of ours, and of candle's, from candle's float64 gradient.
     pub ours_rel_diff_f64: f64,
     pub candle_rel_diff_f64: f64,
+    /// ReLU inputs whose sign differs from the float64 forward's, in our f32 forward and in
+    /// candle's: each such flip changes that position's derivative from 0 to 1 (or back), and
+    /// one flip moves the whole gradient by ≈1e-4 to 1e-3 relative, far more than rounding in
+    /// the sums does. Where both counts are 0, the two distances above measure rounding alone.
+    pub relu_flips_ours: usize,
+    pub relu_flips_candle: usize,
     pub loss_ours: f64,
     pub loss_candle: f64,
+    pub isa: String,
 }
 
 /// Output of `bench cge` (keys as the issue specifies).
@@ -397,6 +407,7 @@ pub fn bench_fo(a: &FoBenchArgs) -> Result<FoBench> {
         bail!("--batch and --steps must be at least 1");
     }
     set_threads(a.threads);
+    let isa = use_isa(a.isa)?;
     let threads = rayon::current_num_threads();
     let BenchBatch {
         model,
@@ -407,6 +418,7 @@ pub fn bench_fo(a: &FoBenchArgs) -> Result<FoBench> {
         ..
     } = a.net.seeded_batch(a.seed)?;
     let device = candle_core::Device::Cpu;
+    let flips = relu_flips(&model, &init, &x, n)?;
     let (obj_x64, y64) = (x.to_dtype(candle_core::DType::F64)?, y.clone());
     let obj = ClassifierObjective::classifier(&model, x, y)?;
     let params = params_tensor(&init, Precision::F32, &device)?;
@@ -446,9 +458,62 @@ pub fn bench_fo(a: &FoBenchArgs) -> Result<FoBench> {
         grad_rel_diff: rel_l2(&g_ours, &g_candle),
         ours_rel_diff_f64: rel_l2(&g_ours, &g64),
         candle_rel_diff_f64: rel_l2(&g_candle, &g64),
+        relu_flips_ours: flips.0,
+        relu_flips_candle: flips.1,
         loss_ours,
         loss_candle,
+        isa: isa.name().into(),
     })
+}
+
+/// ReLU inputs (over every ReLU node of a train-mode forward) whose sign differs from the
+/// float64 forward's: `(our f32 forward, candle's f32 forward)`.
+fn relu_flips(
+    model: &Model,
+    init: &[f64],
+    x: &candle_core::Tensor,
+    n: usize,
+) -> Result<(usize, usize)> {
+    use deepzero_core::model::{Mode, Op};
+    let device = candle_core::Device::Cpu;
+    let candle_regs = |precision: Precision| -> Result<Vec<Vec<f64>>> {
+        let p = params_tensor(init, precision, &device)?;
+        let xs = x.to_dtype(p.dtype())?;
+        let regs = model.forward_cached(&model.param_views(&p)?, &xs, Mode::Train, None)?;
+        regs.iter()
+            .map(|r| {
+                Ok(r.flatten_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_vec1()?)
+            })
+            .collect()
+    };
+    let (r64, r32) = (candle_regs(Precision::F64)?, candle_regs(Precision::F32)?);
+    let p32: Vec<f32> = init.iter().map(|&v| v as f32).collect();
+    let xh: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let trace = backprop::Trace::forward(model, &p32, &xh, n)?;
+    let mut ours = Vec::new();
+    let (mut flips_ours, mut flips_candle) = (0, 0);
+    for node in &model.nodes {
+        if !matches!(node.op, Op::Relu(_)) {
+            continue;
+        }
+        let r = node.inputs[0];
+        ours.clear();
+        append_batch_major(&trace.registers()[r], &mut ours);
+        let differs = |a: f64, b: f64| (a >= 0.0) != (b >= 0.0);
+        flips_ours += ours
+            .iter()
+            .zip(&r64[r])
+            .filter(|(&a, &b)| differs(a, b))
+            .count();
+        flips_candle += r32[r]
+            .iter()
+            .zip(&r64[r])
+            .filter(|(&a, &b)| differs(a, b))
+            .count();
+    }
+    Ok((flips_ours, flips_candle))
 }
 
 /// Matrix-multiply rate of the machine as the engines use it: one single-threaded 512³ f32
@@ -543,7 +608,8 @@ fn bench_kernels(a: &KernelBenchArgs) -> Result<()> {
         let planes: Vec<&[f32]> = (0..ci).map(|c| act.plane(c)).collect();
         let wgrad_s = median_seconds(2, || {
             (0..threads).into_par_iter().for_each(|_| {
-                std::hint::black_box(kernels::conv_weight_grad(&planes, a.batch, &g, &dy, co));
+                let dys: Vec<&[f32]> = dy.chunks_exact(a.batch * g.oh * g.ow).collect();
+                std::hint::black_box(kernels::conv_weight_grad(&planes, a.batch, &g, &dys));
             })
         });
         let wgrad = flops * threads as f64 / wgrad_s / 1e9;

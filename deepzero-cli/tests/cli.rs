@@ -383,3 +383,32 @@ fn gradcheck_cge_central_f64_matches_backprop() -> Result<()> {
     ensure!(err.contains("--estimator"), "{err}");
     Ok(())
 }
+
+/// `bench fo` on a small CNN: our f32 gradient against candle's float64 one. A ReLU input whose
+/// sign differs from the float64 forward's changes that position's derivative outright, so the
+/// distance measures the sums' rounding only where no input flipped: then it must be at the
+/// level of f32 rounding, and no worse than candle's own f32 gradient by more than a factor 2.
+#[test]
+fn bench_fo_gradient_is_accurate() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let o = ok(
+        tmp.path(),
+        &[
+            "bench", "fo", "--model", "cnn", "--depth", "2", "--width", "8", "--batch", "32",
+            "--steps", "1", "--json",
+        ],
+    )?;
+    let v: Value = serde_json::from_str(&stdout(&o))?;
+    let (ours, candle) = (
+        v["ours_rel_diff_f64"].as_f64().context("ours")?,
+        v["candle_rel_diff_f64"].as_f64().context("candle")?,
+    );
+    let flips = v["relu_flips_ours"].as_u64().context("flips")?;
+    ensure!(v["relu_flips_candle"].as_u64().is_some(), "{v}");
+    ensure!(v["isa"].as_str().is_some(), "{v}");
+    if flips == 0 {
+        ensure!(ours < 1e-5, "our f32 gradient is {ours:e} from float64: {v}");
+        ensure!(ours <= 2.0 * candle.max(1e-7), "ours {ours:e} vs candle {candle:e}: {v}");
+    }
+    Ok(())
+}

@@ -356,6 +356,15 @@ fn conv_gradients_match_the_definition() {
         (3, 6, 20, 20, 5, 1, 2, false, 7),
         (3, 4, 7, 7, 3, 1, 0, false, 2),
         (4, 5, 8, 8, 5, 1, 1, true, 2),
+        // Strided with zero padding and sides divisible by the stride (split by phase): k 1,
+        // 3, 4, 5, stride 2 and 3, padding 0 (fewer outputs than phase positions) to 2, and a
+        // batch of several pieces.
+        (2, 3, 6, 6, 1, 2, 0, false, 3),
+        (3, 4, 8, 6, 5, 2, 2, false, 3),
+        (3, 2, 9, 9, 3, 3, 0, false, 2),
+        (2, 2, 8, 8, 4, 2, 1, false, 2),
+        (2, 3, 8, 8, 3, 2, 0, false, 2),
+        (5, 4, 16, 16, 3, 2, 1, false, 20),
     ] {
         let g = ConvGeom::new(k, s, p, circ, h, w);
         let mut act = |c: usize, hh: usize, ww: usize| Act {

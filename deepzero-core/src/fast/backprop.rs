@@ -66,6 +66,12 @@ impl<'a> Trace<'a> {
         out
     }
 
+    /// Every register of the forward, channel-major: the model's input first, then each node's
+    /// output in graph order (as [`Model::forward_cached`] returns them batch-major).
+    pub fn registers(&self) -> &[Act] {
+        &self.regs
+    }
+
     /// The batch-norm statistics of the forward, as the candle forward records them.
     pub fn bn_batch_stats(&self) -> BnBatchStats {
         batch_stats(self.model, &self.regs, &self.caches)

@@ -11,7 +11,7 @@
 //! queries do not fault in fresh pages.
 
 /// Activations `[C, N, H, W]` (a feature matrix `[F, N]` has `h = w = 1`).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub struct Act {
     /// Channels (features).
     pub c: usize,
@@ -111,6 +111,21 @@ impl Drop for Act {
                 p.buffers.push(b);
             }
         });
+    }
+}
+
+impl Clone for Act {
+    /// A copy in a kept buffer (a derived clone would fault in fresh pages every time).
+    fn clone(&self) -> Act {
+        let mut data = pooled(self.data.len(), false);
+        data.copy_from_slice(&self.data);
+        Act {
+            c: self.c,
+            n: self.n,
+            h: self.h,
+            w: self.w,
+            data,
+        }
     }
 }
 
@@ -433,6 +448,60 @@ pub fn conv(
     out
 }
 
+/// [`conv`] of `n` samples given as input-channel slices (`planes[c]`, `[n, H, W]` each, for
+/// example one piece of a batch's planes) into `segments[o]` (`[n, Ho, Wo]` each, for example
+/// one piece of each output plane): no copy of the input piece, and the product goes through a
+/// buffer kept per thread (hot in cache when copied out) instead of a fresh activation.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_into(
+    planes: &[&[f32]],
+    n: usize,
+    g: &ConvGeom,
+    w: &[f32],
+    co: usize,
+    bias: Option<&[f32]>,
+    segments: &mut [&mut [f32]],
+) {
+    let out_plane = n * g.oh * g.ow;
+    assert_eq!(
+        segments.len(),
+        co,
+        "conv_into: one segment per output channel"
+    );
+    PIECE_OUT.with(|cell| {
+        let buf = &mut *cell.borrow_mut();
+        buf.clear();
+        buf.resize(co * out_plane, 0.0);
+        let kk = planes.len() * g.k * g.k;
+        if g.circular && g.stride > 1 {
+            let mut cols = vec![0.0f32; kk * out_plane];
+            im2col(planes, n, g, &mut cols);
+            if let Some(b) = bias {
+                for (o, plane) in buf.chunks_exact_mut(out_plane.max(1)).enumerate() {
+                    plane.fill(b[o]);
+                }
+            }
+            sgemm(
+                co,
+                out_plane,
+                kk,
+                w,
+                kk,
+                &cols,
+                out_plane,
+                buf,
+                out_plane,
+                bias.is_some(),
+            );
+        } else {
+            conv_indirect(planes, n, g, w, kk, co, buf, Epilogue::Set(bias));
+        }
+        for (o, seg) in segments.iter_mut().enumerate() {
+            seg[..out_plane].copy_from_slice(&buf[o * out_plane..(o + 1) * out_plane]);
+        }
+    });
+}
+
 /// What [`conv_indirect`] does with the product.
 #[derive(Clone, Copy)]
 pub enum Epilogue<'a> {
@@ -512,6 +581,8 @@ thread_local! {
     /// Tests: this thread's convolutions take the given instruction set.
     static ISA_OVERRIDE: std::cell::Cell<Option<super::simd::Isa>> = const { std::cell::Cell::new(None) };
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+    /// The product of [`conv_into`] before it is copied out.
+    static PIECE_OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One dimension of a convolution split by stride phase: input index `s·o + t − pad` of tap `t`
@@ -941,18 +1012,17 @@ fn conv_pass(
 /// in L2. The order of the additions is fixed, so the result does not depend on the
 /// instruction set.
 ///
-/// `planes`: the input channels, each `[N, H, W]`; `dy`: `co` planes of `N · Ho · Wo`.
-pub fn conv_weight_grad(
-    planes: &[&[f32]],
-    n: usize,
-    g: &ConvGeom,
-    dy: &[f32],
-    co: usize,
-) -> Vec<f32> {
+/// `planes`: the input channels, each `[N, H, W]`; `dy`: the output channels, each `N · Ho · Wo`
+/// (for example one piece of each of a batch's planes).
+pub fn conv_weight_grad(planes: &[&[f32]], n: usize, g: &ConvGeom, dy: &[&[f32]]) -> Vec<f32> {
     let ci = planes.len();
+    let co = dy.len();
     let kk = ci * g.k * g.k;
     let out_plane = n * g.oh * g.ow;
-    assert!(dy.len() >= co * out_plane, "conv_weight_grad: dy too short");
+    assert!(
+        dy.iter().all(|d| d.len() >= out_plane),
+        "conv_weight_grad: dy too short"
+    );
     let mut dw = vec![0.0f32; co * kk];
     if co == 0 || kk == 0 || out_plane == 0 {
         return dw;
@@ -962,8 +1032,8 @@ pub fn conv_weight_grad(
         let mut cols = vec![0.0f32; kk * out_plane];
         im2col(planes, n, g, &mut cols);
         let mut dyt = vec![0.0f32; out_plane * co];
-        for o in 0..co {
-            for (p, &v) in dy[o * out_plane..(o + 1) * out_plane].iter().enumerate() {
+        for (o, d) in dy.iter().enumerate() {
+            for (p, &v) in d[..out_plane].iter().enumerate() {
                 dyt[p * co + o] = v;
             }
         }
@@ -992,8 +1062,8 @@ pub fn conv_weight_grad(
         let dyq = &mut scratch.product;
         dyq.clear();
         dyq.resize(co * qp, 0.0);
-        for o in 0..co {
-            let src = &dy[o * out_plane..(o + 1) * out_plane];
+        for (o, d) in dy.iter().enumerate() {
+            let src = &d[..out_plane];
             let dst = &mut dyq[o * qp..(o + 1) * qp];
             for (r, row) in src.chunks_exact(g.ow).enumerate() {
                 let q = lay.position(g, r * g.ow);
@@ -1412,7 +1482,8 @@ pub(crate) mod tests {
                     continue;
                 }
                 ISA_OVERRIDE.with(|o| o.set(Some(isa)));
-                let got = conv_weight_grad(&planes, n, &g, &dy, co);
+                let dys: Vec<&[f32]> = dy.chunks_exact(n * g.oh * g.ow).collect();
+                let got = conv_weight_grad(&planes, n, &g, &dys);
                 ISA_OVERRIDE.with(|o| o.set(None));
                 match &first {
                     None => first = Some(got),

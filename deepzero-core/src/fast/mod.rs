@@ -703,7 +703,7 @@ fn softmax_columns(z: &Act) -> Vec<f64> {
 }
 
 /// Append a channel-major activation to `buf` as batch-major f64 `[N, C·H·W]`.
-fn append_batch_major(a: &Act, buf: &mut Vec<f64>) {
+pub fn append_batch_major(a: &Act, buf: &mut Vec<f64>) {
     let hw = a.h * a.w;
     for i in 0..a.n {
         for c in 0..a.c {

@@ -14,51 +14,36 @@ pub fn samples_per_piece(plane: usize) -> usize {
     (PIECE_COLUMNS / plane.max(1)).max(1)
 }
 
-/// A map whose samples do not interact (a layer other than batch norm), run over pieces of the
-/// batch at once and joined back: `forward` maps the pieces of the inputs to the piece of the
-/// output.
-pub(crate) fn map_samples(ins: &[&Act], forward: impl Fn(&[&Act]) -> Act + Sync) -> Act {
-    let x = ins[0];
-    let per = samples_per_piece(x.h * x.w);
-    if per >= x.n {
-        return forward(ins);
+/// `out`'s planes cut into the pieces of [`samples_per_piece`]`(plane)` samples, and `f(start,
+/// samples, segments)` run over the pieces at once, `segments[c]` being the piece's part of
+/// `out`'s plane `c` (`samples · H · W` values): a map whose samples do not interact, written
+/// straight into its output (no piece activations to join).
+pub(crate) fn for_pieces_into(
+    out: &mut Act,
+    plane: usize,
+    f: impl Fn(usize, usize, &mut [&mut [f32]]) + Sync,
+) {
+    let n = out.n;
+    let per = samples_per_piece(plane);
+    let out_image = out.h * out.w;
+    let mut pieces: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(per)).map(|_| Vec::new()).collect();
+    if out_image > 0 {
+        for channel in out.data.chunks_mut(n * out_image) {
+            for (p, segment) in channel.chunks_mut(per * out_image).enumerate() {
+                pieces[p].push(segment);
+            }
+        }
     }
-    let starts: Vec<usize> = (0..x.n).step_by(per).collect();
-    let outs: Vec<Act> = starts
-        .par_iter()
-        .map(|&s0| {
-            let samples = per.min(x.n - s0);
-            let pieces: Vec<Act> = ins.iter().map(|a| sample_range(a, s0, samples)).collect();
-            let refs: Vec<&Act> = pieces.iter().collect();
-            forward(&refs)
-        })
-        .collect();
-    let first = &outs[0];
-    let mut out = Act::zeros(first.c, x.n, first.h, first.w);
-    let plane = out.plane_len();
-    if plane > 0 {
-        out.data
-            .par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(c, dst)| {
-                let mut at = 0;
-                for piece in &outs {
-                    let src = piece.plane(c);
-                    dst[at..at + src.len()].copy_from_slice(src);
-                    at += src.len();
-                }
-            });
-    }
-    out
+    pieces
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(p, mut segments)| f(p * per, per.min(n - p * per), &mut segments));
 }
 
-/// Samples `start..start + count` of `a`.
-fn sample_range(a: &Act, start: usize, count: usize) -> Act {
+/// Samples `start..start + count` of each of `a`'s planes (no copy).
+pub(crate) fn sample_planes(a: &Act, start: usize, count: usize) -> Vec<&[f32]> {
     let hw = a.h * a.w;
-    let mut out = Act::zeros(a.c, count, a.h, a.w);
-    for c in 0..a.c {
-        out.plane_mut(c)
-            .copy_from_slice(&a.plane(c)[start * hw..(start + count) * hw]);
-    }
-    out
+    (0..a.c)
+        .map(|c| &a.plane(c)[start * hw..(start + count) * hw])
+        .collect()
 }

@@ -1,8 +1,8 @@
 //! Element-wise activations.
 
-use super::{zip_apply, Base, CandleCtx, HostParams, Layer, NodeCache, NodeGrads};
+use super::{map_act, zip_apply, Base, CandleCtx, HostParams, Layer, NodeCache, NodeGrads};
 use crate::error::Result;
-use crate::fast::kernels::{self, Act};
+use crate::fast::kernels::Act;
 use crate::layout::ParamLayout;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -23,9 +23,7 @@ impl Layer for Relu {
         Ok(ins[0].relu()?)
     }
     fn forward_fast(&self, ins: &[&Act], _params: HostParams) -> (Act, NodeCache) {
-        let mut out = ins[0].clone();
-        kernels::relu_inplace(&mut out.data);
-        (out, None)
+        (map_act(ins[0], |v| v.max(0.0)), None)
     }
     fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
         // The derivative is taken as 1 at 0, as candle does.

@@ -1,8 +1,8 @@
 //! Nodes that combine or reshape registers: sum, difference, the option-A shortcut.
 
 use super::{
-    change_to_full, image_shape, shape_error, Base, CandleCtx, HostParams, Layer, NodeCache,
-    NodeGrads, Shapes, Spread,
+    change_to_full, image_shape, shape_error, zip_map_act, Base, CandleCtx, HostParams, Layer,
+    NodeCache, NodeGrads, Shapes, Spread,
 };
 use crate::error::Result;
 use crate::fast::kernels::{self, Act};
@@ -75,11 +75,7 @@ fn combine_backward(dy: Act, wanted: &[bool], sign: f32) -> NodeGrads {
 }
 
 fn combine_fast(ins: &[&Act], sign: f32) -> Act {
-    let mut out = ins[0].clone();
-    for (o, &v) in out.data.iter_mut().zip(&ins[1].data) {
-        *o += sign * v;
-    }
-    out
+    zip_map_act(ins[0], ins[1], |a, b| a + sign * b)
 }
 
 impl Layer for Add {

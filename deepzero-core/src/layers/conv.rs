@@ -7,7 +7,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::fast::conv_grad::{conv_backward_data, conv_backward_weight};
 use crate::fast::kernels::{self, Act, ConvGeom};
-use crate::fast::pieces::map_samples;
+use crate::fast::pieces::{for_pieces_into, sample_planes};
 use crate::fast::Change;
 use crate::layout::{ParamEntry, ParamKind, ParamLayout};
 use candle_core::Tensor;
@@ -143,7 +143,15 @@ impl Layer for Conv2d {
         )
     }
     fn forward_train(&self, ins: &[&Act], params: HostParams) -> (Act, NodeCache) {
-        let out = map_samples(ins, |piece| self.forward_fast(piece, params).0);
+        let x = ins[0];
+        let (co, _, k) = self.dims(params.layout);
+        let g = self.geom(k, x.h, x.w);
+        let (w, bias) = (params.get(self.weight), self.bias.map(|b| params.get(b)));
+        let mut out = Act::for_overwrite(co, x.n, g.oh, g.ow);
+        for_pieces_into(&mut out, x.h * x.w, |s0, samples, segments| {
+            let planes = sample_planes(x, s0, samples);
+            kernels::conv_into(&planes, samples, &g, w, co, bias, segments);
+        });
         (out, None)
     }
     fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {

@@ -329,10 +329,43 @@ pub(crate) fn channel_sums(a: &Act) -> Vec<f32> {
         .collect()
 }
 
+/// Values per piece of work of the element-wise maps (64 KiB: enough to outweigh handing it
+/// to a thread).
+const CHUNK: usize = 1 << 14;
+
+/// `f(v)` of every value of `x` into a new activation, in fixed chunks over threads: an
+/// element-wise layer's forward in one pass.
+pub(crate) fn map_act(x: &Act, f: impl Fn(f32) -> f32 + Sync) -> Act {
+    let mut out = Act::for_overwrite(x.c, x.n, x.h, x.w);
+    out.data
+        .par_chunks_mut(CHUNK)
+        .zip(x.data.par_chunks(CHUNK))
+        .for_each(|(o, x)| {
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = f(v);
+            }
+        });
+    out
+}
+
+/// `f(a, b)` of the values of `a` and `b` (same shape) into a new activation, like [`map_act`].
+pub(crate) fn zip_map_act(a: &Act, b: &Act, f: impl Fn(f32, f32) -> f32 + Sync) -> Act {
+    assert_eq!(a.data.len(), b.data.len(), "zip_map_act: shapes differ");
+    let mut out = Act::for_overwrite(a.c, a.n, a.h, a.w);
+    out.data
+        .par_chunks_mut(CHUNK)
+        .zip(a.data.par_chunks(CHUNK).zip(b.data.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = f(a, b);
+            }
+        });
+    out
+}
+
 /// `d ← f(d, v)` element-wise for `d` in `a` and `v` in `b` (same length), in fixed chunks over
 /// threads: an element-wise layer's backward in place of the output gradient.
 pub(crate) fn zip_apply(a: &mut Act, b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
-    const CHUNK: usize = 1 << 14;
     a.data
         .par_chunks_mut(CHUNK)
         .zip(b.par_chunks(CHUNK))
