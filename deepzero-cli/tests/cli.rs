@@ -407,8 +407,14 @@ fn bench_fo_gradient_is_accurate() -> Result<()> {
     ensure!(v["relu_flips_candle"].as_u64().is_some(), "{v}");
     ensure!(v["isa"].as_str().is_some(), "{v}");
     if flips == 0 {
-        ensure!(ours < 1e-5, "our f32 gradient is {ours:e} from float64: {v}");
-        ensure!(ours <= 2.0 * candle.max(1e-7), "ours {ours:e} vs candle {candle:e}: {v}");
+        ensure!(
+            ours < 1e-5,
+            "our f32 gradient is {ours:e} from float64: {v}"
+        );
+        ensure!(
+            ours <= 2.0 * candle.max(1e-7),
+            "ours {ours:e} vs candle {candle:e}: {v}"
+        );
     }
     Ok(())
 }
