@@ -529,6 +529,10 @@ struct Scratch {
     bias: Vec<f32>,
     /// Lane sums of a weight gradient.
     lanes: Vec<f32>,
+    /// `dy` at the padded positions of a weight gradient, and the layout and channel count it
+    /// was laid out for.
+    dy_padded: Vec<f32>,
+    dy_layout: Option<(LayoutKey, usize)>,
     /// Padded input copies by layout. A call with a layout seen before rewrites only the data
     /// slots (its zero slots are still zero), which saves a memset as large as the input.
     layouts: Vec<(LayoutKey, Vec<f32>)>,
@@ -1058,10 +1062,15 @@ pub fn conv_weight_grad(planes: &[&[f32]], n: usize, g: &ConvGeom, dy: &[&[f32]]
         let scratch = &mut *cell.borrow_mut();
         let (padded, key) = lay.fill(scratch, planes, g, lanes);
         lay.offsets(g, &mut scratch.offsets);
-        // dy at the padded positions, zero elsewhere.
-        let dyq = &mut scratch.product;
-        dyq.clear();
-        dyq.resize(co * qp, 0.0);
+        // dy at the padded positions, zero elsewhere: the buffer of the last call with the
+        // same layout and channels has its zeros where they belong already (the pieces of a
+        // batch come one after another on a thread), so only the rows are written then.
+        let dyq = &mut scratch.dy_padded;
+        if scratch.dy_layout != Some((key, co)) {
+            dyq.clear();
+            dyq.resize(co * qp, 0.0);
+            scratch.dy_layout = Some((key, co));
+        }
         for (o, d) in dy.iter().enumerate() {
             let src = &d[..out_plane];
             let dst = &mut dyq[o * qp..(o + 1) * qp];
@@ -1211,24 +1220,9 @@ pub fn linear(x: &Act, w: &[f32], o: usize, bias: Option<&[f32]>) -> Act {
 /// Per-channel batch statistics and normalisation of one plane; returns (mean, 1/std).
 pub fn plane_stats(p: &[f32], eps: f64) -> (f32, f32) {
     let n = p.len() as f64;
-    let mean = sum8(p, |v| v as f64) / n;
-    let var = sum8(p, |v| (v as f64 - mean) * (v as f64 - mean)) / n;
+    let mean = super::simd::sum8(p, |v| v as f64) / n;
+    let var = super::simd::sum8(p, |v| (v as f64 - mean) * (v as f64 - mean)) / n;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
-}
-
-/// `Σ f(v)` in f64 with eight independent accumulators (one f64 add chain is latency-bound;
-/// eight vectorise), added in a fixed order.
-fn sum8(p: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let chunks = p.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += f(v);
-        }
-    }
-    let tail: f64 = rest.iter().map(|&v| f(v)).sum();
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// Batch norm of one plane with its own statistics: `out = γ (x − m)/s + β`.

@@ -466,9 +466,106 @@ fn portable(
     }
 }
 
+/// `Σ f(v)` over `p` in f64 with eight independent accumulators, added in a fixed order (one
+/// f64 add chain is latency-bound; eight vectorise). Compiled for the active instruction set's
+/// vector width: the same additions in the same order on every path, so the same bits.
+pub fn sum8(p: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    match active() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the path is chosen only where the CPU has the feature (`active`).
+        Isa::Avx512 => unsafe { x86::sum8_avx512(p, f) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::sum8_avx2(p, f) },
+        _ => sum8_body(p, f),
+    }
+}
+
+#[inline(always)]
+fn sum8_body(p: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let chunks = p.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    let tail: f64 = rest.iter().map(|&v| f(v)).sum();
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// `(Σ dy, Σ dy · ((x − m) · s))` over one batch-norm channel, in f64 with eight independent
+/// lanes added in a fixed order; compiled per instruction set like [`sum8`], same bits.
+pub fn bn_gradient_sums(x: &[f32], dy: &[f32], m: f32, s: f32) -> (f64, f64) {
+    match active() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the path is chosen only where the CPU has the feature (`active`).
+        Isa::Avx512 => unsafe { x86::bn_gradient_sums_avx512(x, dy, m, s) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::bn_gradient_sums_avx2(x, dy, m, s) },
+        _ => bn_gradient_sums_body(x, dy, m, s),
+    }
+}
+
+#[inline(always)]
+fn bn_gradient_sums_body(x: &[f32], dy: &[f32], m: f32, s: f32) -> (f64, f64) {
+    let (mut sd, mut sdx) = ([0.0f64; 8], [0.0f64; 8]);
+    let (xc, dc) = (x.chunks_exact(8), dy.chunks_exact(8));
+    let (xr, dr) = (xc.remainder(), dc.remainder());
+    for (xs, ds) in xc.zip(dc) {
+        for l in 0..8 {
+            sd[l] += ds[l] as f64;
+            sdx[l] += ds[l] as f64 * ((xs[l] - m) * s) as f64;
+        }
+    }
+    for (&xv, &d) in xr.iter().zip(dr) {
+        sd[0] += d as f64;
+        sdx[0] += d as f64 * ((xv - m) * s) as f64;
+    }
+    (sd.iter().sum(), sdx.iter().sum())
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// [`super::sum8`] compiled for AVX-512.
+    ///
+    /// # Safety
+    /// AVX-512F present.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn sum8_avx512(p: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+        super::sum8_body(p, f)
+    }
+
+    /// [`super::sum8`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// AVX2 present.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn sum8_avx2(p: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+        super::sum8_body(p, f)
+    }
+
+    /// [`super::bn_gradient_sums`] compiled for AVX-512.
+    ///
+    /// # Safety
+    /// AVX-512F present.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn bn_gradient_sums_avx512(x: &[f32], dy: &[f32], m: f32, s: f32) -> (f64, f64) {
+        super::bn_gradient_sums_body(x, dy, m, s)
+    }
+
+    /// [`super::bn_gradient_sums`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// AVX2 present.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn bn_gradient_sums_avx2(x: &[f32], dy: &[f32], m: f32, s: f32) -> (f64, f64) {
+        super::bn_gradient_sums_body(x, dy, m, s)
+    }
 
     /// One tile of [`super::dot_lanes`]: `ni × nj` lane sets, dispatched to a fixed-size kernel.
     ///

@@ -3,6 +3,7 @@
 use super::{Base, BnCache, CandleCtx, HostParams, Layer, NodeCache, NodeGrads};
 use crate::error::Result;
 use crate::fast::kernels::{self, Act};
+use crate::fast::simd;
 use crate::fast::Change;
 use crate::layout::{ParamEntry, ParamKind, ParamLayout};
 use crate::model::{Mode, BN_EPS};
@@ -68,7 +69,7 @@ impl Layer for BatchNorm {
     fn forward_fast(&self, ins: &[&Act], params: HostParams) -> (Act, NodeCache) {
         let x = ins[0];
         let (g, b) = (params.get(self.scale), params.get(self.shift));
-        let mut out = Act::zeros(x.c, x.n, x.h, x.w);
+        let mut out = Act::for_overwrite(x.c, x.n, x.h, x.w);
         let plane = x.plane_len().max(1);
         // Channels over threads; each channel's statistics are its own (no cross-thread sums).
         let (mean, inv_std): (Vec<f32>, Vec<f32>) = out
@@ -94,7 +95,7 @@ impl Layer for BatchNorm {
             .map(|(c, d)| {
                 let (m, s) = (bn.mean[c], bn.inv_std[c]);
                 let xs = x.plane(c);
-                let (sum_dy, sum_dy_xhat) = gradient_sums(xs, d, m, s);
+                let (sum_dy, sum_dy_xhat) = simd::bn_gradient_sums(xs, d, m, s);
                 if wanted[0] {
                     let a = gamma[c] * s;
                     let (mean_dy, mean_dy_xhat) =
@@ -149,25 +150,6 @@ impl Layer for BatchNorm {
         bn_delta(x, d, bn.mean[c], bn.inv_std[c], gamma, out.plane_mut(c));
         Some(c)
     }
-}
-
-/// `(Σ dy, Σ dy·(x − m)·s)` over one channel, in f64 with eight independent lanes (one f64
-/// add chain is latency-bound), added in a fixed order.
-fn gradient_sums(x: &[f32], dy: &[f32], m: f32, s: f32) -> (f64, f64) {
-    let (mut sd, mut sdx) = ([0.0f64; 8], [0.0f64; 8]);
-    let (xc, dc) = (x.chunks_exact(8), dy.chunks_exact(8));
-    let (xr, dr) = (xc.remainder(), dc.remainder());
-    for (xs, ds) in xc.zip(dc) {
-        for l in 0..8 {
-            sd[l] += ds[l] as f64;
-            sdx[l] += ds[l] as f64 * ((xs[l] - m) * s) as f64;
-        }
-    }
-    for (&xv, &d) in xr.iter().zip(dr) {
-        sd[0] += d as f64;
-        sdx[0] += d as f64 * ((xv - m) * s) as f64;
-    }
-    (sd.iter().sum(), sdx.iter().sum())
 }
 
 /// Batch-norm output change of one channel: `γ[(Δ − Δm)·s' + (x − m)(s' − s)]` with the new
