@@ -126,25 +126,6 @@ impl ModelClassifier {
         let views = self.model.param_views(&self.params)?;
         Ok(self.model.forward(&views, &x, Mode::Eval(&self.bn))?)
     }
-
-    fn forward_chunk(&self, views: &[Tensor], images: &[f32], n: usize) -> Result<Vec<f32>> {
-        let [c, h, w] = self.model.input_shape;
-        let plane = h * w;
-        let mut x = images.to_vec();
-        for (k, pixels) in x.chunks_exact_mut(plane).enumerate() {
-            let (mean, std) = (self.norm.mean[k % c], self.norm.std[k % c]);
-            for v in pixels {
-                *v = (*v - mean) / std;
-            }
-        }
-        let x = Tensor::from_vec(x, (n, c, h, w), self.params.device())?
-            .to_dtype(self.params.dtype())?;
-        let logits = self.model.forward(views, &x, Mode::Eval(&self.bn))?;
-        Ok(logits
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?)
-    }
 }
 
 impl BlackBox for ModelClassifier {
@@ -163,13 +144,17 @@ impl BlackBox for ModelClassifier {
 
     fn logits(&self, images: &[f32], n: usize) -> Result<Vec<f32>> {
         check_batch(images, n, self.model.input_shape)?;
-        let views = self.model.param_views(&self.params)?;
-        let per_image: usize = self.model.input_shape.iter().product();
-        let mut out = Vec::with_capacity(n * self.model.output_len());
-        for chunk in images.chunks(MODEL_CHUNK * per_image.max(1)) {
-            let m = chunk.len() / per_image.max(1);
-            out.extend(self.forward_chunk(&views, chunk, m)?);
+        // The normalisation the model was trained with, then the model in eval mode (on our
+        // kernels for f32 parameters on the CPU).
+        let [c, h, w] = self.model.input_shape;
+        let mut x = images.to_vec();
+        for (k, pixels) in x.chunks_exact_mut((h * w).max(1)).enumerate() {
+            let (mean, std) = (self.norm.mean[k % c], self.norm.std[k % c]);
+            for v in pixels {
+                *v = (*v - mean) / std;
+            }
         }
+        let out = eval_forward(&self.model, &self.params, &self.bn, &x, n, MODEL_CHUNK)?;
         self.queries.add(n);
         Ok(out)
     }
@@ -177,4 +162,48 @@ impl BlackBox for ModelClassifier {
     fn queries(&self) -> u64 {
         self.queries.get()
     }
+}
+
+/// `n` images (`[N, C, H, W]` f32, batch-major) through `model` in eval mode (batch norm with
+/// `bn`) at the flat parameters `params`, `chunk` images per forward pass; f32 out, `[N,
+/// output_len]`. With f32 parameters on the CPU the passes run on our kernels
+/// ([`deepzero_core::fast::forward_eval`]); otherwise on candle in the parameters' dtype.
+pub(crate) fn eval_forward(
+    model: &Model,
+    params: &Tensor,
+    bn: &BnState,
+    images: &[f32],
+    n: usize,
+    chunk: usize,
+) -> Result<Vec<f32>> {
+    let [c, h, w] = model.input_shape;
+    let per = c * h * w;
+    if images.len() != n * per {
+        return Err(Error::Shape(format!(
+            "{n} images of {:?} need {} values, got {}",
+            model.input_shape,
+            n * per,
+            images.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(n * model.output_len());
+    if params.dtype() == DType::F32 && params.device().is_cpu() {
+        let host = params.to_vec1::<f32>()?;
+        for part in images.chunks(chunk.max(1) * per.max(1)) {
+            let m = part.len() / per.max(1);
+            out.extend(deepzero_core::fast::forward_eval(
+                model, &host, bn, part, m,
+            )?);
+        }
+        return Ok(out);
+    }
+    let views = model.param_views(params)?;
+    for part in images.chunks(chunk.max(1) * per.max(1)) {
+        let m = part.len() / per.max(1);
+        let x =
+            Tensor::from_slice(part, (m, c, h, w), params.device())?.to_dtype(params.dtype())?;
+        let y = model.forward(&views, &x, Mode::Eval(bn))?;
+        out.extend(y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
 }

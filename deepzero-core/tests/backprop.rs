@@ -397,3 +397,64 @@ fn conv_gradients_match_the_definition() {
         }
     }
 }
+
+/// The eval-mode forward on our kernels (batch norm with running statistics) against candle's
+/// eval forward in f64, on models with batch norm, max pooling, stride 2 and shortcuts, with
+/// running statistics away from 0 and 1; a state of the wrong shape is refused.
+#[test]
+fn eval_forward_matches_candle() -> Result<()> {
+    use deepzero_core::fast::forward_eval;
+    use deepzero_core::model::{BnState, Mode};
+    let mut rng = StdRng::seed_from_u64(90);
+    for (model, n) in [
+        (
+            Model::build(
+                &ModelSpec::SimpleCnn { depth: 2, width: 6 },
+                [1, 12, 12],
+                10,
+            )?,
+            37,
+        ),
+        (Model::build(&ModelSpec::Resnet20, [3, 8, 8], 10)?, 5),
+    ] {
+        let params = params_for(&model, &mut rng);
+        let bn = BnState {
+            mean: model
+                .bn_channels
+                .iter()
+                .map(|&c| (0..c).map(|_| rng.random::<f64>() - 0.5).collect())
+                .collect(),
+            var: model
+                .bn_channels
+                .iter()
+                .map(|&c| (0..c).map(|_| 0.5 + rng.random::<f64>()).collect())
+                .collect(),
+        };
+        let [c, h, w] = model.input_shape;
+        let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
+        let p32: Vec<f32> = params.iter().map(|&v| v as f32).collect();
+        let ours: Vec<f64> = forward_eval(&model, &p32, &bn, &x, n)?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let dev = Device::Cpu;
+        let p64 = params_tensor(
+            &p32.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            Precision::F64,
+            &dev,
+        )?;
+        let xt = Tensor::from_slice(&x, (n, c, h, w), &dev)?.to_dtype(DType::F64)?;
+        let want =
+            tensor_to_vec(&model.forward(&model.param_views(&p64)?, &xt, Mode::Eval(&bn))?)?;
+        let d = rel_l2(&ours, &want);
+        assert!(
+            d < 1e-5,
+            "{}: eval forward {d:e} from candle f64",
+            model.name
+        );
+        let mut short = bn.clone();
+        short.mean[0].pop();
+        assert!(forward_eval(&model, &p32, &short, &x, n).is_err());
+    }
+    Ok(())
+}

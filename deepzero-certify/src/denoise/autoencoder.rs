@@ -153,24 +153,5 @@ impl Autoencoder {
 
 /// A batch-norm-free model on `n` flat inputs, in chunks.
 fn run_flat(model: &Model, params: &Tensor, input: &[f32], n: usize) -> Result<Vec<f32>> {
-    let [c, h, w] = model.input_shape;
-    let per = c * h * w;
-    if input.len() != n * per {
-        return Err(Error::Shape(format!(
-            "{n} inputs of {:?} need {} values, got {}",
-            model.input_shape,
-            n * per,
-            input.len()
-        )));
-    }
-    let views = model.param_views(params)?;
-    let no_bn = BnState::default();
-    let mut out = Vec::with_capacity(n * model.output_len());
-    for chunk in input.chunks(1024 * per) {
-        let m = chunk.len() / per;
-        let x = Tensor::from_slice(chunk, (m, c, h, w), &Device::Cpu)?;
-        let y = model.forward(&views, &x, Mode::Eval(&no_bn))?;
-        out.extend(y.flatten_all()?.to_vec1::<f32>()?);
-    }
-    Ok(out)
+    crate::model::eval_forward(model, params, &BnState::default(), input, n, 1024)
 }

@@ -33,13 +33,13 @@ pub use objectives::{FoObjective, ZoAeObjective, ZoDsObjective};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use deepzero_core::data::Dataset;
 use deepzero_core::estimator::{Backprop, Cge, GradientEstimator};
 use deepzero_core::estimator::{EstimatorConfig, EstimatorKind};
 use deepzero_core::head::{cross_entropy_f64, Head};
 use deepzero_core::layout::ParamLayout;
-use deepzero_core::model::{BnBatchStats, BnState, Mode, Model, Precision};
+use deepzero_core::model::{BnBatchStats, BnState, Model, Precision};
 use deepzero_core::objective::{ModelObjective, Objective};
 use deepzero_core::query::{Difference, QueryEngine};
 use deepzero_core::seed::{derive_seed, stream_rng};
@@ -583,26 +583,7 @@ pub fn denoise_images(
     images: &[f32],
     n: usize,
 ) -> Result<Vec<f32>> {
-    let [c, h, w] = model.input_shape;
-    let per = c * h * w;
-    if images.len() != n * per {
-        return Err(Error::Shape(format!(
-            "{n} images of {:?} need {} values, got {}",
-            model.input_shape,
-            n * per,
-            images.len()
-        )));
-    }
-    let views = model.param_views(params)?;
-    let mut out = Vec::with_capacity(n * model.output_len());
-    for chunk in images.chunks(DENOISE_CHUNK * per.max(1)) {
-        let m = chunk.len() / per;
-        let x =
-            Tensor::from_slice(chunk, (m, c, h, w), params.device())?.to_dtype(params.dtype())?;
-        let y = model.forward(&views, &x, Mode::Eval(bn))?;
-        out.extend(y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-    }
-    Ok(out)
+    crate::model::eval_forward(model, params, bn, images, n, DENOISE_CHUNK)
 }
 
 impl Task for DenoiserTask<'_> {

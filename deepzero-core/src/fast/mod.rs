@@ -31,7 +31,7 @@ pub mod simd;
 use crate::error::{Error, Result};
 use crate::head::Head;
 use crate::layers::{Base, HostParams, NodeCache, Shapes, Spread};
-use crate::model::{BnBatchStats, Model, Op, BN_EPS};
+use crate::model::{BnBatchStats, BnState, Model, Node, Op, BN_EPS};
 use crate::query::{draw_direction, Difference, Direction, QueryEngine};
 use kernels::Act;
 use rayon::prelude::*;
@@ -592,6 +592,62 @@ impl<'a> Engine<'a> {
 /// statistics, as [`crate::model::Mode::Train`]), each register dropped after its last reader.
 /// For callers that run the network inside a black box of their own (a solver loop).
 pub fn forward(model: &Model, params: &[f32], x: &[f32], n: usize) -> Result<Vec<f64>> {
+    let z = run_forward(model, params, x, n, |node, ins, host| {
+        node.op.layer().forward_fast(ins, host).0
+    })?;
+    let mut out = Vec::with_capacity(z.data.len());
+    append_batch_major(&z, &mut out);
+    Ok(out)
+}
+
+/// The output of `model` in eval mode (batch norm with the running statistics `bn`, as
+/// [`crate::model::Mode::Eval`]) at `params` on `x` (`[N, C, H, W]`, batch-major f32, `n`
+/// samples), batch-major `[N, output_len]` in f32: one forward on our kernels, each layer spread
+/// over threads (convolutions by pieces of the batch, the rest by channels or chunks), each
+/// register dropped after its last reader. A trained network used as a classifier.
+pub fn forward_eval(
+    model: &Model,
+    params: &[f32],
+    bn: &BnState,
+    x: &[f32],
+    n: usize,
+) -> Result<Vec<f32>> {
+    let fits = bn.mean.len() == model.bn_channels.len()
+        && bn.var.len() == model.bn_channels.len()
+        && model
+            .bn_channels
+            .iter()
+            .zip(bn.mean.iter().zip(&bn.var))
+            .all(|(&c, (m, v))| m.len() == c && v.len() == c);
+    if !fits {
+        return Err(shape_error(format!(
+            "the batch-norm state does not fit model {}: it needs running means and variances \
+             for channels {:?}",
+            model.name, model.bn_channels
+        )));
+    }
+    let z = run_forward(model, params, x, n, |node, ins, host| {
+        node.op.layer().forward_eval(ins, host, bn)
+    })?;
+    let (hw, len) = (z.h * z.w, z.c * z.h * z.w);
+    let mut out = vec![0.0f32; z.data.len()];
+    for c in 0..z.c {
+        let plane = z.plane(c);
+        for i in 0..z.n {
+            out[i * len + c * hw..][..hw].copy_from_slice(&plane[i * hw..][..hw]);
+        }
+    }
+    Ok(out)
+}
+
+/// The forward loop of [`forward`] and [`forward_eval`]: `step` computes one node's output.
+fn run_forward(
+    model: &Model,
+    params: &[f32],
+    x: &[f32],
+    n: usize,
+    step: impl Fn(&Node, &[&Act], HostParams) -> Act,
+) -> Result<Act> {
     check_batch(model, params, x, n)?;
     let [c, h, w] = model.input_shape;
     let last_use = last_uses(model);
@@ -612,7 +668,7 @@ pub fn forward(model: &Model, params: &[f32], x: &[f32], n: usize) -> Result<Vec
                     .expect("a register is read before its last use")
             })
             .collect();
-        let (out, _) = node.op.layer().forward_fast(&ins, host);
+        let out = step(node, &ins, host);
         regs.push(Some(out));
         for &r in &node.inputs {
             if last_use[r] == k {
@@ -620,13 +676,9 @@ pub fn forward(model: &Model, params: &[f32], x: &[f32], n: usize) -> Result<Vec
             }
         }
     }
-    let z = regs
-        .pop()
+    regs.pop()
         .flatten()
-        .ok_or_else(|| shape_error(format!("model {} has no output", model.name)))?;
-    let mut out = Vec::with_capacity(z.data.len());
-    append_batch_major(&z, &mut out);
-    Ok(out)
+        .ok_or_else(|| shape_error(format!("model {} has no output", model.name)))
 }
 
 /// Check `params` and a batch `x` of `n` samples (`[N, C, H, W]`, batch-major) against `model`.

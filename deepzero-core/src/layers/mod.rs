@@ -28,7 +28,7 @@ use crate::error::Result;
 use crate::fast::kernels::Act;
 use crate::fast::Change;
 use crate::layout::{ParamEntry, ParamLayout};
-use crate::model::{BnBatchStats, Mode};
+use crate::model::{BnBatchStats, BnState, Mode};
 use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -223,6 +223,12 @@ pub(crate) trait Layer: Sync {
     /// over threads (results must not depend on their count). Default: `forward_fast`.
     fn forward_train(&self, ins: &[&Act], params: HostParams) -> (Act, NodeCache) {
         self.forward_fast(ins, params)
+    }
+    /// Forward in eval mode on our kernels, spread over threads like [`Layer::forward_train`]:
+    /// batch norm with the running statistics `bn` (as [`crate::model::Mode::Eval`]), every
+    /// other layer as in train mode. Default: `forward_train`'s output.
+    fn forward_eval(&self, ins: &[&Act], params: HostParams, _bn: &BnState) -> Act {
+        self.forward_train(ins, params).0
     }
     /// Backward: the gradients of the loss with respect to the inputs (those `wanted`) and the
     /// parameters, given `dy`, the gradient with respect to the output of the forward `base`

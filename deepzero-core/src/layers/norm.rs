@@ -6,7 +6,7 @@ use crate::fast::kernels::{self, Act};
 use crate::fast::simd;
 use crate::fast::Change;
 use crate::layout::{ParamEntry, ParamKind, ParamLayout};
-use crate::model::{Mode, BN_EPS};
+use crate::model::{BnState, Mode, BN_EPS};
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -79,6 +79,24 @@ impl Layer for BatchNorm {
             .map(|(c, dst)| kernels::bn_plane(x.plane(c), g[c], b[c], BN_EPS, dst))
             .unzip();
         (out, Some(BnCache { mean, inv_std }))
+    }
+    fn forward_eval(&self, ins: &[&Act], params: HostParams, bn: &BnState) -> Act {
+        // The candle eval forward's operations, in its order: (x − m) / √(v + ε) · γ + β.
+        let x = ins[0];
+        let (g, b) = (params.get(self.scale), params.get(self.shift));
+        let (mean, var) = (&bn.mean[self.stats], &bn.var[self.stats]);
+        let mut out = Act::for_overwrite(x.c, x.n, x.h, x.w);
+        let plane = x.plane_len().max(1);
+        out.data
+            .par_chunks_mut(plane)
+            .enumerate()
+            .for_each(|(c, dst)| {
+                let (m, sd) = (mean[c] as f32, ((var[c] as f32) + BN_EPS as f32).sqrt());
+                for (o, &v) in dst.iter_mut().zip(x.plane(c)) {
+                    *o = (v - m) / sd * g[c] + b[c];
+                }
+            });
+        out
     }
     fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
         // With x̂ = (x − m)·s: dγ = Σ dy·x̂, dβ = Σ dy, and through the batch's mean and

@@ -63,9 +63,12 @@ fn per_channel_backward(x: &Act, wanted: bool, f: impl Fn(usize, &mut [f32]) + S
 
 fn pool_fast(x: &Act, k: usize, max: bool) -> Act {
     let mut out = Act::zeros(x.c, x.n, x.h / k, x.w / k);
-    for c in 0..x.c {
-        kernels::pool_plane(x.plane(c), x.n, x.h, x.w, k, max, out.plane_mut(c));
-    }
+    let plane = out.plane_len().max(1);
+    // Channels over threads.
+    out.data
+        .par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(c, dst)| kernels::pool_plane(x.plane(c), x.n, x.h, x.w, k, max, dst));
     out
 }
 
