@@ -360,50 +360,63 @@ fn denoised_classifier_is_denoiser_then_classifier() -> Result<()> {
 }
 
 #[test]
-fn zo_ds_backprop_on_our_kernels_matches_candle() -> Result<()> {
-    // The same ZO-DS objective (batch, noise, directions) with f32 parameters (the denoiser's
-    // backward on our kernels) and f64 ones (candle autograd): losses and gradients agree, and
-    // both record the denoiser's batch-norm statistics.
-    let (train, test, victim) = digits_and_victim(DType::F32)?;
+fn chains_on_our_kernels_match_candle() -> Result<()> {
+    // The same objective (batch, noise, directions) of ZO-DS, FO-DS and ZO-AE-DS with f32
+    // parameters (the denoiser's, the classifier's and the encoder's forwards and backwards on
+    // our kernels) and f64 ones (candle autograd): losses and gradients agree, and both record
+    // the denoiser's batch-norm statistics.
+    let (train, test, victim32) = digits_and_victim(DType::F32)?;
+    let (_, _, victim64) = digits_and_victim(DType::F64)?;
     let train = train.take(8);
-    let victim = Arc::new(victim);
+    let (victim32, victim64) = (Arc::new(victim32), Arc::new(victim64));
+    let ae = autoencoder(&train, &test, victim32.clone())?;
     let model = denoiser()?;
-    let mut results = Vec::new();
-    for (precision, dtype) in [(Precision::F32, DType::F32), (Precision::F64, DType::F64)] {
-        let mut cfg = config(DenoiseMethod::ZoDs, precision);
-        cfg.batch_size = 4;
-        let task = DenoiserTask::new(
-            &model,
-            &train,
-            &test,
-            victim.clone(),
-            Some(victim.clone()),
-            None,
-            cfg,
-        )?;
-        let obj = task.objective(0, 0, 3)?;
-        let (loss, g) = obj.loss_and_grad(&init(&model, dtype)?)?.expect("gradient");
-        let stats = obj.take_bn_stats().expect("batch-norm statistics");
-        assert_eq!(stats.stats.len(), model.bn_channels.len());
-        results.push((loss, host(&g)?, stats));
-    }
-    let ((l32, g32, s32), (l64, g64, s64)) = (&results[0], &results[1]);
-    let num: f64 = g32.iter().zip(g64).map(|(a, b)| (a - b).powi(2)).sum();
-    let den: f64 = g64.iter().map(|b| b * b).sum();
-    let rel = (num / den).sqrt();
-    assert!(
-        (l32 - l64).abs() < 1e-4 * l64.abs().max(1.0),
-        "{l32} vs {l64}"
-    );
-    assert!(
-        rel < 1e-3,
-        "ZO-DS gradient, f32 ours vs f64 candle: rel L2 {rel:.2e}"
-    );
-    for ((m, v, n), (m64, v64, n64)) in s32.stats.iter().zip(&s64.stats) {
-        assert_eq!(n, n64);
-        for c in 0..m.len() {
-            assert!((m[c] - m64[c]).abs() < 1e-5 * (1.0 + m64[c].abs()));
-            assert!((v[c] - v64[c]).abs() < 1e-4 * v64[c].abs() + 1e-9);
+    for method in [
+        DenoiseMethod::ZoDs,
+        DenoiseMethod::Fo,
+        DenoiseMethod::ZoAeDs,
+    ] {
+        let mut results = Vec::new();
+        for (precision, dtype, victim) in [
+            (Precision::F32, DType::F32, &victim32),
+            (Precision::F64, DType::F64, &victim64),
+        ] {
+            let mut cfg = config(method, precision);
+            cfg.batch_size = 4;
+            let task = DenoiserTask::new(
+                &model,
+                &train,
+                &test,
+                victim.clone(),
+                Some(victim.clone()),
+                (method == DenoiseMethod::ZoAeDs).then(|| ae.clone()),
+                cfg,
+            )?;
+            let obj = task.objective(0, 0, 3)?;
+            let (loss, g) = obj.loss_and_grad(&init(&model, dtype)?)?.expect("gradient");
+            let stats = obj.take_bn_stats().expect("batch-norm statistics");
+            assert_eq!(stats.stats.len(), model.bn_channels.len());
+            results.push((loss, host(&g)?, stats));
+        }
+        let ((l32, g32, s32), (l64, g64, s64)) = (&results[0], &results[1]);
+        let num: f64 = g32.iter().zip(g64).map(|(a, b)| (a - b).powi(2)).sum();
+        let den: f64 = g64.iter().map(|b| b * b).sum();
+        let rel = (num / den).sqrt();
+        assert!(
+            (l32 - l64).abs() < 1e-4 * l64.abs().max(1.0),
+            "{method:?}: {l32} vs {l64}"
+        );
+        assert!(
+            rel < 1e-3,
+            "{method:?} gradient, f32 ours vs f64 candle: rel L2 {rel:.2e}"
+        );
+        eprintln!("{method:?}: loss {l32} vs {l64}, gradient rel L2 {rel:.2e}");
+        for ((m, v, n), (m64, v64, n64)) in s32.stats.iter().zip(&s64.stats) {
+            assert_eq!(n, n64);
+            for c in 0..m.len() {
+                assert!((m[c] - m64[c]).abs() < 1e-5 * (1.0 + m64[c].abs()));
+                assert!((v[c] - v64[c]).abs() < 1e-4 * v64[c].abs() + 1e-9);
+            }
         }
     }
     Ok(())

@@ -458,3 +458,79 @@ fn eval_forward_matches_candle() -> Result<()> {
     }
     Ok(())
 }
+
+/// An eval-mode trace (batch norm with fixed running statistics) gives the gradients of the
+/// mean cross-entropy with respect to the input and the parameters that candle autograd gives
+/// through its eval forward in f64.
+#[test]
+fn eval_trace_gradients_match_candle() -> Result<()> {
+    use candle_core::Var;
+    use deepzero_core::fast::append_batch_major;
+    use deepzero_core::fast::backprop::{head_loss_and_grad, Trace};
+    use deepzero_core::model::{per_sample_cross_entropy, BnState, Mode};
+    let mut rng = StdRng::seed_from_u64(91);
+    for (model, n) in [
+        (
+            Model::build(
+                &ModelSpec::SimpleCnn { depth: 2, width: 5 },
+                [1, 12, 12],
+                10,
+            )?,
+            9,
+        ),
+        (Model::build(&ModelSpec::Resnet20, [3, 8, 8], 10)?, 3),
+    ] {
+        let params = params_for(&model, &mut rng);
+        let bn = BnState {
+            mean: model
+                .bn_channels
+                .iter()
+                .map(|&c| (0..c).map(|_| rng.random::<f64>() - 0.5).collect())
+                .collect(),
+            var: model
+                .bn_channels
+                .iter()
+                .map(|&c| (0..c).map(|_| 0.5 + rng.random::<f64>()).collect())
+                .collect(),
+        };
+        let [c, h, w] = model.input_shape;
+        let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
+        let labels: Vec<u32> = (0..n).map(|i| (i % 10) as u32).collect();
+        let p32: Vec<f32> = params.iter().map(|&v| v as f32).collect();
+        let trace = Trace::forward_eval(&model, &p32, &bn, &x, n)?;
+        let (loss, d) = head_loss_and_grad(&Head::CrossEntropy(labels.clone()), trace.output())?;
+        let mut g = Vec::new();
+        append_batch_major(&d, &mut g);
+        let (dp, dx) = trace.backward_with_input(&g)?;
+        assert!(trace.bn_batch_stats().stats.is_empty());
+
+        let dev = Device::Cpu;
+        let p64: Vec<f64> = p32.iter().map(|&v| v as f64).collect();
+        let pv = Var::from_tensor(&params_tensor(&p64, Precision::F64, &dev)?)?;
+        let xv =
+            Var::from_tensor(&Tensor::from_slice(&x, (n, c, h, w), &dev)?.to_dtype(DType::F64)?)?;
+        let logits = model.forward(
+            &model.param_views(pv.as_tensor())?,
+            xv.as_tensor(),
+            Mode::Eval(&bn),
+        )?;
+        let y = Tensor::from_slice(&labels, n, &dev)?;
+        let l = per_sample_cross_entropy(&logits, &y)?.mean_all()?;
+        let grads = l.backward()?;
+        let want_p = tensor_to_vec(grads.get(pv.as_tensor()).expect("parameter gradient"))?;
+        let want_x = tensor_to_vec(grads.get(xv.as_tensor()).expect("input gradient"))?;
+        let want_loss = l.to_scalar::<f64>()?;
+        assert!(
+            (loss - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0),
+            "{}: loss",
+            model.name
+        );
+        let (ep, ex) = (rel_l2(&dp, &want_p), rel_l2(&dx, &want_x));
+        assert!(
+            ep < 1e-4 && ex < 1e-4,
+            "{}: parameters {ep:e}, input {ex:e}",
+            model.name
+        );
+    }
+    Ok(())
+}

@@ -126,6 +126,11 @@ impl Autoencoder {
         &self.full_params
     }
 
+    /// The encoder `E` and its parameters (f32 on the CPU), for callers that chain through it.
+    pub(crate) fn encoder_parts(&self) -> (&Model, &Tensor) {
+        (&self.encoder, &self.encoder_params)
+    }
+
     /// Codes `[N, code]` of images `[N, C, H, W]` as a candle expression (gradients flow to
     /// the images; the encoder's parameters are constants), in the images' dtype.
     pub fn encode(&self, images: &Tensor) -> Result<Tensor> {

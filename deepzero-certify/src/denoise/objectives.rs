@@ -2,15 +2,17 @@
 //! FO-DS (the classifier's true gradient), ZO-DS (RGE at the classifier's input) and ZO-AE-DS
 //! (CGE at an autoencoder's code). Each offers `loss` (the black-box loss, for any estimator)
 //! and `loss_and_grad` (what the `Backprop` estimator uses), and records the denoiser's
-//! batch-norm statistics of the step. ZO-DS backpropagates through the denoiser on our kernels
-//! when the parameters are f32 on the CPU; FO-DS (through the classifier) and ZO-AE-DS (through
-//! the encoder) chain by candle autograd.
+//! batch-norm statistics of the step. With f32 parameters on the CPU every chain runs on our
+//! kernels ([`Trace`]: the denoiser in train mode, the classifier of FO-DS in eval mode, the
+//! encoder of ZO-AE-DS); otherwise by candle autograd.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor, Var};
-use deepzero_core::fast::backprop::Trace;
+use deepzero_core::fast::append_batch_major;
+use deepzero_core::fast::backprop::{head_loss_and_grad, Trace};
+use deepzero_core::head::Head;
 use deepzero_core::layout::ParamLayout;
 use deepzero_core::model::{per_sample_cross_entropy, BnBatchStats, Mode, Model};
 use deepzero_core::objective::Objective;
@@ -92,6 +94,39 @@ impl<'a> DenoiserBatch<'a> {
     }
 }
 
+/// A tensor's values on the host when it is f32 on the CPU.
+fn host_if_f32_cpu(t: &Tensor) -> Result<Option<Vec<f32>>> {
+    if t.dtype() != DType::F32 || !t.device().is_cpu() {
+        return Ok(None);
+    }
+    Ok(Some(t.to_vec1::<f32>()?))
+}
+
+impl DenoiserBatch<'_> {
+    /// The denoiser's train-mode forward on our kernels at host parameters `p`, recording its
+    /// batch statistics: the trace and `D(x)` batch-major in f32.
+    fn trace<'p>(&self, p: &'p [f32]) -> Result<(Trace<'p>, Vec<f32>)>
+    where
+        Self: 'p,
+    {
+        let x = host_f32(&self.x)?;
+        let trace = Trace::forward(self.model, p, &x, self.n)?;
+        *self.stats.lock().expect("stats lock") = Some(trace.bn_batch_stats());
+        let out = trace
+            .output_batch_major()
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        Ok((trace, out))
+    }
+}
+
+/// A gradient on the host as a flat f32 tensor on `like`'s device.
+fn grad_tensor(grad: &[f64], like: &Tensor) -> Result<Tensor> {
+    let g: Vec<f32> = grad.iter().map(|&v| v as f32).collect();
+    Ok(Tensor::from_vec(g, grad.len(), like.device())?)
+}
+
 fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
@@ -140,6 +175,38 @@ impl<'a> FoObjective<'a> {
     }
 }
 
+impl FoObjective<'_> {
+    /// On our kernels: the denoiser's trace, the normalisation, the classifier's eval-mode
+    /// trace, the cross-entropy's gradient back to the classifier's input, through the
+    /// normalisation, and through the denoiser.
+    fn loss_and_grad_ours(&self, p: &[f32], cp: &[f32], like: &Tensor) -> Result<(f64, Tensor)> {
+        let n = self.batch.n;
+        let (trace, out) = self.batch.trace(p)?;
+        let model = self.classifier.model();
+        let norm = self.classifier.normalization();
+        let [c, h, w] = model.input_shape;
+        let channel = |k: usize| (k / (h * w).max(1)) % c.max(1);
+        let x: Vec<f32> = out
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| (v - norm.mean[channel(k)]) / norm.std[channel(k)])
+            .collect();
+        let ctrace = Trace::forward_eval(model, cp, self.classifier.bn_state(), &x, n)?;
+        let head = Head::CrossEntropy(self.batch.labels.clone());
+        let (loss, d) = head_loss_and_grad(&head, ctrace.output())?;
+        let mut g = Vec::with_capacity(d.data.len());
+        append_batch_major(&d, &mut g);
+        let (_, dx) = ctrace.backward_with_input(&g)?;
+        let d_out: Vec<f64> = dx
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| v / f64::from(norm.std[channel(k)]))
+            .collect();
+        let grad = trace.backward_batch_major(&d_out)?;
+        Ok((loss, grad_tensor(&grad, like)?))
+    }
+}
+
 impl Objective for FoObjective<'_> {
     fn layout(&self) -> &ParamLayout {
         &self.batch.model.layout
@@ -156,6 +223,12 @@ impl Objective for FoObjective<'_> {
     }
     fn loss_and_grad(&self, params: &Tensor) -> deepzero_core::Result<Option<(f64, Tensor)>> {
         let run = || -> Result<(f64, Tensor)> {
+            if let (Some(p), Some(cp)) = (
+                self.batch.host_f32_params(params)?,
+                host_if_f32_cpu(self.classifier.params())?,
+            ) {
+                return self.loss_and_grad_ours(&p, &cp, params);
+            }
             let var = Var::from_tensor(params)?;
             let loss = self.loss_tensor(var.as_tensor(), true)?;
             let grads = loss.backward()?;
@@ -271,22 +344,10 @@ impl Objective for ZoDsObjective<'_> {
         let run = || -> Result<(f64, Tensor)> {
             if let Some(p) = self.batch.host_f32_params(params)? {
                 // f32 on the CPU: the denoiser's forward and backward on our kernels.
-                let x = host_f32(&self.batch.x)?;
-                let trace = Trace::forward(self.batch.model, &p, &x, self.batch.n)?;
-                *self.batch.stats.lock().expect("stats lock") = Some(trace.bn_batch_stats());
-                let out: Vec<f32> = trace
-                    .output_batch_major()
-                    .iter()
-                    .map(|&v| v as f32)
-                    .collect();
+                let (trace, out) = self.batch.trace(&p)?;
                 let (loss, g) = self.input_gradient(&out)?;
-                let grad: Vec<f32> = trace
-                    .backward_batch_major(&g)?
-                    .iter()
-                    .map(|&v| v as f32)
-                    .collect();
-                let len = grad.len();
-                return Ok((loss, Tensor::from_vec(grad, len, params.device())?));
+                let grad = trace.backward_batch_major(&g)?;
+                return Ok((loss, grad_tensor(&grad, params)?));
             }
             let var = Var::from_tensor(params)?;
             let out = self.batch.forward(var.as_tensor(), true)?;
@@ -382,6 +443,25 @@ impl Objective for ZoAeObjective<'_> {
     }
     fn loss_and_grad(&self, params: &Tensor) -> deepzero_core::Result<Option<(f64, Tensor)>> {
         let run = || -> Result<(f64, Tensor)> {
+            let (encoder, encoder_params) = self.autoencoder.encoder_parts();
+            if let (Some(p), Some(ep)) = (
+                self.batch.host_f32_params(params)?,
+                host_if_f32_cpu(encoder_params)?,
+            ) {
+                // On our kernels: the denoiser's trace, the encoder's (no batch norm), the
+                // codes' estimated gradient back through both.
+                let (trace, out) = self.batch.trace(&p)?;
+                let etrace = Trace::forward(encoder, &ep, &out, self.batch.n)?;
+                let z: Vec<f32> = etrace
+                    .output_batch_major()
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect();
+                let (loss, g) = self.code_gradient(&z)?;
+                let (_, d_out) = etrace.backward_with_input(&g)?;
+                let grad = trace.backward_batch_major(&d_out)?;
+                return Ok((loss, grad_tensor(&grad, params)?));
+            }
             let var = Var::from_tensor(params)?;
             let out = self.batch.forward(var.as_tensor(), true)?;
             let z = self.autoencoder.encode(&out)?;

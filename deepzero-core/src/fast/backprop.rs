@@ -16,7 +16,7 @@ use super::{append_batch_major, batch_stats, check_batch, check_head, softmax_co
 use crate::error::{Error, Result};
 use crate::head::Head;
 use crate::layers::{Base, HostParams, NodeCache};
-use crate::model::{BnBatchStats, Model};
+use crate::model::{BnBatchStats, BnState, Model, Node};
 
 /// A train-mode forward on our kernels, ready for its backward.
 pub struct Trace<'a> {
@@ -30,6 +30,35 @@ impl<'a> Trace<'a> {
     /// The forward of `model` at `params` on `x` (`[N, C, H, W]`, batch-major, `n` samples),
     /// batch norm with the batch's statistics.
     pub fn forward(model: &'a Model, params: &'a [f32], x: &[f32], n: usize) -> Result<Self> {
+        Self::run(model, params, x, n, |node, ins, host| {
+            node.op.layer().forward_train(ins, host)
+        })
+    }
+
+    /// The forward of `model` at `params` on `x` in eval mode: batch norm with the running
+    /// statistics `bn` (as [`crate::model::Mode::Eval`]), so each batch norm is an affine map
+    /// in the backward too. For the gradient of a fixed, trained network with respect to its
+    /// input ([`Trace::backward_with_input`]), a classifier behind a denoiser say.
+    pub fn forward_eval(
+        model: &'a Model,
+        params: &'a [f32],
+        bn: &BnState,
+        x: &[f32],
+        n: usize,
+    ) -> Result<Self> {
+        super::check_bn_state(model, bn)?;
+        Self::run(model, params, x, n, |node, ins, host| {
+            node.op.layer().forward_eval(ins, host, bn)
+        })
+    }
+
+    fn run(
+        model: &'a Model,
+        params: &'a [f32],
+        x: &[f32],
+        n: usize,
+        step: impl Fn(&Node, &[&Act], HostParams) -> (Act, NodeCache),
+    ) -> Result<Self> {
         check_batch(model, params, x, n)?;
         let [c, h, w] = model.input_shape;
         let mut regs = Vec::with_capacity(model.nodes.len() + 1);
@@ -42,7 +71,7 @@ impl<'a> Trace<'a> {
         };
         for node in &model.nodes {
             let ins: Vec<&Act> = node.inputs.iter().map(|&r| &regs[r]).collect();
-            let (out, cache) = node.op.layer().forward_train(&ins, host);
+            let (out, cache) = step(node, &ins, host);
             regs.push(out);
             caches.push(cache);
         }

@@ -612,6 +612,23 @@ pub fn forward_eval(
     x: &[f32],
     n: usize,
 ) -> Result<Vec<f32>> {
+    check_bn_state(model, bn)?;
+    let z = run_forward(model, params, x, n, |node, ins, host| {
+        node.op.layer().forward_eval(ins, host, bn).0
+    })?;
+    let (hw, len) = (z.h * z.w, z.c * z.h * z.w);
+    let mut out = vec![0.0f32; z.data.len()];
+    for c in 0..z.c {
+        let plane = z.plane(c);
+        for i in 0..z.n {
+            out[i * len + c * hw..][..hw].copy_from_slice(&plane[i * hw..][..hw]);
+        }
+    }
+    Ok(out)
+}
+
+/// A batch-norm state that fits `model` (running means and variances for each batch norm).
+pub(crate) fn check_bn_state(model: &Model, bn: &BnState) -> Result<()> {
     let fits = bn.mean.len() == model.bn_channels.len()
         && bn.var.len() == model.bn_channels.len()
         && model
@@ -626,18 +643,7 @@ pub fn forward_eval(
             model.name, model.bn_channels
         )));
     }
-    let z = run_forward(model, params, x, n, |node, ins, host| {
-        node.op.layer().forward_eval(ins, host, bn)
-    })?;
-    let (hw, len) = (z.h * z.w, z.c * z.h * z.w);
-    let mut out = vec![0.0f32; z.data.len()];
-    for c in 0..z.c {
-        let plane = z.plane(c);
-        for i in 0..z.n {
-            out[i * len + c * hw..][..hw].copy_from_slice(&plane[i * hw..][..hw]);
-        }
-    }
-    Ok(out)
+    Ok(())
 }
 
 /// The forward loop of [`forward`] and [`forward_eval`]: `step` computes one node's output.
@@ -721,6 +727,9 @@ fn batch_stats(model: &Model, regs: &[Act], caches: &[NodeCache]) -> BnBatchStat
     let mut s = BnBatchStats::default();
     for (k, node) in model.nodes.iter().enumerate() {
         if let (Op::BatchNorm(_), Some(bn)) = (&node.op, &caches[k]) {
+            if bn.eval {
+                continue;
+            }
             let x = &regs[node.inputs[0]];
             let var = bn
                 .inv_std

@@ -138,11 +138,14 @@ impl<'a> HostParams<'a> {
     }
 }
 
-/// Per-channel batch-norm statistics of a base forward: mean and 1/std.
+/// Per-channel batch-norm statistics of a base forward: mean and 1/std — the batch's, or with
+/// `eval` the running ones (then the output does not depend on the batch's statistics, and
+/// neither does the backward).
 #[derive(Clone, Debug)]
 pub(crate) struct BnCache {
     pub mean: Vec<f32>,
     pub inv_std: Vec<f32>,
+    pub eval: bool,
 }
 
 /// What a node kept from the base forward besides its output.
@@ -226,9 +229,10 @@ pub(crate) trait Layer: Sync {
     }
     /// Forward in eval mode on our kernels, spread over threads like [`Layer::forward_train`]:
     /// batch norm with the running statistics `bn` (as [`crate::model::Mode::Eval`]), every
-    /// other layer as in train mode. Default: `forward_train`'s output.
-    fn forward_eval(&self, ins: &[&Act], params: HostParams, _bn: &BnState) -> Act {
-        self.forward_train(ins, params).0
+    /// other layer as in train mode; the cache serves [`Layer::backward_fast`]. Default:
+    /// `forward_train`.
+    fn forward_eval(&self, ins: &[&Act], params: HostParams, _bn: &BnState) -> (Act, NodeCache) {
+        self.forward_train(ins, params)
     }
     /// Backward: the gradients of the loss with respect to the inputs (those `wanted`) and the
     /// parameters, given `dy`, the gradient with respect to the output of the forward `base`

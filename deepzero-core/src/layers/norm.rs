@@ -78,9 +78,16 @@ impl Layer for BatchNorm {
             .enumerate()
             .map(|(c, dst)| kernels::bn_plane(x.plane(c), g[c], b[c], BN_EPS, dst))
             .unzip();
-        (out, Some(BnCache { mean, inv_std }))
+        (
+            out,
+            Some(BnCache {
+                mean,
+                inv_std,
+                eval: false,
+            }),
+        )
     }
-    fn forward_eval(&self, ins: &[&Act], params: HostParams, bn: &BnState) -> Act {
+    fn forward_eval(&self, ins: &[&Act], params: HostParams, bn: &BnState) -> (Act, NodeCache) {
         // The candle eval forward's operations, in its order: (x − m) / √(v + ε) · γ + β.
         let x = ins[0];
         let (g, b) = (params.get(self.scale), params.get(self.shift));
@@ -96,7 +103,15 @@ impl Layer for BatchNorm {
                     *o = (v - m) / sd * g[c] + b[c];
                 }
             });
-        out
+        let cache = BnCache {
+            mean: mean.iter().map(|&m| m as f32).collect(),
+            inv_std: var
+                .iter()
+                .map(|&v| 1.0 / ((v as f32) + BN_EPS as f32).sqrt())
+                .collect(),
+            eval: true,
+        };
+        (out, Some(cache))
     }
     fn backward_fast(&self, base: &Base, dy: Act, wanted: &[bool]) -> NodeGrads {
         // With x̂ = (x − m)·s: dγ = Σ dy·x̂, dβ = Σ dy, and through the batch's mean and
@@ -114,7 +129,11 @@ impl Layer for BatchNorm {
                 let (m, s) = (bn.mean[c], bn.inv_std[c]);
                 let xs = x.plane(c);
                 let (sum_dy, sum_dy_xhat) = simd::bn_gradient_sums(xs, d, m, s);
-                if wanted[0] {
+                if wanted[0] && bn.eval {
+                    // Fixed statistics: the layer is affine, dx = γ·s·dy.
+                    let a = gamma[c] * s;
+                    d.iter_mut().for_each(|d| *d *= a);
+                } else if wanted[0] {
                     let a = gamma[c] * s;
                     let (mean_dy, mean_dy_xhat) =
                         ((sum_dy / count) as f32, (sum_dy_xhat / count) as f32);
