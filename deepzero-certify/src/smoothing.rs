@@ -137,8 +137,8 @@ impl<C: BlackBox> Smoothed<C> {
     /// Class counts of f(x + δ) over `num` noise draws from `rng`, queried in batches.
     ///
     /// The noise is drawn image by image, pixel by pixel, so the counts for a seed do not
-    /// depend on the batch size. A second thread draws the next batch's noise while the
-    /// classifier evaluates the current one (the same draws in the same order).
+    /// depend on the batch size. The next batch's noise is drawn while the classifier
+    /// evaluates the current one (the same draws in the same order).
     pub fn sample_counts<R: Rng + Send + ?Sized>(
         &self,
         x: &[f32],
@@ -156,55 +156,44 @@ impl<C: BlackBox> Smoothed<C> {
         let noise = Normal::new(0.0f32, self.sigma as f32)
             .map_err(|e| Error::Config(format!("sigma {}: {e}", self.sigma)))?;
         let batch = self.batch as u64;
-        // One batch ahead at most; used buffers go back to the drawing thread.
-        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<f32>>(1);
-        let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<f32>>();
-        std::thread::scope(|scope| {
-            scope.spawn(move || {
-                let mut left = num;
-                while left > 0 {
-                    let m = left.min(batch) as usize;
-                    let mut noisy = empty_rx.try_recv().unwrap_or_default();
-                    noisy.clear();
-                    noisy.reserve(m * x.len());
-                    for _ in 0..m {
-                        noisy.extend(x.iter().map(|&v| v + noise.sample(rng)));
-                    }
-                    // The counting side has stopped (an error): so does the drawing.
-                    if full_tx.send(noisy).is_err() {
-                        break;
-                    }
-                    left -= m as u64;
-                }
-            });
-            // Owned here, so that an early return drops it and a drawing thread blocked on a
-            // full channel wakes (and stops) before the scope waits for it.
-            let full_rx = full_rx;
-            let mut counts: Vec<u64> = Vec::new();
-            let mut left = num;
-            while left > 0 {
-                let m = left.min(batch) as usize;
-                let noisy = full_rx
-                    .recv()
-                    .map_err(|_| Error::Classifier("the noise thread stopped".into()))?;
-                let logits = self.classifier.logits(&noisy, m)?;
-                let _ = empty_tx.send(noisy);
-                let k = classes_in(&logits, m)?;
-                if counts.is_empty() {
-                    counts = vec![0; k];
-                } else if counts.len() != k {
-                    return Err(Error::Classifier(format!(
-                        "the classifier answered {} classes, then {k}",
-                        counts.len()
-                    )));
-                }
-                for c in argmax_rows(&logits, k)? {
-                    counts[c] += 1;
-                }
-                left -= m as u64;
+        let draw = |rng: &mut R, m: usize, noisy: &mut Vec<f32>| {
+            noisy.clear();
+            noisy.reserve(m * x.len());
+            for _ in 0..m {
+                noisy.extend(x.iter().map(|&v| v + noise.sample(rng)));
             }
-            Ok(counts)
-        })
+        };
+        let mut counts: Vec<u64> = Vec::new();
+        let (mut current, mut next) = (Vec::new(), Vec::new());
+        let mut m = num.min(batch) as usize;
+        draw(rng, m, &mut current);
+        let mut left = num;
+        while left > 0 {
+            left -= m as u64;
+            let m_next = left.min(batch) as usize;
+            // The classifier on this batch while the next one's noise is drawn, as two tasks of
+            // the same thread pool (a thread of its own would compete with the pool's).
+            let (logits, ()) = rayon::join(
+                || self.classifier.logits(&current, m),
+                || draw(rng, m_next, &mut next),
+            );
+            let logits = logits?;
+            let k = classes_in(&logits, m)?;
+            if counts.is_empty() {
+                counts = vec![0; k];
+            } else if counts.len() != k {
+                return Err(Error::Classifier(format!(
+                    "the classifier answered {} classes, then {k}",
+                    counts.len()
+                )));
+            }
+            for c in argmax_rows(&logits, k)? {
+                counts[c] += 1;
+            }
+            std::mem::swap(&mut current, &mut next);
+            m = m_next;
+        }
+        Ok(counts)
     }
 
     /// Cohen et al.'s PREDICT with `n` samples at level `alpha`.
