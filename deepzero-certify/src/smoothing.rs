@@ -287,10 +287,14 @@ fn check_count(name: &str, v: u64) -> Result<()> {
     Ok(())
 }
 
+/// The smallest significance level α taken: below it `1 − α` is 1 in f64 and the
+/// Clopper–Pearson quantile cannot be computed (statrs fails near 1e-200).
+pub const MIN_ALPHA: f64 = 1e-15;
+
 fn check_alpha(alpha: f64) -> Result<()> {
-    if !(alpha > 0.0 && alpha < 1.0) {
+    if !(MIN_ALPHA..1.0).contains(&alpha) {
         return Err(Error::Config(format!(
-            "alpha must be in (0, 1) (e.g. 0.001), got {alpha}"
+            "alpha must be in [{MIN_ALPHA:e}, 1) (e.g. 0.001), got {alpha}"
         )));
     }
     Ok(())

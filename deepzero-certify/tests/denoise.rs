@@ -421,3 +421,22 @@ fn chains_on_our_kernels_match_candle() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn absurd_zo_ds_directions_are_refused_before_any_work() -> Result<()> {
+    // q = usize::MAX: an error naming the directions and the memory, not a capacity overflow.
+    let (train, test, victim) = digits_and_victim(DType::F32)?;
+    let victim = Arc::new(victim);
+    let model = denoiser()?;
+    let mut cfg = config(DenoiseMethod::ZoDs, Precision::F32);
+    cfg.zo.q = usize::MAX;
+    let err = DenoiserTask::new(&model, &train, &test, victim.clone(), None, None, cfg)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("directions") && err.contains("memory"),
+        "{err}"
+    );
+    Ok(())
+}

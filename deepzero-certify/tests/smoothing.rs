@@ -179,9 +179,16 @@ fn config_defaults_are_cohens_and_are_checked() {
     };
     let e = Smoothed::from_config(&f, &bad).err().unwrap().to_string();
     assert!(
-        e.contains("alpha must be in (0, 1)") && e.contains("1.5"),
+        e.contains("alpha must be in [1e-15, 1)") && e.contains("1.5"),
         "{e}"
     );
+    // Levels too small for f64 are refused, not a panic in the quantile.
+    let tiny = SmoothingConfig {
+        alpha: 1e-200,
+        ..config.clone()
+    };
+    assert!(Smoothed::from_config(&f, &tiny).is_err());
+    assert!(deepzero_certify::smoothing::clopper_pearson_lower(3, 50, 1e-200).is_err());
     let bad = SmoothingConfig { n0: 0, ..config };
     assert!(Smoothed::from_config(&f, &bad).is_err());
 }

@@ -25,6 +25,21 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// `--alpha` in `[MIN_ALPHA, 1)`.
+pub(crate) fn check_alpha(alpha: f64) -> Result<()> {
+    use deepzero_certify::smoothing::MIN_ALPHA;
+    if !(MIN_ALPHA..1.0).contains(&alpha) {
+        bail!(
+            "--alpha must be in [{MIN_ALPHA:e}, 1) (smaller levels are below float64's resolution \
+             of 1 − α), got {alpha:?}"
+        );
+    }
+    Ok(())
+}
+
+/// The longest `--classifier-timeout`: a year (longer ones do not fit a timer).
+const MAX_TIMEOUT_SECONDS: f64 = 365.0 * 86_400.0;
+
 /// `deepzero certify` and its subcommands.
 #[derive(Args, Debug)]
 pub struct CertifyArgs {
@@ -340,14 +355,19 @@ fn check_smoothing(a: &CertifyRunArgs) -> Result<SmoothingConfig> {
             );
         }
     }
-    if !(a.alpha > 0.0 && a.alpha < 1.0) {
-        bail!("--alpha must be in (0, 1), got {}", a.alpha);
-    }
+    check_alpha(a.alpha)?;
     if a.batch == 0 || a.skip == 0 || a.max == Some(0) {
         bail!("--batch, --skip and --max must be at least 1");
     }
-    if !(a.classifier_timeout.is_finite() && a.classifier_timeout > 0.0) {
-        bail!("--classifier-timeout must be a positive number of seconds");
+    if !(a.classifier_timeout.is_finite()
+        && a.classifier_timeout > 0.0
+        && a.classifier_timeout <= MAX_TIMEOUT_SECONDS)
+    {
+        bail!(
+            "--classifier-timeout must be a positive number of seconds up to {MAX_TIMEOUT_SECONDS} \
+             (a year), got {:?}",
+            a.classifier_timeout
+        );
     }
     let config = SmoothingConfig {
         sigma,

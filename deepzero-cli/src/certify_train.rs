@@ -413,7 +413,12 @@ fn train_denoiser_on(args: TrainDenoiserArgs, ranks: &Ranks) -> Result<DenoiserS
         white,
         ae.clone(),
         config.clone(),
-    )?;
+    )
+    .map_err(|e| match e {
+        // A core setting's error names its flag.
+        deepzero_certify::Error::Core(core) => crate::common::flag_error(core),
+        other => other.into(),
+    })?;
     // The state the run starts from (also on resume: sparse CGE's ZO-GraSP ratios are computed
     // at it, exactly as in the uninterrupted run).
     let start = match &args.init {
@@ -587,6 +592,7 @@ pub const RADII: [f64; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
 /// each denoiser, on the same test images, resumable; `table.md`, `table.json`, a plot.
 pub fn run_compare(args: CompareArgs) -> Result<()> {
     crate::common::set_threads(args.threads);
+    crate::certify::check_alpha(args.alpha)?;
     std::fs::create_dir_all(&args.out)?;
     report::write_json_atomic(&args.out.join("config.json"), &args)?;
     let split = crate::certify::victim_split(&args.classifier)?;

@@ -418,3 +418,30 @@ fn bench_fo_gradient_is_accurate() -> Result<()> {
     }
     Ok(())
 }
+
+/// A loss that grows a thousandfold without becoming infinite has diverged: the run stops with
+/// an error naming the learning rate (RGE at the learning rate tuned for CGE blew up to 7.9e20
+/// and exited 0 before), and the last good checkpoint is kept.
+#[test]
+fn a_finite_blow_up_stops_the_run() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let run = tmp.path().join("rge");
+    let err = fails_with(
+        1,
+        tmp.path(),
+        &[
+            "train",
+            "--estimator",
+            "rge",
+            "--q",
+            "20",
+            "--out",
+            run.to_str().context("utf-8 path")?,
+        ],
+    )?;
+    ensure!(
+        err.contains("diverged") && err.contains("learning rate"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -293,6 +293,9 @@ impl Trainer<'_> {
             epochs: cfg.epochs,
             steps_per_epoch: steps,
         };
+        // The first loss this process sees: a loss BLOWUP times larger has diverged, finite or
+        // not.
+        let mut first_loss: Option<f64> = None;
         for epoch in state.epoch..cfg.epochs {
             estimator.on_epoch_start(epoch, cfg.seed, &mut state.params)?;
             task.begin_epoch(epoch, cfg.seed)?;
@@ -322,6 +325,17 @@ impl Trainer<'_> {
                         est.loss,
                         epoch + 1,
                         s + 1
+                    )));
+                }
+                let first = *first_loss.get_or_insert(est.loss);
+                if est.loss > BLOWUP * first.abs().max(BLOWUP_FLOOR) {
+                    return Err(Error::Diverged(format!(
+                        "the loss grew from {first:.4e} to {:.4e} (more than {BLOWUP:e} times) by \
+                         epoch {}, step {}; lower the learning rate (now {})",
+                        est.loss,
+                        epoch + 1,
+                        s + 1,
+                        schedule.lr_at(epoch * steps + s)
                     )));
                 }
                 if !all_finite(&est.grad)? {
@@ -374,6 +388,12 @@ impl Trainer<'_> {
         Ok(())
     }
 }
+
+/// A run whose loss exceeds this many times its first loss has diverged (stopped like a NaN).
+pub const BLOWUP: f64 = 1e3;
+/// The smallest first loss [`BLOWUP`] is taken of (a run starting at a loss of zero may rise a
+/// little without diverging).
+const BLOWUP_FLOOR: f64 = 1e-6;
 
 /// Whether every entry of `t` is a finite number (one pass; the sum in f64 cannot overflow
 /// from finite f32 or reasonable f64 entries, and any NaN or infinity makes it non-finite).

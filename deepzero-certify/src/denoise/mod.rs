@@ -412,6 +412,19 @@ impl<'a> DenoiserTask<'a> {
                 "training and test sets must not be empty".into(),
             ));
         }
+        if config.method == DenoiseMethod::ZoDs {
+            // One step holds N·(q + 1) query images (f32) and N·q directions (f64).
+            let per_direction = config
+                .batch_size
+                .saturating_mul(per_image)
+                .saturating_mul(12);
+            deepzero_core::bounds::check_memory(
+                deepzero_core::error::Setting::Directions,
+                config.zo.q.saturating_add(1),
+                per_direction,
+                "query images and directions of one step",
+            )?;
+        }
         if config.method == DenoiseMethod::Fo && white_box.is_none() {
             return Err(Error::Config(
                 "method fo needs the classifier's gradient: use a deepzero model classifier \
