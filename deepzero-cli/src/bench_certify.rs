@@ -10,7 +10,7 @@ use clap::Args;
 use deepzero_certify::smoothing::{Smoothed, SmoothingConfig};
 use deepzero_certify::{image_rng, BlackBox};
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(Args, Debug)]
@@ -52,6 +52,10 @@ pub struct CertifyBench {
     /// Seconds of `n0 + n` forward passes in batches (the images drawn once, outside the timing).
     pub forward_seconds: f64,
     pub forwards_per_second: f64,
+    /// For a `run:` classifier: the same forwards through its ONNX export on tract, in the
+    /// same run (our kernels beside the ONNX runtime).
+    pub tract_forward_seconds: Option<f64>,
+    pub tract_forwards_per_second: Option<f64>,
     /// Seconds of CERTIFY on one image with `n0`, `n`.
     pub certify_seconds: f64,
     /// `certify_seconds / forward_seconds`.
@@ -100,6 +104,10 @@ pub fn run(args: &CertifyBenchArgs) -> Result<()> {
         left -= m as u64;
     }
     let forward_seconds = start.elapsed().as_secs_f64();
+    let tract_forward_seconds = match args.classifier.strip_prefix("run:") {
+        Some(dir) => Some(tract_seconds(Path::new(dir), &noisy, batch, total, per)?),
+        None => None,
+    };
 
     let config = SmoothingConfig {
         sigma: args.sigma,
@@ -120,6 +128,8 @@ pub fn run(args: &CertifyBenchArgs) -> Result<()> {
         batch,
         forward_seconds,
         forwards_per_second: total as f64 / forward_seconds,
+        tract_forward_seconds,
+        tract_forwards_per_second: tract_forward_seconds.map(|t| total as f64 / t),
         certify_seconds,
         ratio: certify_seconds / forward_seconds,
         predict: cert.class.map_or(-1, |c| c as i64),
@@ -131,4 +141,25 @@ pub fn run(args: &CertifyBenchArgs) -> Result<()> {
         println!("{r:#?}");
     }
     Ok(())
+}
+
+/// Seconds of `total` forwards of the `run:` classifier in `dir` through its ONNX export on
+/// tract, in batches of `batch` noisy images (`per` values each), after a warm-up batch. The
+/// export goes to a temporary file, removed afterwards.
+fn tract_seconds(dir: &Path, noisy: &[f32], batch: usize, total: u64, per: usize) -> Result<f64> {
+    let classifier = crate::certify::model_classifier(dir)?;
+    let path = std::env::temp_dir().join(format!("deepzero-bench-{}.onnx", std::process::id()));
+    deepzero_certify::export::write_onnx(&classifier, &path)?;
+    let onnx = deepzero_certify::OnnxClassifier::load(&path);
+    let _ = std::fs::remove_file(&path);
+    let onnx = onnx?;
+    onnx.logits(&noisy[..batch * per], batch)?;
+    let start = Instant::now();
+    let mut left = total;
+    while left > 0 {
+        let m = left.min(batch as u64) as usize;
+        onnx.logits(&noisy[..m * per], m)?;
+        left -= m as u64;
+    }
+    Ok(start.elapsed().as_secs_f64())
 }

@@ -445,3 +445,44 @@ fn a_finite_blow_up_stops_the_run() -> Result<()> {
     );
     Ok(())
 }
+
+/// `bench certify` on a `run:` classifier times our kernels and, in the same run, tract on the
+/// classifier's ONNX export; CERTIFY's answer comes with them.
+#[test]
+fn bench_certify_times_our_kernels_and_tract() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mut args = vec![
+        "train",
+        "--estimator",
+        "fo",
+        "--epochs",
+        "1",
+        "--out",
+        "victim",
+    ];
+    args.extend(SMALL);
+    ok(tmp.path(), &args)?;
+    let o = ok(
+        tmp.path(),
+        &[
+            "bench",
+            "certify",
+            "--classifier",
+            "run:victim",
+            "--n0",
+            "10",
+            "--n",
+            "300",
+            "--batch",
+            "100",
+            "--json",
+        ],
+    )?;
+    let v: Value = serde_json::from_str(&stdout(&o))?;
+    let ours = v["forwards_per_second"].as_f64().context("ours")?;
+    let tract = v["tract_forwards_per_second"].as_f64().context("tract")?;
+    ensure!(ours > 0.0 && tract > 0.0, "{v}");
+    ensure!(v["forwards"].as_u64() == Some(310), "{v}");
+    ensure!(v["ratio"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    Ok(())
+}
