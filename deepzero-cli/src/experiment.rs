@@ -146,7 +146,7 @@ fn base_args(c: &CommonOpts) -> Result<TrainArgs> {
     };
     a.epochs = c.epochs;
     a.batch_size = c.batch_size;
-    a.lr = c.lr;
+    a.lr = Some(c.lr);
     a.warmup_epochs = c.warmup_epochs;
     a.seed = c.seed;
     a.threads = c.threads;

@@ -47,9 +47,9 @@ pub struct TrainArgs {
     /// Mini-batch size.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 0.1)]
-    pub lr: f64,
+    /// Peak learning rate [default: 0.1; 0.01 with `--estimator rge`].
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// SGD momentum (Adam β1).
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f64,
@@ -156,12 +156,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
     execute(args).map(|_| ())
 }
 
+/// The estimator's default peak learning rate ([`EstimatorKind::default_lr`]).
+fn default_lr(args: &TrainArgs) -> f64 {
+    deepzero_core::estimator::EstimatorKind::from(args.estimator.estimator).default_lr()
+}
+
 /// The loop's settings of `args`, checked (also the batch size). `deepzero experiment` checks
 /// its flags with this before it creates anything.
 pub fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
     let config = TrainConfig {
         epochs: args.epochs,
-        lr: args.lr,
+        lr: args.lr.unwrap_or_else(|| default_lr(args)),
         warmup_epochs: args.warmup_epochs.unwrap_or(args.epochs / 10),
         optimizer: OptimizerConfig {
             kind: match args.optimizer {
@@ -197,6 +202,7 @@ fn execute_on(args: TrainArgs, ranks: &Ranks) -> Result<Summary> {
             let mut args = args;
             // Save the resolved values, not the "use the default" markers.
             args.warmup_epochs = Some(args.warmup_epochs.unwrap_or(args.epochs / 10));
+            args.lr = Some(args.lr.unwrap_or_else(|| default_lr(&args)));
             args.model.resolve();
             let dir = args
                 .out

@@ -421,28 +421,31 @@ fn bench_fo_gradient_is_accurate() -> Result<()> {
 
 /// A loss that grows a thousandfold without becoming infinite has diverged: the run stops with
 /// an error naming the learning rate (RGE at the learning rate tuned for CGE blew up to 7.9e20
-/// and exited 0 before), and the last good checkpoint is kept.
+/// and exited 0 before). RGE's own default learning rate trains the default model.
 #[test]
-fn a_finite_blow_up_stops_the_run() -> Result<()> {
+fn a_finite_blow_up_stops_the_run_and_rge_has_its_own_rate() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let run = tmp.path().join("rge");
-    let err = fails_with(
-        1,
-        tmp.path(),
-        &[
-            "train",
-            "--estimator",
-            "rge",
-            "--q",
-            "20",
-            "--out",
-            run.to_str().context("utf-8 path")?,
-        ],
-    )?;
+    let rge = ["train", "--estimator", "rge", "--q", "20", "--out"];
+    let run = tmp.path().join("rge-0.1");
+    let mut args = rge.to_vec();
+    args.extend([run.to_str().context("utf-8 path")?, "--lr", "0.1"]);
+    let err = fails_with(1, tmp.path(), &args)?;
     ensure!(
         err.contains("diverged") && err.contains("learning rate"),
         "{err}"
     );
+    let run = tmp.path().join("rge");
+    let mut args = rge.to_vec();
+    args.push(run.to_str().context("utf-8 path")?);
+    ok(tmp.path(), &args)?;
+    let summary = read_json(&run.join("summary.json"))?;
+    let acc = summary["test_accuracy"].as_f64().context("accuracy")?;
+    ensure!(
+        acc > 0.8,
+        "RGE at its default learning rate: test accuracy {acc}"
+    );
+    let config = read_json(&run.join("config.json"))?;
+    ensure!(config["lr"].as_f64() == Some(0.01), "{config}");
     Ok(())
 }
 

@@ -92,6 +92,19 @@ pub enum EstimatorKind {
     Cge,
 }
 
+impl EstimatorKind {
+    /// The peak learning rate that trains the default model (the digits MLP, SGD with momentum
+    /// 0.9) with this estimator: 0.1 for backprop and CGE, 0.01 for RGE, whose estimates of
+    /// `q` random directions are far noisier (at 0.1 the default RGE run's loss blows up to
+    /// 1e20; 0.01 reaches a test accuracy of 0.93 with `q` = 20).
+    pub fn default_lr(self) -> f64 {
+        match self {
+            EstimatorKind::Rge => 0.01,
+            EstimatorKind::Fo | EstimatorKind::Cge => 0.1,
+        }
+    }
+}
+
 impl Default for EstimatorConfig {
     fn default() -> Self {
         EstimatorConfig {
