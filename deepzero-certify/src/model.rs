@@ -65,20 +65,7 @@ impl ModelClassifier {
                 "normalisation mean must be finite, got {m}"
             )));
         }
-        let bn_ok = bn.mean.len() == model.bn_channels.len()
-            && bn.var.len() == model.bn_channels.len()
-            && model
-                .bn_channels
-                .iter()
-                .zip(bn.mean.iter().zip(&bn.var))
-                .all(|(&c, (m, v))| m.len() == c && v.len() == c);
-        if !bn_ok {
-            return Err(Error::Shape(format!(
-                "batch-norm state does not fit model {}: it needs running means and variances \
-                 for channels {:?}",
-                model.name, model.bn_channels
-            )));
-        }
+        deepzero_core::fast::check_bn_state(&model, &bn)?;
         Ok(ModelClassifier {
             model,
             params,

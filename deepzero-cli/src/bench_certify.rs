@@ -95,15 +95,7 @@ pub fn run(args: &CertifyBenchArgs) -> Result<()> {
         .flat_map(|_| x.to_vec())
         .map(|v| v + rand_distr::Distribution::sample(&noise, &mut rng))
         .collect();
-    classifier.logits(&noisy, batch)?; // warm-up
-    let start = Instant::now();
-    let mut left = total;
-    while left > 0 {
-        let m = left.min(batch as u64) as usize;
-        classifier.logits(&noisy[..m * per], m)?;
-        left -= m as u64;
-    }
-    let forward_seconds = start.elapsed().as_secs_f64();
+    let forward_seconds = forwards_seconds(classifier.as_ref(), &noisy, batch, total, per)?;
     let tract_forward_seconds = match args.classifier.strip_prefix("run:") {
         Some(dir) => Some(tract_seconds(Path::new(dir), &noisy, batch, total, per)?),
         None => None,
@@ -144,21 +136,31 @@ pub fn run(args: &CertifyBenchArgs) -> Result<()> {
 }
 
 /// Seconds of `total` forwards of the `run:` classifier in `dir` through its ONNX export on
-/// tract, in batches of `batch` noisy images (`per` values each), after a warm-up batch. The
-/// export goes to a temporary file, removed afterwards.
+/// tract ([`forwards_seconds`]). The export goes to a temporary file, removed afterwards.
 fn tract_seconds(dir: &Path, noisy: &[f32], batch: usize, total: u64, per: usize) -> Result<f64> {
     let classifier = crate::certify::model_classifier(dir)?;
     let path = std::env::temp_dir().join(format!("deepzero-bench-{}.onnx", std::process::id()));
     deepzero_certify::export::write_onnx(&classifier, &path)?;
     let onnx = deepzero_certify::OnnxClassifier::load(&path);
     let _ = std::fs::remove_file(&path);
-    let onnx = onnx?;
-    onnx.logits(&noisy[..batch * per], batch)?;
+    forwards_seconds(&onnx?, noisy, batch, total, per)
+}
+
+/// Seconds of `total` forwards of `classifier` in batches of `batch` noisy images (`per`
+/// values each, `noisy` holds one batch), after one warm-up batch.
+fn forwards_seconds(
+    classifier: &dyn BlackBox,
+    noisy: &[f32],
+    batch: usize,
+    total: u64,
+    per: usize,
+) -> Result<f64> {
+    classifier.logits(&noisy[..batch * per], batch)?;
     let start = Instant::now();
     let mut left = total;
     while left > 0 {
         let m = left.min(batch as u64) as usize;
-        onnx.logits(&noisy[..m * per], m)?;
+        classifier.logits(&noisy[..m * per], m)?;
         left -= m as u64;
     }
     Ok(start.elapsed().as_secs_f64())

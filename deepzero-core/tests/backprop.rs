@@ -398,13 +398,27 @@ fn conv_gradients_match_the_definition() {
     }
 }
 
+/// Running batch-norm statistics away from 0 and 1: means in [−½, ½), variances in [½, 1½).
+fn running_stats(model: &Model, rng: &mut StdRng) -> deepzero_core::model::BnState {
+    let mut channels = |f: &dyn Fn(f64) -> f64| -> Vec<Vec<f64>> {
+        model
+            .bn_channels
+            .iter()
+            .map(|&c| (0..c).map(|_| f(rng.random::<f64>())).collect())
+            .collect()
+    };
+    let mean = channels(&|u| u - 0.5);
+    let var = channels(&|u| 0.5 + u);
+    deepzero_core::model::BnState { mean, var }
+}
+
 /// The eval-mode forward on our kernels (batch norm with running statistics) against candle's
 /// eval forward in f64, on models with batch norm, max pooling, stride 2 and shortcuts, with
 /// running statistics away from 0 and 1; a state of the wrong shape is refused.
 #[test]
 fn eval_forward_matches_candle() -> Result<()> {
     use deepzero_core::fast::forward_eval;
-    use deepzero_core::model::{BnState, Mode};
+    use deepzero_core::model::Mode;
     let mut rng = StdRng::seed_from_u64(90);
     for (model, n) in [
         (
@@ -418,18 +432,7 @@ fn eval_forward_matches_candle() -> Result<()> {
         (Model::build(&ModelSpec::Resnet20, [3, 8, 8], 10)?, 5),
     ] {
         let params = params_for(&model, &mut rng);
-        let bn = BnState {
-            mean: model
-                .bn_channels
-                .iter()
-                .map(|&c| (0..c).map(|_| rng.random::<f64>() - 0.5).collect())
-                .collect(),
-            var: model
-                .bn_channels
-                .iter()
-                .map(|&c| (0..c).map(|_| 0.5 + rng.random::<f64>()).collect())
-                .collect(),
-        };
+        let bn = running_stats(&model, &mut rng);
         let [c, h, w] = model.input_shape;
         let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
         let p32: Vec<f32> = params.iter().map(|&v| v as f32).collect();
@@ -467,7 +470,7 @@ fn eval_trace_gradients_match_candle() -> Result<()> {
     use candle_core::Var;
     use deepzero_core::fast::append_batch_major;
     use deepzero_core::fast::backprop::{head_loss_and_grad, Trace};
-    use deepzero_core::model::{per_sample_cross_entropy, BnState, Mode};
+    use deepzero_core::model::{per_sample_cross_entropy, Mode};
     let mut rng = StdRng::seed_from_u64(91);
     for (model, n) in [
         (
@@ -481,18 +484,7 @@ fn eval_trace_gradients_match_candle() -> Result<()> {
         (Model::build(&ModelSpec::Resnet20, [3, 8, 8], 10)?, 3),
     ] {
         let params = params_for(&model, &mut rng);
-        let bn = BnState {
-            mean: model
-                .bn_channels
-                .iter()
-                .map(|&c| (0..c).map(|_| rng.random::<f64>() - 0.5).collect())
-                .collect(),
-            var: model
-                .bn_channels
-                .iter()
-                .map(|&c| (0..c).map(|_| 0.5 + rng.random::<f64>()).collect())
-                .collect(),
-        };
+        let bn = running_stats(&model, &mut rng);
         let [c, h, w] = model.input_shape;
         let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
         let labels: Vec<u32> = (0..n).map(|i| (i % 10) as u32).collect();

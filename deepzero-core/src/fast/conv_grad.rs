@@ -72,44 +72,31 @@ pub fn conv_backward_data(dy: &Act, w: &[f32], ci: usize, g: &ConvGeom) -> Act {
             wt[r * co + o] = w[o * rows + r];
         }
     }
-    let (out_plane, in_plane) = (g.oh * g.ow, g.h * g.w);
-    let per = samples_per_piece(out_plane);
+    let out_plane = g.oh * g.ow;
     let columns = n * out_plane;
+    // col2im adds into dx: it starts at zero.
     let mut dx = Act::zeros(ci, n, g.h, g.w);
-    // Per piece, the piece's segment of every input channel (disjoint borrows).
-    let mut pieces: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(per)).map(|_| Vec::new()).collect();
-    if in_plane > 0 {
-        for plane in dx.data.chunks_mut(n * in_plane) {
-            for (p, segment) in plane.chunks_mut(per * in_plane).enumerate() {
-                pieces[p].push(segment);
-            }
-        }
-    }
-    pieces
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(p, mut segments)| {
-            let samples = per.min(n - p * per);
-            let piece_columns = samples * out_plane;
-            DCOLS.with(|cell| {
-                let dcols = &mut *cell.borrow_mut();
-                dcols.clear();
-                dcols.resize(rows * piece_columns, 0.0);
-                sgemm(
-                    rows,
-                    piece_columns,
-                    co,
-                    &wt,
-                    co,
-                    &dy.data[p * per * out_plane..],
-                    columns,
-                    dcols,
-                    piece_columns,
-                    false,
-                );
-                col2im(dcols, samples, g, &mut segments);
-            });
+    for_pieces_into(&mut dx, out_plane, |s0, samples, segments| {
+        let piece_columns = samples * out_plane;
+        DCOLS.with(|cell| {
+            let dcols = &mut *cell.borrow_mut();
+            dcols.clear();
+            dcols.resize(rows * piece_columns, 0.0);
+            sgemm(
+                rows,
+                piece_columns,
+                co,
+                &wt,
+                co,
+                &dy.data[s0 * out_plane..],
+                columns,
+                dcols,
+                piece_columns,
+                false,
+            );
+            col2im(dcols, samples, g, segments);
         });
+    });
     dx
 }
 

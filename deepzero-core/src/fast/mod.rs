@@ -628,7 +628,7 @@ pub fn forward_eval(
 }
 
 /// A batch-norm state that fits `model` (running means and variances for each batch norm).
-pub(crate) fn check_bn_state(model: &Model, bn: &BnState) -> Result<()> {
+pub fn check_bn_state(model: &Model, bn: &BnState) -> Result<()> {
     let fits = bn.mean.len() == model.bn_channels.len()
         && bn.var.len() == model.bn_channels.len()
         && model
