@@ -101,6 +101,7 @@ impl<C: BlackBox> Smoothed<C> {
     pub fn new(classifier: C, sigma: f64, batch: usize) -> Result<Self> {
         check_sigma(sigma)?;
         check_batch_size(batch)?;
+        check_batch_memory(batch, classifier.input_shape().iter().product())?;
         Ok(Smoothed {
             classifier,
             sigma,
@@ -264,6 +265,19 @@ fn check_batch_size(batch: usize) -> Result<()> {
             "batch must be at least 1 (noisy images per classifier query)".into(),
         ));
     }
+    Ok(())
+}
+
+/// That a batch of noisy images (`per_image` values each) fits into memory: CERTIFY holds two
+/// batches (the one the classifier evaluates and the next one being drawn), and the classifier
+/// at least a copy of its input.
+pub fn check_batch_memory(batch: usize, per_image: usize) -> Result<()> {
+    deepzero_core::bounds::check_memory(
+        deepzero_core::error::Setting::QueryBatch,
+        batch,
+        per_image.saturating_mul(3 * 4),
+        "noisy images (two batches and the classifier's copy)",
+    )?;
     Ok(())
 }
 

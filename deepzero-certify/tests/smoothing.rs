@@ -189,6 +189,12 @@ fn config_defaults_are_cohens_and_are_checked() {
     };
     assert!(Smoothed::from_config(&f, &tiny).is_err());
     assert!(deepzero_certify::smoothing::clopper_pearson_lower(3, 50, 1e-200).is_err());
+    // A batch of noisy images that cannot fit into memory is refused before anything is drawn.
+    let e = Smoothed::new(&f, 0.25, usize::MAX / 2)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("memory"), "{e}");
     let bad = SmoothingConfig { n0: 0, ..config };
     assert!(Smoothed::from_config(&f, &bad).is_err());
 }

@@ -37,6 +37,17 @@ pub(crate) fn check_alpha(alpha: f64) -> Result<()> {
     Ok(())
 }
 
+/// `--batch` noisy images of `per_image` values fit into memory (the library's check, in the
+/// flag's name).
+pub(crate) fn check_batch_memory(batch: usize, per_image: usize) -> Result<()> {
+    deepzero_certify::smoothing::check_batch_memory(batch, per_image).map_err(|e| match e {
+        deepzero_certify::Error::Core(deepzero_core::Error::Invalid { message, .. }) => {
+            anyhow::anyhow!("--batch {message}")
+        }
+        other => other.into(),
+    })
+}
+
 /// The longest `--classifier-timeout`: a year (longer ones do not fit a timer).
 const MAX_TIMEOUT_SECONDS: f64 = 365.0 * 86_400.0;
 
@@ -453,6 +464,7 @@ pub fn run_certify(args: CertifyRunArgs) -> Result<CertifySummary> {
     if let Some(&bad) = test.labels.iter().find(|&&y| y as usize >= k) {
         bail!("--classifier {spec} answers {k} class scores, but the data set has label {bad}");
     }
+    check_batch_memory(args.batch, shape.iter().product())?;
     let mut indices: Vec<usize> = (0..test.len()).step_by(args.skip).collect();
     if let Some(m) = args.max {
         indices.truncate(m);
